@@ -146,7 +146,8 @@ class Observer:
 
     def _batch_grad_hook(self, pname: str) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            if self.session.active:
+            # Backward runs with grad mode off, so ask whether the forward was recorded.
+            if self._calls:
                 self._result.batch_grad[pname] = grad.detach()
 
         return hook

@@ -1,1 +1,20 @@
-"""."""
+"""Record per-sample, per-layer gradient contributions of a PyTorch training run."""
+
+from __future__ import annotations
+
+from samplescope.recorder.data import IndexedDataset, with_sample_ids
+from samplescope.recorder.layers import LayerRegistry, UnsupportedLayerError, default_registry
+from samplescope.recorder.recorder import Recorder, RecorderError
+from samplescope.recorder.writer import FORMAT_VERSION, TraceWriteError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "IndexedDataset",
+    "LayerRegistry",
+    "Recorder",
+    "RecorderError",
+    "TraceWriteError",
+    "UnsupportedLayerError",
+    "default_registry",
+    "with_sample_ids",
+]

@@ -1,0 +1,586 @@
+"""The Recorder: a context manager that a training loop calls instead of loss.backward()."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
+from samplescope.recorder.writer import TraceWriter
+from torch import Tensor, nn
+
+from samplescope.errors import SamplescopeError
+
+__all__ = ["OnError", "Recorder", "RecorderError"]
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["raise", "warn"]
+Reduction = Literal["mean", "sum"]
+_THUMB_SIDE = 28
+
+
+class RecorderError(SamplescopeError):
+    """A recording failure: bad arguments to `backward`, a failing layer, a failed write."""
+
+
+class Recorder:
+    """Records, for every sample at every step, its gradient's squared norm per layer.
+
+    Use it as a context manager around the training loop and call `backward` instead of
+    ``loss.backward()``; it back-propagates ``mean(losses)`` (or the sum), exactly as the
+    loop would without it, and writes one row per sample to an HDF5 trace.
+
+    Args:
+        path: the trace file to create (see docs/trace-format.md).
+        model: the model being trained; its layers with trainable parameters are recorded.
+        optimizer: read for the learning rate of each step and stored hyper-parameters.
+        config: anything JSON-serialisable to keep with the trace (e.g. the run's settings).
+        reduction: ``"mean"`` or ``"sum"`` of the per-sample losses, as your loop would use.
+        alignment: also record each sample's inner product with the layer's batch gradient.
+        input_grad: also record the squared norm of each sample's loss gradient w.r.t. its
+            model input (the model's first positional argument, when floating point).
+        thumbnails: also store a small copy of each image-like input, once per sample.
+        sample_info: per-sample columns known before training, e.g. ``{"sample_id": ids,
+            "flipped": mask}``; stored under ``/sample_info``.
+        on_error: ``"raise"`` stops training on a recorder failure; ``"warn"`` warns,
+            counts it in the trace and goes on training (the step's rows are left out).
+        on_unsupported: for layers with no closed-form rule: ``"fallback"`` (torch.func),
+            ``"warn"`` (leave them out) or ``"error"``.
+        registry: the layer rules to use; `default_registry()` when None.
+        flush_seconds: the longest time recorded rows wait before reaching the file.
+        overwrite: replace an existing trace instead of refusing.
+        rank, world_size, run_id: for data parallelism: one trace per rank, same run_id.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        reduction: Reduction = "mean",
+        alignment: bool = False,
+        input_grad: bool = False,
+        thumbnails: bool = False,
+        sample_info: Mapping[str, Any] | None = None,
+        on_error: OnError = "raise",
+        on_unsupported: OnUnsupported = "fallback",
+        registry: LayerRegistry | None = None,
+        flush_seconds: float = 2.0,
+        overwrite: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        run_id: str | None = None,
+    ) -> None:
+        _check_choice("reduction", reduction, ("mean", "sum"))
+        _check_choice("on_error", on_error, ("raise", "warn"))
+        _check_choice("on_unsupported", on_unsupported, ("error", "warn", "fallback"))
+        if not isinstance(model, nn.Module):
+            msg = f"model must be a torch.nn.Module, not {type(model).__name__}"
+            raise RecorderError(msg)
+        if flush_seconds <= 0:
+            msg = f"flush_seconds must be positive, not {flush_seconds}"
+            raise RecorderError(msg)
+        self.path = Path(path)
+        self.model = model
+        self.optimizer = optimizer
+        self.reduction = reduction
+        self.on_error = on_error
+        self.on_unsupported = on_unsupported
+        self.options = {
+            "alignment": alignment,
+            "input_grad": input_grad,
+            "thumbnails": thumbnails,
+            "flush_seconds": flush_seconds,
+            "on_unsupported": on_unsupported,
+        }
+        self._registry = registry or default_registry()
+        self._writer = TraceWriter(
+            self.path,
+            self._root_attrs(config, rank, world_size, run_id),
+            sample_info=_sample_info_arrays(sample_info),
+            flush_seconds=flush_seconds,
+            overwrite=overwrite,
+        )
+        self._observers: list[Observer] = []
+        self._order: list[str] = []  # layer names in first-forward order
+        self._order_handles: list[Any] = []
+        self._root_handle: Any = None
+        self._inputs: Tensor | None = None  # the model input of the current step
+        self._input_grad: Tensor | None = None
+        self._thumbnailed: set[int] = set()
+        self._thumb_shape: tuple[int, int] | None = None
+        self._started = False
+        self._entered = False
+        self.step = 0
+        self.epoch = 0
+        self.n_visits = 0
+        self.n_nonfinite = 0
+
+    # -- Session protocol (read by observers) ---------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """True while forwards are recorded: inside the block, grad enabled, model training."""
+        return self._entered and self.model.training and torch.is_grad_enabled()
+
+    @property
+    def alignment(self) -> bool:
+        return bool(self.options["alignment"])
+
+    # -- context manager ------------------------------------------------------------------
+
+    def __enter__(self) -> Recorder:
+        self._observers = self._registry.observers(self.model, self, self.on_unsupported)
+        if not self._observers:
+            msg = f"{type(self.model).__name__} has no layers with trainable parameters to record"
+            raise RecorderError(msg)
+        self._writer.open()
+        try:
+            for observer in self._observers:
+                observer.attach()
+                self._order_handles.append(
+                    observer.module.register_forward_pre_hook(self._order_hook(observer.name))
+                )
+            self._root_handle = self.model.register_forward_pre_hook(self._on_model_input)
+        except BaseException:
+            self._detach()
+            self._writer.close()
+            raise
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._entered = False
+        self._detach()
+        if not self._started and self.step == 0:
+            self._start_tables()
+        self._writer.close()
+
+    def _detach(self) -> None:
+        for observer in self._observers:
+            observer.detach()
+        for handle in self._order_handles:
+            handle.remove()
+        self._order_handles.clear()
+        if self._root_handle is not None:
+            self._root_handle.remove()
+            self._root_handle = None
+
+    # -- the training loop's calls --------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Label the following steps with ``epoch``."""
+        self.epoch = int(epoch)
+
+    def backward(
+        self,
+        losses: Tensor,
+        sample_ids: Tensor | Sequence[int] | np.ndarray,
+        logits: Tensor | None = None,
+        targets: Tensor | None = None,
+        **backward_kwargs: Any,
+    ) -> Tensor:
+        """Back-propagate the reduced per-sample losses and record this step.
+
+        Args:
+            losses: per-sample losses, shape [N] (``reduction="none"``).
+            sample_ids: one integer id per sample, unique within the batch.
+            logits: the model's class scores [N, C]; with ``targets`` it adds the target,
+                prediction, probability of the target and margin to each row.
+            targets: class indices [N].
+            **backward_kwargs: passed to ``Tensor.backward`` (e.g. ``retain_graph``).
+
+        Returns:
+            The reduced loss that was back-propagated (detached).
+
+        Raises:
+            RecorderError: bad arguments (always, before anything is back-propagated), or
+                a recording failure with ``on_error="raise"`` (after backward, so the
+                gradients are complete).
+        """
+        if not self._entered:
+            msg = "Recorder.backward called outside the `with Recorder(...)` block"
+            raise RecorderError(msg)
+        ids = self._check_batch(losses, sample_ids, logits, targets)
+        loss = losses.mean() if self.reduction == "mean" else losses.sum()
+        recording = self.active and losses.requires_grad
+        try:
+            loss.backward(**backward_kwargs)
+            if recording:
+                self._record(losses, ids, logits, targets)
+        finally:
+            for observer in self._observers:
+                observer.begin_step()
+            self._inputs = self._input_grad = None
+        return loss.detach()
+
+    def log_eval(
+        self, split: str, *, loss: float | None = None, accuracy: float | None = None
+    ) -> None:
+        """Record an evaluation (e.g. test loss and accuracy after an epoch)."""
+        self._writer.append(
+            "evals",
+            {
+                "step": np.array([self.step], dtype=np.int64),
+                "epoch": np.array([self.epoch], dtype=np.int64),
+                "split": np.array([str(split)], dtype=object),
+                "loss": np.array([math.nan if loss is None else float(loss)]),
+                "accuracy": np.array([math.nan if accuracy is None else float(accuracy)]),
+            },
+        )
+
+    def flush(self) -> None:
+        """Block until every recorded step is in the file."""
+        self._writer.flush()
+
+    # -- one step -------------------------------------------------------------------------
+
+    def _check_batch(
+        self,
+        losses: Tensor,
+        sample_ids: Tensor | Sequence[int] | np.ndarray,
+        logits: Tensor | None,
+        targets: Tensor | None,
+    ) -> np.ndarray:
+        if not isinstance(losses, Tensor) or losses.dim() != 1:
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            msg = (
+                f"losses must be a 1-D tensor of per-sample losses (reduction='none'), got {shape}"
+            )
+            raise RecorderError(msg)
+        n = losses.shape[0]
+        ids = _as_ids(sample_ids)
+        if ids.shape != (n,):
+            msg = f"got {ids.size} sample ids for {n} losses; pass one id per sample"
+            raise RecorderError(msg)
+        unique, counts = np.unique(ids, return_counts=True)
+        if unique.size != n:
+            msg = (
+                f"sample id {unique[counts > 1][0]} appears more than once in one batch; "
+                "ids must be unique per batch"
+            )
+            raise RecorderError(msg)
+        if (logits is None) != (targets is None):
+            msg = "pass logits and targets together (or neither)"
+            raise RecorderError(msg)
+        if logits is not None and targets is not None:
+            if logits.dim() != 2 or logits.shape[0] != n:
+                msg = f"logits must have shape [{n}, classes], got {tuple(logits.shape)}"
+                raise RecorderError(msg)
+            if targets.shape != (n,) or targets.is_floating_point():
+                msg = (
+                    f"targets must be {n} class indices, got {tuple(targets.shape)} {targets.dtype}"
+                )
+                raise RecorderError(msg)
+        return ids
+
+    def _record(
+        self, losses: Tensor, ids: np.ndarray, logits: Tensor | None, targets: Tensor | None
+    ) -> None:
+        n = losses.shape[0]
+        scale = 1.0 / n if self.reduction == "mean" else 1.0
+        try:
+            self._writer.raise_error()
+            if not self._started:
+                self._start_tables(outputs=logits is not None)
+            grad_sq, batch_sq, align = self._layer_columns(n, scale)
+        except SamplescopeError as error:
+            self._fail(error)
+            return
+        with torch.no_grad():
+            visits = {
+                "step": np.full(n, self.step, dtype=np.int64),
+                "sample_id": ids,
+                "loss": _np32(losses),
+                "grad_sq": grad_sq,
+                "input_sq": self._input_sq(n),
+            }
+            if logits is not None and targets is not None:
+                visits.update(_output_columns(logits.detach(), targets))
+            if self.options["input_grad"]:
+                visits["input_grad_sq"] = self._input_grad_sq(n, scale)
+            if align is not None:
+                visits["alignment"] = align
+            nonfinite = sum(
+                int(np.count_nonzero(~np.isfinite(v)))
+                for k, v in visits.items()
+                if v.dtype.kind == "f"
+            )
+            if self.options["thumbnails"]:
+                self._thumbnails(ids)
+        if nonfinite and not self.n_nonfinite:
+            warnings.warn(
+                f"samplescope: non-finite losses or gradient norms at step {self.step}; "
+                "they are recorded as they are and counted in /steps/n_nonfinite",
+                stacklevel=3,
+            )
+        self.n_nonfinite += nonfinite
+        self._writer.append("visits", visits)
+        self._writer.append(
+            "steps",
+            {
+                "step": np.array([self.step], dtype=np.int64),
+                "epoch": np.array([self.epoch], dtype=np.int64),
+                "lr": np.array([self._lr()]),
+                "batch_size": np.array([n], dtype=np.int64),
+                "loss_mean": np.array([float(losses.detach().double().mean())]),
+                "time": np.array([time.time()]),
+                "visit_start": np.array([self.n_visits], dtype=np.int64),
+                "n_nonfinite": np.array([nonfinite], dtype=np.int64),
+                "grad_sq": batch_sq[None, :],
+            },
+        )
+        self.step += 1
+        self.n_visits += n
+
+    def _layer_columns(
+        self, n: int, scale: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        grad_sq = torch.empty(n, len(self._observers), dtype=torch.float64)
+        batch_sq = np.zeros(len(self._observers), dtype=np.float32)
+        align = np.empty((n, len(self._observers)), dtype=np.float32) if self.alignment else None
+        for j, observer in enumerate(self._observers):
+            result = observer.result()
+            if result.error is not None:
+                msg = f"layer {observer.name!r}: {result.error}"
+                raise RecorderError(msg) from result.error
+            if result.grad_sq is None:
+                msg = (
+                    f"layer {observer.name!r} received no gradient in this step; "
+                    "did the forward pass use it?"
+                )
+                raise RecorderError(msg)
+            if result.grad_sq.shape != (n,):
+                msg = (
+                    f"layer {observer.name!r} saw a batch of {result.grad_sq.shape[0]} "
+                    f"but backward got {n} losses"
+                )
+                raise RecorderError(msg)
+            grad_sq[:, j] = result.grad_sq.detach().double() / (scale * scale)
+            batch_sq[j] = sum(float(g.double().square().sum()) for g in result.batch_grad.values())
+            if align is not None:
+                align[:, j] = (observer.alignment(result.batch_grad).double() / scale).numpy()
+        return grad_sq.to(torch.float32).numpy(), batch_sq, align
+
+    def _fail(self, error: SamplescopeError) -> None:
+        if self.on_error == "raise":
+            raise error
+        self._writer.count_error()
+        warnings.warn(f"samplescope: step {self.step} not recorded: {error}", stacklevel=4)
+
+    def _lr(self) -> float:
+        if self.optimizer is None or not self.optimizer.param_groups:
+            return math.nan
+        lr = self.optimizer.param_groups[0].get("lr", math.nan)
+        return float(lr.item() if isinstance(lr, Tensor) else lr)
+
+    # -- model input: input norm, input gradient, thumbnails ------------------------------
+
+    def _on_model_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        if not self.active or not args or not isinstance(args[0], Tensor):
+            return None
+        x = args[0]
+        self._inputs = x.detach()
+        if self.options["input_grad"] and x.is_floating_point():
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            x.register_hook(self._keep_input_grad)
+            return (x, *args[1:])
+        return None
+
+    def _keep_input_grad(self, grad: Tensor) -> None:
+        self._input_grad = grad.detach()
+
+    def _input_sq(self, n: int) -> np.ndarray:
+        x = self._inputs
+        if x is None or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != n:
+            return np.full(n, np.nan, dtype=np.float32)
+        return _np32(x.reshape(n, -1).double().square().sum(1))
+
+    def _input_grad_sq(self, n: int, scale: float) -> np.ndarray:
+        g = self._input_grad
+        if g is None or g.dim() == 0 or g.shape[0] != n:
+            return np.full(n, np.nan, dtype=np.float32)
+        return _np32(g.reshape(n, -1).double().square().sum(1) / (scale * scale))
+
+    def _thumbnails(self, ids: np.ndarray) -> None:
+        x = self._inputs
+        if x is None or self._thumb_shape is None or x.shape[0] != ids.size:
+            return
+        new = [i for i, sid in enumerate(ids.tolist()) if sid not in self._thumbnailed]
+        if not new:
+            return
+        images = _thumbnail_images(x[new], self._thumb_shape)
+        if images is None:
+            return
+        self._thumbnailed.update(int(ids[i]) for i in new)
+        self._writer.append("thumbnails", {"sample_id": ids[new], "image": images})
+
+    # -- the file's structure -------------------------------------------------------------
+
+    def _start_tables(self, outputs: bool = False) -> None:
+        position = {name: i for i, name in enumerate(self._order)}
+        # Layers that never ran keep their registration order, after those that did.
+        self._observers.sort(key=lambda o: position.get(o.name, len(position)))
+        for handle in self._order_handles:
+            handle.remove()
+        self._order_handles.clear()
+        if self.options["thumbnails"]:
+            self._thumb_shape = _thumbnail_shape(self._inputs)
+            if self._thumb_shape is None:
+                shape = None if self._inputs is None else tuple(self._inputs.shape)
+                warnings.warn(
+                    f"samplescope: inputs of shape {shape} do not look like images; "
+                    "no thumbnails are stored",
+                    stacklevel=4,
+                )
+        self._writer.start(
+            {
+                "layers": {
+                    "name": [o.name for o in self._observers],
+                    "kind": [type(o.module).__name__ for o in self._observers],
+                    "n_params": [o.n_params for o in self._observers],
+                    "method": [o.method for o in self._observers],
+                },
+                "outputs": outputs,
+                "alignment": self.alignment,
+                "input_grad": self.options["input_grad"],
+                "thumbnail_shape": self._thumb_shape,
+            }
+        )
+        self._started = True
+
+    def _order_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.active and name not in self._order:
+                self._order.append(name)
+
+        return hook
+
+    def _root_attrs(
+        self, config: Mapping[str, Any] | None, rank: int, world_size: int, run_id: str | None
+    ) -> dict[str, Any]:
+        hparams = {}
+        if self.optimizer is not None and self.optimizer.param_groups:
+            hparams = {
+                k: _jsonable(v) for k, v in self.optimizer.param_groups[0].items() if k != "params"
+            }
+        attrs = {
+            "torch_version": torch.__version__,
+            "rank": int(rank),
+            "world_size": int(world_size),
+            "reduction": self.reduction,
+            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else "",
+            "optimizer_hparams": hparams,
+            "config": dict(config or {}),
+            "model": type(self.model).__name__,
+            "options": self.options,
+        }
+        if run_id is not None:
+            attrs["run_id"] = str(run_id)
+        return attrs
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        msg = f"{name} must be one of {', '.join(map(repr, choices))}, not {value!r}"
+        raise RecorderError(msg)
+
+
+def _as_ids(sample_ids: Tensor | Sequence[int] | np.ndarray) -> np.ndarray:
+    if isinstance(sample_ids, Tensor):
+        if sample_ids.is_floating_point():
+            msg = f"sample ids must be integers, got a {sample_ids.dtype} tensor"
+            raise RecorderError(msg)
+        return sample_ids.detach().cpu().reshape(-1).to(torch.int64).numpy()
+    array = np.asarray(sample_ids)
+    if array.dtype.kind not in "iu":
+        msg = f"sample ids must be integers, got {array.dtype}"
+        raise RecorderError(msg)
+    return array.reshape(-1).astype(np.int64)
+
+
+def _np32(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().to(torch.float32).numpy()
+
+
+def _output_columns(logits: Tensor, targets: Tensor) -> dict[str, np.ndarray]:
+    logits = logits.float()
+    targets = targets.to(torch.int64)
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    others = logits.scatter(1, targets[:, None], float("-inf"))
+    log_p = F.log_softmax(logits, dim=1).gather(1, targets[:, None])[:, 0]
+    return {
+        "target": targets.cpu().numpy(),
+        "pred": logits.argmax(1).cpu().numpy(),
+        "p_target": _np32(log_p.exp()),
+        "margin": _np32(target_logit - others.max(1).values),
+    }
+
+
+def _thumbnail_shape(x: Tensor | None) -> tuple[int, int] | None:
+    if x is None or not x.is_floating_point():
+        return None
+    if x.dim() == 2:
+        side = math.isqrt(x.shape[1])
+        if side * side != x.shape[1] or side < 4:
+            return None
+        h = w = side
+    elif x.dim() in (3, 4):
+        h, w = x.shape[-2], x.shape[-1]
+    else:
+        return None
+    return (min(h, _THUMB_SIDE), min(w, _THUMB_SIDE))
+
+
+def _thumbnail_images(x: Tensor, shape: tuple[int, int]) -> np.ndarray | None:
+    x = x.detach().float().cpu()
+    if x.dim() == 2:
+        side = math.isqrt(x.shape[1])
+        x = x.reshape(-1, 1, side, side)
+    elif x.dim() == 3:
+        x = x[:, None]
+    x = F.adaptive_avg_pool2d(x.mean(1, keepdim=True), shape)[:, 0]
+    flat = x.reshape(x.shape[0], -1)
+    low = flat.min(1, keepdim=True).values
+    span = (flat.max(1, keepdim=True).values - low).clamp_min(1e-12)
+    scaled = ((flat - low) / span * 255).round().clamp(0, 255)
+    return scaled.reshape(x.shape).to(torch.uint8).numpy()
+
+
+def _sample_info_arrays(info: Mapping[str, Any] | None) -> dict[str, np.ndarray] | None:
+    if info is None:
+        return None
+    arrays = {
+        name: (v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v))
+        for name, v in info.items()
+    }
+    if "sample_id" not in arrays:
+        msg = "sample_info needs a 'sample_id' column naming the sample of each row"
+        raise RecorderError(msg)
+    lengths = {name: a.shape[0] if a.ndim else 0 for name, a in arrays.items()}
+    if len(set(lengths.values())) != 1:
+        msg = f"sample_info columns differ in length: {lengths}"
+        raise RecorderError(msg)
+    return arrays
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return repr(value)

@@ -1,0 +1,72 @@
+"""The `samplescope` command: a thin skin over the Python API.
+
+Each command module exposes ``register(group)``. User mistakes raised as
+`SamplescopeError` become a one-line ``Error: ...`` and exit status 2; anything else is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from samplescope import __version__
+from samplescope.errors import SamplescopeError
+
+__all__ = ["UserError", "main"]
+
+_COMMAND_MODULES = (
+    "samplescope.cli.trace_cmds",
+    "samplescope.cli.report_cmds",
+    "samplescope.cli.experiment_cmds",
+)
+
+
+class UserError(click.ClickException):
+    """A user mistake, reported in one line with exit status 2."""
+
+    exit_code = 2
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SamplescopeError as error:
+            raise UserError(_one_line(error)) from None
+        except OSError as error:
+            # Unwritable outputs, full disks: the user's environment, not a bug.
+            raise UserError(_one_line(error)) from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="samplescope")
+def main() -> None:
+    """Which training samples move which parameters, and when.
+
+    Record a run with `samplescope.Recorder`, then query and report it:
+
+        samplescope info run.h5
+        samplescope report run.h5 -o report.pdf
+    """
+
+
+for _name in _COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(_name)
+    except ModuleNotFoundError as _error:
+        if _error.name != _name:
+            raise
+        continue  # a command family not installed in this build
+    _module.register(main)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -112,7 +112,7 @@ def _cifar10(data_dir: Path | None, seed: int) -> Dataset:
 
     def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
         with open(folder / name, "rb") as f:
-            d = pickle.load(f, encoding="bytes")  # noqa: S301 - the user's own dataset files
+            d = pickle.load(f, encoding="bytes")  # the user's own files, as torchvision reads them
         x = d[b"data"].reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
         return x, np.asarray(d[b"labels"])
 

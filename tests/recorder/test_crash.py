@@ -1,0 +1,69 @@
+"""A training process killed with SIGKILL leaves a readable trace with every flushed step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import pytest
+
+CHILD = textwrap.dedent(
+    """
+    import sys, torch, torch.nn.functional as F
+    from torch import nn
+    from samplescope import Recorder
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    with Recorder(sys.argv[1], model, opt, flush_seconds=0.05) as rec:
+        step = 0
+        while True:
+            ids = torch.randperm(64)[:16]
+            logits = model(x[ids])
+            rec.backward(F.cross_entropy(logits, y[ids], reduction="none"), ids, logits, y[ids])
+            opt.step(); opt.zero_grad(); step += 1
+            if step % 5 == 0:
+                rec.flush()
+                print("flushed", step, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_a_trace_that_opens_and_holds_every_flushed_step(tmp_path):
+    path = tmp_path / "killed.h5"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        flushed = 0
+        live_checked = False
+        for line in child.stdout:
+            flushed = int(line.split()[1])
+            if flushed >= 20 and not live_checked:
+                # A reader opens the trace while training is still writing it.
+                with h5py.File(path, "r", swmr=True) as f:
+                    assert f["steps/step"].shape[0] >= 20
+                    assert f["status/closed"][0] == 0
+                live_checked = True
+            if flushed >= 60:
+                break
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert live_checked
+    assert child.returncode == -signal.SIGKILL
+    with h5py.File(path, "r", swmr=True) as f:  # no repair tool needed
+        n_steps = min(f[f"steps/{c}"].shape[0] for c in ("step", "visit_start", "grad_sq"))
+        assert n_steps >= flushed
+        assert f["steps/step"][:flushed].tolist() == list(range(flushed))
+        assert f["visits/sample_id"].shape[0] >= 16 * flushed
+        assert f["visits/grad_sq"][: 16 * flushed].shape == (16 * flushed, 2)
+        assert f["status/closed"][0] == 0

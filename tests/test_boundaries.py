@@ -1,0 +1,40 @@
+"""The layering contract: recorder never imports analysis; analysis and reports never import torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _modules_after_import(module: str) -> set[str]:
+    code = f"import sys, {module}; print('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize("module", ["samplescope.analysis", "samplescope.reports", "samplescope"])
+def test_torch_free_packages(module):
+    loaded = _modules_after_import(module)
+    assert "torch" not in loaded
+
+
+def test_recorder_never_imports_analysis_or_reports():
+    loaded = _modules_after_import("samplescope.recorder")
+    assert "torch" in loaded
+    assert not {m for m in loaded if m.startswith(("samplescope.analysis", "samplescope.reports"))}
+
+
+def test_reports_reads_traces_only_through_analysis():
+    loaded = _modules_after_import("samplescope.reports")
+    assert "samplescope.analysis" in loaded
+
+
+def test_reports_source_opens_no_trace_file_itself():
+    root = Path(__file__).resolve().parents[1] / "reports"
+    for source in root.rglob("*.py"):
+        text = source.read_text()
+        for banned in ("import h5py", "import duckdb", "import torch", "from torch"):
+            assert banned not in text, f"{source.name} has {banned!r}"

@@ -1,4 +1,4 @@
-"""The layering contract: recorder never imports analysis; analysis and reports never import torch."""
+"""Layering: recorder never imports analysis; analysis and reports never import torch."""
 
 from __future__ import annotations
 

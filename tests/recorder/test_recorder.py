@@ -275,7 +275,7 @@ def test_bad_constructor_arguments_and_paths(tmp_path):
         Recorder(tmp_path / "t.h5", model, reduction="avg")
     with pytest.raises(RecorderError, match="on_error must be one of"):
         Recorder(tmp_path / "t.h5", model, on_error="ignore")
-    with pytest.raises(RecorderError, match="must be a torch.nn.Module"):
+    with pytest.raises(RecorderError, match=r"must be a torch\.nn\.Module"):
         Recorder(tmp_path / "t.h5", "model")
     (tmp_path / "old.h5").write_bytes(b"precious")
     with (

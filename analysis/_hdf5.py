@@ -1,0 +1,364 @@
+"""The HDF5 side of the bridge: open shard files, validate them, read column slices.
+
+Nothing here builds a whole table. `TraceData` reads one column at a time, over the row
+ranges of the steps asked for, so a query that touches one epoch or one column reads only
+those chunks. A trace is a snapshot: row counts are fixed when it is opened, cut at the last
+step whose visits are all flushed, so every column agrees even while a writer is appending.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pyarrow as pa
+
+from samplescope.analysis.errors import TraceError, TraceFormatError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "Shard", "TraceData", "resolve_paths"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "samplescope-trace"
+FORMAT_VERSION = 1
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_REQUIRED = {"layers": ("name",), "steps": ("step", "epoch", "lr", "batch_size", "visit_start"),
+             "visits": ("step", "sample_id", "loss", "grad_sq")}
+_JSON_ATTRS = ("config", "optimizer_hparams", "options")
+
+
+def resolve_paths(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Turn a path, a glob string or a list of paths into an existing, sorted list of files."""
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not items:
+        msg = "no trace files given; pass a path, a list of shard paths or a glob"
+        raise TraceError(msg)
+    paths: list[Path] = []
+    for item in items:
+        text = os.fspath(item)
+        if any(ch in text for ch in "*?[") and not Path(text).exists():
+            matched = sorted(glob.glob(text))
+            if not matched:
+                msg = f"no trace files match {text!r}"
+                raise TraceError(msg)
+            paths.extend(Path(m) for m in matched)
+        else:
+            paths.append(Path(text))
+    for path in paths:
+        if not path.exists():
+            msg = f"no such trace file: {path}"
+            raise TraceError(msg)
+        if path.is_dir():
+            msg = f"{path} is a directory; pass the trace's .h5 file(s) or a glob"
+            raise TraceError(msg)
+    return paths
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return [_decode(v) for v in value.tolist()]
+    return value
+
+
+def _open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r", swmr=True)
+    except OSError as exc:
+        first_error = exc
+    if not h5py.is_hdf5(path):
+        with path.open("rb") as fh:
+            head = fh.read(8)
+        if head == _HDF5_SIGNATURE:
+            msg = f"{path} is a truncated or corrupt HDF5 file ({first_error})"
+            raise TraceFormatError(msg) from None
+        msg = f"{path} is not an HDF5 file, so not a samplescope trace"
+        raise TraceFormatError(msg) from None
+    # A writer that did not use SWMR may still hold the file lock; a read-only look is safe.
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        msg = f"{path} is a truncated or corrupt HDF5 file ({exc})"
+        raise TraceFormatError(msg) from None
+
+
+@dataclass
+class Shard:
+    """One open trace file: its attributes, and its snapshot of usable steps and visits."""
+
+    path: Path
+    file: h5py.File
+    attrs: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: Path) -> Shard:
+        file = _open_h5(path)
+        try:
+            attrs = {key: _decode(file.attrs[key]) for key in file.attrs}
+            shard = cls(path=path, file=file, attrs=attrs)
+            shard._validate()
+        except TraceError:
+            file.close()
+            raise
+        except (OSError, KeyError, ValueError) as exc:
+            file.close()
+            msg = f"{path} is a truncated or corrupt trace ({exc})"
+            raise TraceFormatError(msg) from None
+        return shard
+
+    def _validate(self) -> None:
+        fmt = self.attrs.get("format")
+        if fmt != FORMAT:
+            msg = f"{self.path} is an HDF5 file but not a samplescope trace (format={fmt!r})"
+            raise TraceFormatError(msg)
+        version = self.attrs.get("format_version")
+        if not isinstance(version, int):
+            msg = f"{self.path} has no integer format_version attribute; it is corrupt"
+            raise TraceFormatError(msg)
+        if version > FORMAT_VERSION:
+            msg = (f"{self.path} is trace format version {version}, but this samplescope reads "
+                   f"versions up to {FORMAT_VERSION}; upgrade samplescope")
+            raise TraceFormatError(msg)
+        for group, columns in _REQUIRED.items():
+            for column in columns:
+                if f"{group}/{column}" not in self.file:
+                    msg = f"{self.path} is truncated or corrupt: /{group}/{column} is missing"
+                    raise TraceFormatError(msg)
+        for key in _JSON_ATTRS:
+            raw = self.attrs.get(key)
+            if isinstance(raw, str):
+                try:
+                    self.attrs[key] = json.loads(raw) if raw else {}
+                except json.JSONDecodeError:
+                    logger.warning("%s: attribute %s is not valid JSON; kept as text",
+                                   self.path, key)
+
+    @property
+    def rank(self) -> int:
+        return int(self.attrs.get("rank", 0))
+
+    @property
+    def world_size(self) -> int:
+        return int(self.attrs.get("world_size", 1))
+
+    def has(self, group: str, column: str | None = None) -> bool:
+        return (group if column is None else f"{group}/{column}") in self.file
+
+    def columns(self, group: str) -> list[str]:
+        if group not in self.file:
+            return []
+        return [name for name, obj in self.file[group].items() if isinstance(obj, h5py.Dataset)]
+
+    def rows(self, group: str) -> int:
+        """Row count of a group: the minimum length of its columns (the last flush may differ)."""
+        lengths = [self.file[f"{group}/{name}"].shape[0] for name in self.columns(group)]
+        return min(lengths) if lengths else 0
+
+    def read(self, group: str, column: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Read rows `start:stop` of one dataset; strings come back as Python str."""
+        dataset = self.file[f"{group}/{column}"]
+        try:
+            if h5py.check_string_dtype(dataset.dtype) is not None:
+                return np.asarray(dataset.asstr()[start:stop], dtype=object)
+            return dataset[start:stop]
+        except (OSError, ValueError) as exc:
+            msg = f"{self.path}: cannot read /{group}/{column} ({exc}); the file is corrupt"
+            raise TraceFormatError(msg) from None
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class _ShardSteps:
+    """The usable steps of one shard, and where their visits lie in its /visits."""
+
+    shard: Shard
+    step: np.ndarray
+    epoch: np.ndarray
+    lr: np.ndarray
+    batch_size: np.ndarray
+    visit_start: np.ndarray
+    n_visits: int
+
+    @property
+    def lr_scale(self) -> np.ndarray:
+        """lr · s per step: s = 1/(batch_size · world_size) for 'mean', 1 for 'sum'."""
+        if self.shard.attrs.get("reduction", "mean") == "sum":
+            return self.lr.astype(np.float64)
+        size = np.maximum(self.batch_size, 1) * self.shard.world_size
+        return self.lr.astype(np.float64) / size
+
+    def ranges(self, mask: np.ndarray | None) -> list[tuple[int, int, np.ndarray]]:
+        """Contiguous visit row ranges of the selected steps, with each range's step indices."""
+        index = np.arange(len(self.step)) if mask is None else np.flatnonzero(mask)
+        if len(index) == 0:
+            return []
+        starts = self.visit_start[index]
+        stops = starts + self.batch_size[index]
+        breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+        out = []
+        for chunk in np.split(np.arange(len(index)), breaks):
+            out.append((int(starts[chunk[0]]), int(stops[chunk[-1]]), index[chunk]))
+        return out
+
+
+def _read_steps(shard: Shard) -> _ShardSteps:
+    n = shard.rows("steps")
+    cols = {c: shard.read("steps", c, 0, n) for c in ("step", "epoch", "lr", "batch_size",
+                                                      "visit_start")}
+    n_visit_rows = shard.rows("visits")
+    ends = cols["visit_start"] + cols["batch_size"]
+    # Keep the steps whose visits are all flushed: a coherent snapshot of a live trace.
+    keep = int(np.searchsorted(np.maximum.accumulate(ends) > n_visit_rows, True))
+    cols = {k: np.asarray(v[:keep]) for k, v in cols.items()}
+    n_visits = int(cols["visit_start"][-1] + cols["batch_size"][-1]) if keep else 0
+    return _ShardSteps(shard=shard, n_visits=n_visits, **cols)
+
+
+class TraceData:
+    """All shards of one run, read column by column as Arrow arrays (with a cache)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.shards: list[Shard] = []
+        try:
+            for path in paths:
+                self.shards.append(Shard.open(path))
+            self._check_shards()
+            self.shards.sort(key=lambda s: s.rank)
+            self.steps = [_read_steps(s) for s in self.shards]
+            self.layer_names = [str(x) for x in self.shards[0].read("layers", "name")]
+        except BaseException:
+            self.close()
+            raise
+        self._cache: dict[tuple[str, str], pa.Array] = {}
+
+    def _check_shards(self) -> None:
+        first = self.shards[0]
+        for shard in self.shards[1:]:
+            if shard.attrs.get("run_id") != first.attrs.get("run_id"):
+                msg = (f"{shard.path} and {first.path} are from different runs (run_id "
+                       f"{shard.attrs.get('run_id')!r} vs {first.attrs.get('run_id')!r}); "
+                       "open shards of one run together and compare runs with compare_traces")
+                raise TraceError(msg)
+        ranks = [s.rank for s in self.shards]
+        if len(set(ranks)) != len(ranks):
+            msg = f"two files with the same rank among {[str(s.path) for s in self.shards]}"
+            raise TraceError(msg)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_names)
+
+    @property
+    def n_visits(self) -> int:
+        return sum(s.n_visits for s in self.steps)
+
+    def has_visit_column(self, column: str) -> bool:
+        return all(s.has("visits", column) for s in self.shards)
+
+    def has_step_column(self, column: str) -> bool:
+        return all(s.has("steps", column) for s in self.shards)
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+        self.shards = []
+
+    # -- small tables, read whole --------------------------------------------------------
+    def group_table(self, group: str, shard: Shard | None = None) -> dict[str, np.ndarray]:
+        """Every column of a small group (layers, evals, sample_info) of one shard."""
+        shard = shard or self.shards[0]
+        n = shard.rows(group)
+        return {c: shard.read(group, c, 0, n) for c in shard.columns(group)}
+
+    def step_frame_arrays(self) -> dict[str, np.ndarray]:
+        """Every /steps column, one copy of each step (lowest rank first)."""
+        parts = []
+        for steps in self.steps:
+            n = len(steps.step)
+            cols = {c: np.asarray(steps.shard.read("steps", c, 0, n))
+                    for c in steps.shard.columns("steps")}
+            parts.append(cols)
+        names = [c for c in parts[0] if all(c in p for p in parts)]
+        merged = {c: np.concatenate([p[c] for p in parts]) for c in names}
+        _, first = np.unique(merged["step"], return_index=True)
+        return {c: v[np.sort(first)] for c, v in merged.items()}
+
+    # -- visits, column by column -----------------------------------------------------
+    def visit_column(self, column: str, masks: list[np.ndarray] | None = None) -> pa.Array:
+        """One visits column over the selected steps (per-shard boolean masks, None = all)."""
+        key = ("visits", column)
+        if masks is None and key in self._cache:
+            return self._cache[key]
+        parts = []
+        for i, steps in enumerate(self.steps):
+            mask = None if masks is None else masks[i]
+            for start, stop, index in steps.ranges(mask):
+                parts.append(self._visit_part(steps, column, start, stop, index))
+        array = self._concat(column, parts)
+        if masks is None:
+            self._cache[key] = array
+        return array
+
+    def _visit_part(self, steps: _ShardSteps, column: str, start: int, stop: int,
+                    index: np.ndarray) -> np.ndarray:
+        if column in ("epoch", "lr_scale"):
+            values = steps.epoch if column == "epoch" else steps.lr_scale
+            return np.repeat(values[index], steps.batch_size[index])
+        if column == "rank":
+            return np.full(stop - start, steps.shard.rank, dtype=np.int64)
+        if column == "correct":
+            if not (steps.shard.has("visits", "pred") and steps.shard.has("visits", "target")):
+                return np.full(stop - start, None, dtype=object)
+            return (steps.shard.read("visits", "pred", start, stop)
+                    == steps.shard.read("visits", "target", start, stop))
+        if not steps.shard.has("visits", column):
+            return np.full(stop - start, None, dtype=object)
+        return steps.shard.read("visits", column, start, stop)
+
+    def _concat(self, column: str, parts: list[np.ndarray]) -> pa.Array:
+        arrow_type = _VISIT_TYPES[column](self.n_layers)
+        arrays = [self._to_arrow(column, part, arrow_type) for part in parts]
+        if not arrays:
+            return pa.array([], type=arrow_type)
+        return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
+
+    def _to_arrow(self, column: str, part: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+        if part.dtype == object and column not in ("correct",):
+            # An optional column this shard did not record: NULLs of the right type.
+            return pa.nulls(len(part), type=arrow_type)
+        if column in ("grad_sq", "alignment"):
+            flat = pa.array(np.ascontiguousarray(part, dtype=np.float32).reshape(-1))
+            return pa.FixedSizeListArray.from_arrays(flat, self.n_layers)
+        if part.dtype == object:
+            return pa.nulls(len(part), type=arrow_type)
+        return pa.array(part, type=arrow_type)
+
+
+def _scalar(arrow_type: pa.DataType):
+    return lambda n_layers: arrow_type
+
+
+_VISIT_TYPES = {
+    "step": _scalar(pa.int64()), "sample_id": _scalar(pa.int64()), "epoch": _scalar(pa.int64()),
+    "rank": _scalar(pa.int64()), "loss": _scalar(pa.float32()), "target": _scalar(pa.int64()),
+    "pred": _scalar(pa.int64()), "correct": _scalar(pa.bool_()),
+    "p_target": _scalar(pa.float32()), "margin": _scalar(pa.float32()),
+    "input_sq": _scalar(pa.float32()), "input_grad_sq": _scalar(pa.float32()),
+    "lr_scale": _scalar(pa.float64()),
+    "grad_sq": lambda n: pa.list_(pa.float32(), n),
+    "alignment": lambda n: pa.list_(pa.float32(), n),
+}
+VISIT_COLUMNS = list(_VISIT_TYPES)

@@ -1,0 +1,466 @@
+"""`open_trace` and `Trace`: a recorded run as DuckDB views and Polars frames.
+
+One DuckDB connection per trace. Raw tables (`visits`, `steps`, ...) are registered as Arrow
+tables holding only the columns queries have needed so far; each query first loads the
+columns it names (see `_sql.py`), read column by column from HDF5 and cached. `importance`
+is a DuckDB view over `visits` × `layers`, so its 12-million-row form is never materialised.
+Per-sample tables (`samples`, ...) are computed with Polars on first use and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from functools import cached_property
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+from polars.io.plugins import register_io_source
+
+from samplescope.analysis import scores
+from samplescope.analysis._hdf5 import VISIT_COLUMNS, TraceData, resolve_paths
+from samplescope.analysis._sql import query_names
+from samplescope.analysis.errors import EmptyTraceError, QueryError, TraceError
+
+__all__ = ["TABLES", "Trace", "open_trace"]
+
+logger = logging.getLogger(__name__)
+
+TraceSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+TABLES = ("layers", "steps", "visits", "importance", "samples", "sample_epochs",
+          "correlations", "groups", "clusters", "evals", "sample_info")
+_DERIVED = ("samples", "sample_epochs", "correlations", "groups", "clusters")
+_OPTIONAL_VISITS = ("target", "pred", "p_target", "margin", "input_sq", "input_grad_sq",
+                    "alignment")
+# importance column -> the visits columns it is computed from
+_IMPORTANCE_DEPS = {
+    "step": ("step",), "epoch": ("epoch",), "sample_id": ("sample_id",), "layer": (),
+    "layer_index": (), "grad_sq": ("grad_sq",), "importance": ("lr_scale", "grad_sq"),
+    "importance_per_param": ("lr_scale", "grad_sq"), "alignment": ("alignment",),
+}
+_IMPORTANCE_SQL = {
+    "step": "v.step", "epoch": "v.epoch", "sample_id": "v.sample_id", "layer": "l.layer",
+    "layer_index": "l.layer_index",
+    "grad_sq": "CAST(v.grad_sq[l.layer_index + 1] AS DOUBLE)",
+    "importance": "v.lr_scale * v.lr_scale * v.grad_sq[l.layer_index + 1]",
+    "importance_per_param":
+        "v.lr_scale * v.lr_scale * v.grad_sq[l.layer_index + 1] / l.n_params",
+    "alignment": "CAST(v.alignment[l.layer_index + 1] AS DOUBLE)",
+}
+_DEFAULT_K = 20
+
+
+def open_trace(source: TraceSource) -> Trace:
+    """Open a trace: one .h5 file, a list of shard files of one run, or a glob string.
+
+    Args:
+        source: path, list of paths, or glob (e.g. ``"runs/exp1.rank*.h5"``).
+
+    Returns:
+        A `Trace`; use it as a context manager or call `close()`.
+
+    Raises:
+        TraceError: missing file, no glob match, shards from different runs.
+        TraceFormatError: not HDF5, not a samplescope trace, newer format, truncated/corrupt.
+    """
+    return Trace(source)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+class Trace:
+    """A recorded run, read lazily. A snapshot of what was flushed when it was opened."""
+
+    def __init__(self, source: TraceSource) -> None:
+        _check_source(source)
+        self.paths = resolve_paths(source)
+        self._data = TraceData(self.paths)
+        self._con = duckdb.connect()
+        self._loaded: dict[str, dict[str, pa.Array]] = {}
+        self._frames: dict[Any, pl.DataFrame] = {}
+        self._registered: set[str] = set()
+
+    # -- lifecycle ------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the HDF5 files and the DuckDB connection."""
+        self._data.close()
+        self._con.close()
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Trace({', '.join(str(p) for p in self.paths)}: {len(self.steps_index)} steps, "
+                f"{self._data.n_visits} visits, {self._data.n_layers} layers)")
+
+    # -- metadata -------------------------------------------------------------------
+    @property
+    def steps_index(self) -> np.ndarray:
+        """The recorded global step numbers (one copy per step)."""
+        return np.unique(np.concatenate([s.step for s in self._data.steps]))
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        """Root attributes (JSON ones parsed) plus counts and what the trace recorded."""
+        shards = self._data.shards
+        meta: dict[str, Any] = dict(shards[0].attrs)
+        meta.pop("rank", None)
+        sample_ids = self._column("visits", "sample_id")
+        epochs = np.unique(np.concatenate([s.epoch for s in self._data.steps]))
+        meta.update(
+            paths=[str(p) for p in self.paths],
+            n_shards=len(shards),
+            ranks=[s.rank for s in shards],
+            closed=all(_status(s, "closed") == 1 for s in shards),
+            n_errors=sum(_status(s, "n_errors") for s in shards),
+            n_steps=len(self.steps_index),
+            n_visits=self._data.n_visits,
+            n_samples=len(pc.unique(sample_ids)) if len(sample_ids) else 0,
+            n_epochs=len(epochs),
+            epochs=[int(e) for e in epochs],
+            layers=list(self._data.layer_names),
+            has_outputs=self._data.has_visit_column("p_target"),
+            optional_columns=[c for c in _OPTIONAL_VISITS if self._data.has_visit_column(c)],
+            has_evals=shards[0].has("evals"),
+            has_sample_info=shards[0].has("sample_info"),
+        )
+        return meta
+
+    def summary(self) -> pl.DataFrame:
+        """`meta` as a two-column frame (key, value as text), for `samplescope info`."""
+        def text(value: Any) -> str:
+            return value if isinstance(value, str) else json.dumps(value)
+        return pl.DataFrame({"key": list(self.meta), "value": [text(v) for v in
+                                                              self.meta.values()]})
+
+    @property
+    def table_names(self) -> list[str]:
+        """Names of the tables this trace offers (sample_info only when recorded)."""
+        has_info = self._data.shards[0].has("sample_info")
+        return [t for t in TABLES if t != "sample_info" or has_info]
+
+    # -- raw tables -----------------------------------------------------------------
+    def layers(self) -> pl.DataFrame:
+        """One row per layer: layer_index (0 = nearest the input), layer, kind, n_params,
+        method."""
+        return self._frame("layers")
+
+    def evals(self) -> pl.DataFrame:
+        """The /evals table: step, epoch, split, loss, accuracy (empty if none logged)."""
+        return self._frame("evals")
+
+    def _small_table(self, name: str) -> pl.DataFrame:
+        data = self._data
+        if name == "layers":
+            cols = data.group_table("layers")
+            n = len(cols["name"])
+            return pl.DataFrame({
+                "layer_index": np.arange(n, dtype=np.int64),
+                "layer": cols["name"].astype(str).tolist(),
+                "kind": _strings(cols, "kind", n), "n_params": _ints(cols, "n_params", n),
+                "method": _strings(cols, "method", n),
+            }, schema={"layer_index": pl.Int64, "layer": pl.String, "kind": pl.String,
+                       "n_params": pl.Int64, "method": pl.String})
+        if name == "steps":
+            cols = data.step_frame_arrays()
+            return pl.DataFrame({k: _series(k, v) for k, v in cols.items()})
+        if name == "evals":
+            schema = {"step": pl.Int64, "epoch": pl.Int64, "split": pl.String,
+                      "loss": pl.Float64, "accuracy": pl.Float64}
+            cols = data.group_table("evals") if data.shards[0].has("evals") else {}
+            frame = pl.DataFrame({k: _series(k, v) for k, v in cols.items()})
+            for key, dtype in schema.items():
+                if key not in frame.columns:
+                    frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(key))
+            return frame.select(*schema, *[c for c in frame.columns if c not in schema])
+        if name == "sample_info":
+            if not data.shards[0].has("sample_info"):
+                msg = "this trace has no /sample_info (pass sample_info= to the Recorder)"
+                raise QueryError(msg)
+            cols = data.group_table("sample_info")
+            return pl.DataFrame({k: _series(k, v) for k, v in cols.items()})
+        msg = f"unknown table {name!r}"
+        raise QueryError(msg)
+
+    def _frame(self, name: str) -> pl.DataFrame:
+        if name not in self._frames:
+            builders: dict[str, Callable[[], pl.DataFrame]] = {
+                "samples": self.samples, "sample_epochs": self.sample_epochs,
+                "correlations": self.correlations, "groups": self.groups,
+                "clusters": lambda: self.clusters(k=_DEFAULT_K),
+            }
+            if name in builders:
+                return builders[name]()
+            self._frames[name] = self._small_table(name)
+        return self._frames[name]
+
+    # -- visits, column by column ----------------------------------------------------
+    def _column(self, table: str, column: str) -> pa.Array:
+        if table != "visits":
+            return self._frame(table).get_column(column).to_arrow()
+        return self._data.visit_column(column)
+
+    def _visits_frame(self, columns: Sequence[str],
+                      masks: list[np.ndarray] | None = None) -> pl.DataFrame:
+        arrays = {c: self._data.visit_column(c, masks) for c in columns}
+        return pl.from_arrow(pa.table(arrays))  # type: ignore[return-value]
+
+    def _visits_schema(self) -> dict[str, pl.DataType]:
+        n = self._data.n_layers
+        empty = pa.table({c: pa.array([], type=_arrow_type(c, n)) for c in VISIT_COLUMNS})
+        return dict(pl.from_arrow(empty).schema)  # type: ignore[union-attr]
+
+    def _scan_visits(self) -> pl.LazyFrame:
+        schema = self._visits_schema()
+        step_frames = [pl.DataFrame({"step": s.step, "epoch": s.epoch})
+                       for s in self._data.steps]
+
+        def source(with_columns: list[str] | None, predicate: pl.Expr | None,
+                   n_rows: int | None, batch_size: int | None) -> Iterator[pl.DataFrame]:
+            del batch_size
+            columns = list(with_columns or schema)
+            needed = set(columns)
+            masks = None
+            if predicate is not None:
+                roots = set(predicate.meta.root_names())
+                needed |= roots
+                if roots <= {"step", "epoch"}:
+                    # Slice /visits by the steps the predicate keeps: read only their rows.
+                    masks = [f.select(predicate.fill_null(False)).to_series().to_numpy()
+                             for f in step_frames]
+            frame = self._visits_frame([c for c in schema if c in needed], masks)
+            if predicate is not None:
+                frame = frame.filter(predicate)
+            frame = frame.select(columns)
+            yield frame if n_rows is None else frame.head(n_rows)
+
+        return register_io_source(source, schema=schema, explain_name="samplescope visits")
+
+    def table(self, name: str) -> pl.LazyFrame:
+        """A Polars LazyFrame of one table (see `table_names`; docs/analysis.md).
+
+        `visits` and `importance` are read lazily: filters on step or epoch read only those
+        steps' rows of /visits, and only the selected columns are read.
+
+        Raises:
+            QueryError: unknown table name.
+        """
+        if name not in self.table_names:
+            msg = f"unknown table {name!r}; tables are: {', '.join(self.table_names)}"
+            raise QueryError(msg)
+        if name == "visits":
+            return self._scan_visits()
+        if name == "importance":
+            return self._importance_lazy()
+        return self._frame(name).lazy()
+
+    def _importance_lazy(self) -> pl.LazyFrame:
+        visits = self._scan_visits()
+        layers = self.layers()
+        parts = []
+        for row in layers.iter_rows(named=True):
+            index = row["layer_index"]
+            grad = pl.col("grad_sq").arr.get(index).cast(pl.Float64)
+            scale_sq = pl.col("lr_scale") * pl.col("lr_scale")
+            parts.append(visits.select(
+                "step", "epoch", "sample_id",
+                pl.lit(row["layer"], dtype=pl.String).alias("layer"),
+                pl.lit(index, dtype=pl.Int64).alias("layer_index"),
+                grad.alias("grad_sq"), (scale_sq * grad).alias("importance"),
+                (scale_sq * grad / row["n_params"]).alias("importance_per_param"),
+                pl.col("alignment").arr.get(index).cast(pl.Float64).alias("alignment"),
+            ))
+        if not parts:
+            msg = "this trace has no layers"
+            raise EmptyTraceError(msg)
+        return pl.concat(parts)
+
+    # -- SQL ----------------------------------------------------------------------
+    def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None,
+            ) -> duckdb.DuckDBPyRelation:
+        """Run SQL over the trace's tables; returns a DuckDB relation (.pl(), .df(), ...).
+
+        Args:
+            query: a DuckDB SQL statement over the tables in `table_names`.
+            params: values for `?` or `$name` placeholders.
+
+        Raises:
+            QueryError: syntax error, unknown table or column, or other SQL error.
+        """
+        self._prepare(query)
+        try:
+            return self._con.sql(query, params=params)
+        except duckdb.Error as exc:
+            raise QueryError(f"SQL error: {_one_line(exc)}") from None
+
+    def query(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None,
+              ) -> pl.DataFrame:
+        """Run SQL and return the whole result as a Polars frame (what `samplescope sql` does).
+
+        Raises:
+            QueryError: as `sql`, and errors raised while the query executes.
+        """
+        relation = self.sql(query, params)
+        try:
+            return relation.pl()
+        except duckdb.Error as exc:
+            raise QueryError(f"SQL error: {_one_line(exc)}") from None
+
+    def _prepare(self, query: str) -> None:
+        names = query_names(query, set(self.table_names))
+        for table in sorted(names.tables):
+            if table == "importance":
+                wanted = set(_IMPORTANCE_DEPS) if names.star else names.columns & set(
+                    _IMPORTANCE_DEPS)
+                deps = {d for c in wanted for d in _IMPORTANCE_DEPS[c]}
+                self._load_visits(deps)
+                self._register_small("layers")
+                self._register_importance()
+            elif table == "visits":
+                wanted = set(VISIT_COLUMNS) if names.star else names.columns
+                self._load_visits(wanted)
+            elif table in _DERIVED or table in ("layers", "steps", "evals", "sample_info"):
+                self._register_small(table)
+
+    def _load_visits(self, wanted: set[str]) -> None:
+        loaded = self._loaded.setdefault("visits", {})
+        columns = [c for c in VISIT_COLUMNS if c in wanted or c in loaded or c == "step"]
+        if set(columns) == set(loaded) and "visits" in self._registered:
+            return
+        for column in columns:
+            if column not in loaded:
+                loaded[column] = self._data.visit_column(column)
+        self._con.register("visits", pa.table({c: loaded[c] for c in columns}))
+        self._registered.add("visits")
+
+    def _register_small(self, table: str) -> None:
+        if table not in self._registered:
+            self._con.register(table, self._frame(table).to_arrow())
+            self._registered.add(table)
+
+    def _register_importance(self) -> None:
+        loaded = self._loaded["visits"]
+        columns = [c for c, deps in _IMPORTANCE_DEPS.items() if all(d in loaded for d in deps)]
+        select = ", ".join(f"{_IMPORTANCE_SQL[c]} AS {c}" for c in columns)
+        self._con.execute(f"CREATE OR REPLACE VIEW importance AS SELECT {select} "
+                          "FROM visits v CROSS JOIN layers l").fetchall()
+
+    # -- per-sample statistics ---------------------------------------------------------
+    def _prepared_visits(self, early_epochs: int) -> pl.DataFrame:
+        if self._data.n_visits == 0 or self._data.n_layers == 0:
+            msg = (f"{self.paths[0]} has no recorded visits yet"
+                   if self._data.n_layers else f"{self.paths[0]} has no layers")
+            raise EmptyTraceError(msg)
+        columns = ["step", "epoch", "sample_id", "loss", "target", "correct", "p_target",
+                   "margin", "input_sq", "input_grad_sq", "lr_scale", "grad_sq"]
+        return scores.prepare_visits(self._visits_frame(columns), self._data.n_layers,
+                                     early_epochs)
+
+    def samples(self, *, early_epochs: int = 1) -> pl.DataFrame:
+        """One row per sample with every score (docs/analysis.md, table `samples`).
+
+        Args:
+            early_epochs: the first recorded epochs that `grand` and `el2n_proxy` use.
+
+        Raises:
+            EmptyTraceError: the trace has no visits.
+        """
+        key = ("samples", early_epochs)
+        if key not in self._frames:
+            visits = self._prepared_visits(early_epochs)
+            info = self._frame("sample_info") if "sample_info" in self.table_names else None
+            self._frames[key] = scores.sample_scores(visits, self._data.n_layers, info)
+            if early_epochs == 1:
+                self._frames["samples"] = self._frames[key]
+        return self._frames[key]
+
+    def sample_epochs(self) -> pl.DataFrame:
+        """Long table: sample_id, epoch, layer, layer_index, importance, grad_sq,
+        importance_rank and importance_z within (epoch, layer)."""
+        if "sample_epochs" not in self._frames:
+            visits = self._prepared_visits(1)
+            self._frames["sample_epochs"] = scores.sample_epochs(visits, self.layers())
+        return self._frames["sample_epochs"]
+
+    def correlations(self) -> pl.DataFrame:
+        """Spearman(importance, final loss) per epoch and layer (NULL = all)."""
+        if "correlations" not in self._frames:
+            self._frames["correlations"] = scores.correlations(self.sample_epochs(),
+                                                               self.samples())
+        return self._frames["correlations"]
+
+    def groups(self) -> pl.DataFrame:
+        """The top10 / next10 / rest grouping and each group's share of every layer."""
+        if "groups" not in self._frames:
+            self._frames["groups"] = scores.groups(self.samples(), self.layers())
+        return self._frames["groups"]
+
+    def clusters(self, k: int = _DEFAULT_K, seed: int = 0) -> pl.DataFrame:
+        """Per class, k-means on each sample's epoch × layer importance profile; clusters
+        labelled easy / medium / hard by how fast their training loss falls.
+
+        Args:
+            k: clusters per class (fewer when a class has fewer distinct profiles).
+            seed: k-means random state.
+        """
+        from samplescope.analysis.clusters import cluster_samples
+
+        key = ("clusters", k, seed)
+        if key not in self._frames:
+            if k < 1:
+                msg = f"k must be at least 1, got {k}"
+                raise QueryError(msg)
+            visits = self._prepared_visits(1)
+            self._frames[key] = cluster_samples(
+                self.sample_epochs(), visits, self.samples(), k=k, seed=seed)
+            if k == _DEFAULT_K and seed == 0:
+                self._frames["clusters"] = self._frames[key]
+        return self._frames[key]
+
+
+def _status(shard: Any, name: str) -> int:
+    if not shard.has("status", name):
+        return 0
+    values = shard.read("status", name)
+    return int(values[0]) if len(values) else 0
+
+
+def _strings(cols: dict[str, np.ndarray], key: str, n: int) -> list[str]:
+    return cols[key].astype(str).tolist() if key in cols else [""] * n
+
+
+def _ints(cols: dict[str, np.ndarray], key: str, n: int) -> list[int]:
+    return cols[key].astype(np.int64).tolist() if key in cols else [0] * n
+
+
+def _series(name: str, values: np.ndarray) -> pl.Series:
+    if values.ndim == 2:
+        return pl.Series(name, values, dtype=pl.Array(pl.Float32, values.shape[1]))
+    if values.dtype == object:
+        return pl.Series(name, values.tolist(), dtype=pl.String)
+    return pl.Series(name, values)
+
+
+def _arrow_type(column: str, n_layers: int) -> pa.DataType:
+    from samplescope.analysis._hdf5 import _VISIT_TYPES
+
+    return _VISIT_TYPES[column](n_layers)
+
+
+def _check_source(source: Any) -> None:
+    if not isinstance(source, (str, os.PathLike, list, tuple)):
+        msg = f"open_trace takes a path, a list of paths or a glob, not {type(source).__name__}"
+        raise TraceError(msg)

@@ -369,14 +369,19 @@ class Trace:
         return scores.prepare_visits(self._visits_frame(columns), self._data.n_layers,
                                      early_epochs)
 
-    def samples(self, *, early_epochs: int = 1) -> pl.DataFrame:
+    def samples(self, *, early_epochs: int = 1, sort: str | None = None,
+                descending: bool = True, top: int | None = None) -> pl.DataFrame:
         """One row per sample with every score (docs/analysis.md, table `samples`).
 
         Args:
             early_epochs: the first recorded epochs that `grand` and `el2n_proxy` use.
+            sort: a column to sort by (default: by sample_id).
+            descending: sort from largest to smallest (nulls last either way).
+            top: keep only the first `top` rows after sorting.
 
         Raises:
             EmptyTraceError: the trace has no visits.
+            QueryError: `sort` is not a column of the table.
         """
         key = ("samples", early_epochs)
         if key not in self._frames:
@@ -385,7 +390,14 @@ class Trace:
             self._frames[key] = scores.sample_scores(visits, self._data.n_layers, info)
             if early_epochs == 1:
                 self._frames["samples"] = self._frames[key]
-        return self._frames[key]
+        frame = self._frames[key]
+        if sort is not None:
+            if sort not in frame.columns:
+                msg = f"no column {sort!r} in samples; columns are: {', '.join(frame.columns)}"
+                raise QueryError(msg)
+            frame = frame.sort(sort, descending=descending, nulls_last=True,
+                               maintain_order=True)
+        return frame if top is None else frame.head(top)
 
     def sample_epochs(self) -> pl.DataFrame:
         """Long table: sample_id, epoch, layer, layer_index, importance, grad_sq,

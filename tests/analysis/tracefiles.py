@@ -15,19 +15,20 @@ from typing import Any
 import h5py
 import numpy as np
 
-__all__ = ["write_trace"]
+__all__ = ["TINY_LAYERS", "TINY_STEPS", "TINY_VISITS", "write_tiny_trace", "write_trace"]
 
 _FLOAT32 = {"loss", "p_target", "margin", "input_sq", "input_grad_sq", "grad_sq", "alignment"}
 _FLOAT64 = {"lr", "loss_mean", "time", "accuracy"}
 
 
-def _column(group: h5py.Group, name: str, values: Any, *, maxshape_rows: bool = True) -> None:
+def _column(group: h5py.Group, name: str, values: Any) -> None:
     if isinstance(values, (list, tuple)) and values and isinstance(values[0], str):
         data = np.asarray(values, dtype=object)
         dtype: Any = h5py.string_dtype("utf-8")
     else:
         data = np.asarray(values)
-        if name in _FLOAT32 or data.dtype == np.float32:
+        float32 = name in _FLOAT32 and group.name in ("/visits", "/steps")
+        if float32 or data.dtype == np.float32:
             dtype = np.float32
         elif name in _FLOAT64 or data.dtype.kind == "f":
             dtype = np.float64
@@ -38,7 +39,7 @@ def _column(group: h5py.Group, name: str, values: Any, *, maxshape_rows: bool = 
         else:
             dtype = h5py.string_dtype("utf-8")
             data = data.astype(object)
-    maxshape = (None, *data.shape[1:]) if maxshape_rows else None
+    maxshape = (None, *data.shape[1:])
     chunks = (max(1, min(len(data), 1024)), *data.shape[1:]) if len(data) else True
     group.create_dataset(name, data=data.astype(dtype) if dtype is not object else data,
                          dtype=dtype, maxshape=maxshape, chunks=chunks,
@@ -129,3 +130,32 @@ def write_trace(
             for col, values in cols.items():
                 _column(group, col, values)
     return path
+
+
+# The tiny trace every hand-computed test uses (docs in tests/analysis/test_scores.py):
+# 2 layers (n_params 4 and 2), 4 samples, 2 epochs of 2 steps of batch 2, reduction mean,
+# lr 0.5 in epoch 0 and 0.25 in epoch 1, so lr·s = 0.25 then 0.125.
+TINY_LAYERS = {"name": ["enc", "head"], "kind": ["Linear", "Linear"], "n_params": [4, 2],
+               "method": ["identity", "identity"]}
+TINY_STEPS = {"step": [0, 1, 2, 3], "epoch": [0, 0, 1, 1], "lr": [0.5, 0.5, 0.25, 0.25],
+              "batch_size": [2, 2, 2, 2]}
+TINY_VISITS = {
+    "step": [0, 0, 1, 1, 2, 2, 3, 3],
+    "sample_id": [0, 1, 2, 3, 3, 0, 1, 2],
+    "loss": [2.0, 1.0, 0.5, 3.0, 2.5, 1.5, 0.2, 0.1],
+    "grad_sq": [[4, 0], [1, 1], [0, 4], [2, 7], [8, 0], [0, 0], [4, 4], [16, 0]],
+    "target": [0, 1, 0, 1, 1, 0, 1, 0],
+    "pred": [1, 1, 0, 0, 1, 0, 0, 0],
+    "p_target": [0.2, 0.5, 0.6, 0.1, 0.4, 0.5, 0.3, 0.9],
+    "margin": [-1.0, 0.5, 1.0, -2.0, 0.2, 0.1, -0.5, 3.0],
+    "input_sq": [1.0, 2.0, 3.0, 4.0, 1.0, 1.0, 2.0, 3.0],
+}
+OUTPUT_COLUMNS = ("target", "pred", "p_target", "margin")
+
+
+def write_tiny_trace(path: str | Path, *, outputs: bool = True, **kwargs: Any) -> Path:
+    """The tiny hand-computed trace; `outputs=False` drops target/pred/p_target/margin."""
+    visits = {k: v for k, v in TINY_VISITS.items() if outputs or k not in OUTPUT_COLUMNS}
+    kwargs.setdefault("evals", {"step": [2, 4], "epoch": [0, 1], "split": ["test", "test"],
+                                "loss": [1.5, 0.9], "accuracy": [0.5, 0.75]})
+    return write_trace(path, layers=TINY_LAYERS, steps=TINY_STEPS, visits=visits, **kwargs)

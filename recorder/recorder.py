@@ -368,7 +368,7 @@ class Recorder:
                 )
                 raise RecorderError(msg)
             grad_sq[:, j] = result.grad_sq.detach().double() / (scale * scale)
-            batch_sq[j] = sum(float(g.double().square().sum()) for g in result.batch_grad.values())
+            batch_sq[j] = sum(_sq_norm(g) for g in result.batch_grad.values())
             if align is not None:
                 align[:, j] = (observer.alignment(result.batch_grad).double() / scale).numpy()
         return grad_sq.to(torch.float32).numpy(), batch_sq, align
@@ -406,13 +406,15 @@ class Recorder:
         x = self._inputs
         if x is None or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != n:
             return np.full(n, np.nan, dtype=np.float32)
-        return _np32(x.reshape(n, -1).double().square().sum(1))
+        flat = x.reshape(n, -1)
+        return _np32((flat * flat).sum(1))
 
     def _input_grad_sq(self, n: int, scale: float) -> np.ndarray:
         g = self._input_grad
         if g is None or g.dim() == 0 or g.shape[0] != n:
             return np.full(n, np.nan, dtype=np.float32)
-        return _np32(g.reshape(n, -1).double().square().sum(1) / (scale * scale))
+        flat = g.reshape(n, -1)
+        return _np32((flat * flat).sum(1) / (scale * scale))
 
     def _thumbnails(self, ids: np.ndarray) -> None:
         x = self._inputs
@@ -509,6 +511,12 @@ def _as_ids(sample_ids: Tensor | Sequence[int] | np.ndarray) -> np.ndarray:
         msg = f"sample ids must be integers, got {array.dtype}"
         raise RecorderError(msg)
     return array.reshape(-1).astype(np.int64)
+
+
+def _sq_norm(t: Tensor) -> float:
+    # One BLAS dot: several times faster than square().sum() on large layers.
+    flat = t.reshape(-1)
+    return float(torch.dot(flat, flat))
 
 
 def _np32(t: Tensor) -> np.ndarray:

@@ -1,0 +1,353 @@
+"""Recording overhead: plain training step vs recorded step, measured side by side.
+
+    python bench/recorder_overhead.py            # the three models of the recorder issue
+    python bench/recorder_overhead.py --quick    # fewer steps, for a smoke run
+
+For each model the plain step (forward, loss, backward, SGD step) and the recorded step
+(the same plus per-sample norms, outputs and HDF5 writing) run interleaved in one process
+on 2 threads; the table gives the median of the timed steps after warm-up and the ratio.
+Beside them, the same per-sample norms from torch.func, Opacus and BackPACK (when
+installed: pip install -e '.[bench]'), each checked for agreement with ours first.
+Peak memory is measured per variant in a fresh subprocess: peak RSS during the steps
+minus the RSS before the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samplescope import Recorder
+
+torch.set_num_threads(2)
+warnings.filterwarnings("ignore")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TokenClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(1000, 128)
+        self.encoder = nn.TransformerEncoderLayer(
+            128, nhead=4, dim_feedforward=256, dropout=0.0, batch_first=True
+        )
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+def mlp() -> tuple[nn.Module, Batch]:
+    model = nn.Sequential(
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+    return model, (torch.randn(128, 784), torch.randint(0, 10, (128,)))
+
+
+def cnn() -> tuple[nn.Module, Batch]:
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4096, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+    return model, (torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,)))
+
+
+def transformer() -> tuple[nn.Module, Batch]:
+    return TokenClassifier(), (torch.randint(0, 1000, (64, 64)), torch.randint(0, 10, (64,)))
+
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, Batch]]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "transformer": transformer,
+}
+
+
+# -- step functions: each returns a callable doing one full training step ---------------
+
+
+def plain_step(model: nn.Module, batch: Batch) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch
+
+    def step() -> None:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def recorded_step(model: nn.Module, batch: Batch, path: Path, stack: contextlib.ExitStack):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = stack.enter_context(Recorder(path, model, opt, overwrite=True))
+    x, y = batch
+    ids = torch.arange(len(y))
+
+    def step() -> None:
+        logits = model(x)
+        rec.backward(F.cross_entropy(logits, y, reduction="none"), ids, logits, y)
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def torch_func_norms(model: nn.Module, batch: Batch) -> tuple[Callable[[], None], Callable]:
+    from torch.func import functional_call, grad, vmap
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch
+    layers = _layer_params(model)
+
+    def per_sample_norms() -> np.ndarray:
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, xi, yi):
+            return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+        return np.stack(
+            [sum(grads[n].flatten(1).square().sum(1) for n in names).numpy() for names in layers],
+            axis=1,
+        )
+
+    def step() -> None:
+        per_sample_norms()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step, per_sample_norms
+
+
+def opacus_norms(model: nn.Module, batch: Batch) -> tuple[Callable[[], None], Callable]:
+    from opacus import GradSampleModule
+
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.01)
+    x, y = batch
+    layers = _layer_params(model)
+    named = dict(model.named_parameters())
+
+    def norms_now() -> np.ndarray:
+        # Opacus scales grad_sample back to the per-sample loss for mean reductions.
+        return np.stack(
+            [
+                sum(named[p].grad_sample.flatten(1).square().sum(1) for p in names).numpy()
+                for names in layers
+            ],
+            axis=1,
+        )
+
+    def step() -> None:
+        F.cross_entropy(wrapped(x), y).backward()
+        norms_now()
+        opt.step()
+        opt.zero_grad()
+        for p in model.parameters():
+            p.grad_sample = None
+
+    def per_sample_norms() -> np.ndarray:
+        F.cross_entropy(wrapped(x), y).backward()
+        out = norms_now()
+        opt.zero_grad()
+        for p in model.parameters():
+            p.grad_sample = None
+        return out
+
+    return step, per_sample_norms
+
+
+def backpack_norms(model: nn.Module, batch: Batch) -> tuple[Callable[[], None], Callable]:
+    from backpack import backpack, extend
+    from backpack.extensions import BatchL2Grad
+
+    model = extend(model)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch
+    layers = _layer_params(model)
+    named = dict(model.named_parameters())
+
+    def per_sample_norms() -> np.ndarray:
+        with backpack(BatchL2Grad()):
+            loss_fn(model(x), y).backward()
+        n = len(y)
+        out = np.stack(
+            [sum(named[p].batch_l2 * n * n for p in names).detach().numpy() for names in layers],
+            axis=1,
+        )
+        opt.zero_grad()
+        return out
+
+    def step() -> None:
+        with backpack(BatchL2Grad()):
+            loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step, per_sample_norms
+
+
+def _layer_params(model: nn.Module) -> list[list[str]]:
+    """Parameter names grouped as the recorder groups them (module owning them)."""
+    groups: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if ".self_attn.out_proj" in f".{owner}" or owner.endswith("self_attn.out_proj"):
+            owner = owner.rsplit(".", 1)[0]
+        groups.setdefault(owner, []).append(name)
+    return list(groups.values())
+
+
+def our_norms(model: nn.Module, batch: Batch) -> np.ndarray:
+    """grad_sq of one recorded step, read back from the trace, in parameter order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "agree.h5"
+        x, y = batch
+        with Recorder(path, model) as rec:
+            logits = model(x)
+            rec.backward(F.cross_entropy(logits, y, reduction="none"), torch.arange(len(y)))
+        model.zero_grad()
+        with h5py.File(path, "r", swmr=True) as f:
+            names = [n.decode() for n in f["layers/name"][:]]
+            grad_sq = f["visits/grad_sq"][:]
+    order = {name: j for j, name in enumerate(names)}
+    owners = [g[0].rsplit(".", 1)[0] if "." in g[0] else "" for g in _layer_params(model)]
+    return grad_sq[:, [order[o] for o in owners]]
+
+
+# -- measurement ------------------------------------------------------------------------
+
+
+def interleaved(steps: dict[str, Callable[[], None]], warmup: int, n: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(warmup + n):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def peak_memory_mb(model_name: str, variant: str, n_steps: int = 8) -> float:
+    """Peak RSS growth over ``n_steps`` steps, in a fresh process.
+
+    The kernel's high-water mark (VmHWM) is reset just before the first step, so the
+    figure is what the steps themselves needed above the resting process.
+    """
+    code = (
+        "import sys, contextlib, tempfile, pathlib, gc;"
+        "sys.path.insert(0, 'bench'); import recorder_overhead as b;"
+        f"m, batch = b.MODELS[{model_name!r}](); stack = contextlib.ExitStack();"
+        "tmp = pathlib.Path(tempfile.mkdtemp()) / 't.h5';"
+        f"step = (b.plain_step(m, batch) if {variant!r} == 'plain' "
+        "else b.recorded_step(m, batch, tmp, stack));"
+        "[step() for _ in range(3)];"  # warm-up: the trace's tables and caches exist
+        "gc.collect(); base = b.status_mb('VmRSS');"
+        "open('/proc/self/clear_refs', 'w').write('5');"
+        f"[step() for _ in range({n_steps})];"
+        "print(b.status_mb('VmHWM') - base); stack.close()"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps, for a smoke run")
+    parser.add_argument("--models", default="mlp,cnn,transformer")
+    args = parser.parse_args()
+    warmup, n = (3, 5) if args.quick else (10, 40)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {n} steps")
+    header = f"{'model':<12}{'variant':<22}{'ms/step':>9}{'ratio':>8}{'agrees':>8}"
+    rows = []
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        base, batch = MODELS[name]()
+        reference = our_norms(copy.deepcopy(base), batch)
+        with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+            steps = {
+                "plain": plain_step(copy.deepcopy(base), batch),
+                "samplescope (all)": recorded_step(
+                    copy.deepcopy(base), batch, Path(tmp) / "t.h5", stack
+                ),
+            }
+            agree = {"plain": "", "samplescope (all)": "ref"}
+            for label, factory in (
+                ("torch.func (norms)", torch_func_norms),
+                ("opacus (norms)", opacus_norms),
+                ("backpack (norms)", backpack_norms),
+            ):
+                try:
+                    step, norms = factory(copy.deepcopy(base), batch)
+                    ok = np.allclose(norms(), reference, rtol=2e-3, atol=1e-6)
+                    steps[label] = step
+                    agree[label] = "yes" if ok else "NO"
+                except Exception as error:  # noqa: BLE001 - a reference tool may not support a model
+                    rows.append((name, label, f"unavailable: {type(error).__name__}"))
+            ms = interleaved(steps, warmup, n)
+        for label, value in ms.items():
+            rows.append((name, label, f"{value:9.2f}{value / ms['plain']:8.2f}{agree[label]:>8}"))
+        mem_plain = peak_memory_mb(name, "plain")
+        mem_rec = peak_memory_mb(name, "recorded")
+        rows.append(
+            (
+                name,
+                "peak MB plain/recorded",
+                f"{mem_plain:7.0f} / {mem_rec:.0f}  ratio {mem_rec / mem_plain:.2f}",
+            )
+        )
+    print(header)
+    for model_name, label, text in rows:
+        print(f"{model_name:<12}{label:<22}{text}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,11 +13,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
-from samplescope.recorder.writer import TraceWriter
 from torch import Tensor, nn
 
 from samplescope.errors import SamplescopeError
+from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
+from samplescope.recorder.writer import TraceWriter
 
 __all__ = ["OnError", "Recorder", "RecorderError"]
 

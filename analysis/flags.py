@@ -1,0 +1,143 @@
+"""Flag likely mislabeled or redundant samples, in cleanlab's conventions.
+
+Every score in `score_table` is oriented the same way: higher means harder — more likely
+mislabeled, more informative to keep. `flag` turns one of them into a quality score in
+[0, 1] where, as in cleanlab's ``get_label_quality_scores``, lower means more likely an
+issue: for ``kind="mislabeled"`` a low ``label_quality`` suggests a wrong label; for
+``kind="redundant"`` a low ``informativeness`` suggests the sample adds little. Rows come in
+ranked order (rank 0 is flagged first) with a boolean ``flagged`` mask at the budget, like
+``find_label_issues(..., return_indices_ranked_by=...)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import polars as pl
+
+from samplescope.errors import SamplescopeError
+
+__all__ = ["DEFAULT_SCORE", "KINDS", "FlagError", "flag", "score_names", "score_table"]
+
+KINDS = ("mislabeled", "redundant")
+DEFAULT_SCORE = {"mislabeled": "confidence", "redundant": "importance"}
+# The last fifth of the epochs are "late" for the late-epoch importance score.
+LATE_FRACTION = 0.2
+
+# name -> (column of samples(), sign): score = sign * column, so higher = harder.
+_SAMPLE_SCORES: dict[str, tuple[str, float]] = {
+    "importance": ("importance", 1.0),
+    "final_loss": ("final_loss", 1.0),
+    "aum": ("aum", -1.0),
+    "forgetting": ("forgetting_events", 1.0),
+    "confidence": ("confidence", -1.0),
+    "variability": ("variability", 1.0),
+    "el2n": ("el2n_proxy", 1.0),
+    "grand": ("grand", 1.0),
+    "tracin_self": ("tracin_self", 1.0),
+}
+
+
+class FlagError(SamplescopeError):
+    """A bad kind, score or budget for `flag`."""
+
+
+def score_table(trace: Any) -> pl.DataFrame:
+    """Every per-sample score, oriented so that higher = harder (more suspect, more useful).
+
+    Columns: sample_id, target, then one Float64 column per score: the baselines of
+    `_SAMPLE_SCORES` (final loss, AUM negated, forgetting events, 1 - confidence as
+    ``-confidence``, variability, EL2N, GraNd, TracIn self-influence), and importance-based
+    scores: ``importance`` (whole run), ``importance_late`` (last fifth of the epochs),
+    ``importance_rank`` (mean within-(epoch, layer) rank, so every epoch and layer weighs
+    the same) and ``importance_layer{l}`` per layer. Plus every /sample_info column.
+    """
+    samples = trace.samples()
+    columns = [pl.col("sample_id"), pl.col("target")]
+    for name, (column, sign) in _SAMPLE_SCORES.items():
+        if column in samples.columns:
+            columns.append((sign * pl.col(column).cast(pl.Float64)).alias(name))
+    layers = trace.layers().sort("layer_index")
+    for index in layers["layer_index"].to_list():
+        if f"importance_{index}" in samples.columns:
+            columns.append(pl.col(f"importance_{index}").cast(pl.Float64)
+                           .alias(f"importance_layer{index}"))
+    info = [c for c in samples.columns if c.startswith("info_")]
+    table = samples.select(*columns, *info)
+    return table.join(_epoch_scores(trace), on="sample_id", how="left")
+
+
+def _epoch_scores(trace: Any) -> pl.DataFrame:
+    per_epoch = trace.sample_epochs()
+    epochs = sorted(per_epoch["epoch"].unique().to_list())
+    late = epochs[-max(1, math.ceil(LATE_FRACTION * len(epochs))):] if epochs else []
+    n = per_epoch.group_by("epoch", "layer_index").agg(pl.len().alias("_n"))
+    ranked = per_epoch.join(n, on=["epoch", "layer_index"]).with_columns(
+        # importance_rank counts from 0 = most important; turn it into a percentile.
+        (1.0 - pl.col("importance_rank") / pl.max_horizontal(pl.col("_n") - 1, 1))
+        .alias("_pct"))
+    return ranked.group_by("sample_id").agg(
+        pl.col("importance").filter(pl.col("epoch").is_in(late)).sum().cast(pl.Float64)
+        .alias("importance_late"),
+        pl.col("_pct").mean().alias("importance_rank"),
+    )
+
+
+def score_names(trace: Any) -> list[str]:
+    """The scores `score_table(trace)` offers, in its column order."""
+    table = score_table(trace)
+    return [c for c in table.columns if c not in ("sample_id", "target")
+            and not c.startswith("info_")]
+
+
+def _budget_count(budget: float, n: int) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+        msg = f"budget must be a fraction in (0, 1] or a count of samples >= 1, not {budget!r}"
+        raise FlagError(msg)
+    if isinstance(budget, float) and budget <= 1:
+        return min(n, round(budget * n))
+    if float(budget) != int(budget):
+        msg = f"a budget above 1 is a count of samples and must be whole, not {budget}"
+        raise FlagError(msg)
+    return min(n, int(budget))
+
+
+def flag(trace: Any, kind: str = "mislabeled", budget: float = 0.1,
+         score: str | None = None) -> pl.DataFrame:
+    """Rank samples by how likely they are mislabeled (or redundant) and flag the worst.
+
+    Args:
+        trace: an open trace.
+        kind: ``"mislabeled"`` or ``"redundant"``.
+        budget: how many to flag: a fraction of the samples in (0, 1] (a float), or a count.
+        score: which score of `score_table` to rank by; default `DEFAULT_SCORE[kind]`.
+
+    Returns:
+        One row per sample, ranked (rank 0 first): sample_id, target, the quality column
+        (``label_quality`` or ``informativeness``, in [0, 1], lower = more likely an issue),
+        ``score`` (the raw score, higher = harder), ``rank`` and ``flagged``.
+
+    Raises:
+        FlagError: unknown kind or score, or a bad budget.
+    """
+    if kind not in KINDS:
+        msg = f"kind must be one of {', '.join(KINDS)}, not {kind!r}"
+        raise FlagError(msg)
+    name = score or DEFAULT_SCORE[kind]
+    table = score_table(trace)
+    names = [c for c in table.columns
+             if c not in ("sample_id", "target") and not c.startswith("info_")]
+    if name not in names:
+        msg = f"unknown score {name!r}; choose one of {', '.join(names)}"
+        raise FlagError(msg)
+    count = _budget_count(budget, table.height)
+    quality = "label_quality" if kind == "mislabeled" else "informativeness"
+    # Mislabeled: flag the hardest first. Redundant: flag the easiest (least useful) first.
+    hard_first = kind == "mislabeled"
+    frame = table.select("sample_id", "target", pl.col(name).fill_nan(None).alias("score"))
+    pct = (pl.col("score").rank("average") - 1) / max(table.height - 1, 1)
+    frame = frame.with_columns((1.0 - pct if hard_first else pct).fill_null(0.5).alias(quality))
+    frame = frame.sort([quality, "sample_id"]).with_row_index("rank").with_columns(
+        pl.col("rank").cast(pl.Int64), (pl.col("rank") < count).alias("flagged"))
+    return frame.select("sample_id", "target", quality, "score", "rank", "flagged")

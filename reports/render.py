@@ -1,0 +1,184 @@
+"""`render_report`: turn a trace into a multi-page PDF (or one PNG per page)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from samplescope.reports import (
+    candidates,
+    classes,
+    correlation,
+    curves,
+    datamap,
+    deciles,
+    findings,
+    heatmaps,
+    summary,
+)
+from samplescope.reports._data import ReportData
+from samplescope.reports._section import Section
+from samplescope.reports.errors import ReportError, ReportOutputError, UnknownSectionError
+
+__all__ = ["FORMATS", "SECTIONS", "render_report"]
+
+logger = logging.getLogger(__name__)
+
+# The report's sections in page order; `--pages` names them by id.
+SECTIONS: tuple[Section, ...] = (
+    summary.SECTION,
+    findings.SECTION,
+    curves.SECTION,
+    heatmaps.SECTION,
+    deciles.SECTION,
+    correlation.SECTION,
+    datamap.SECTION,
+    candidates.SECTION,
+    classes.SECTION,
+)
+FORMATS = ("pdf", "png")
+
+
+def select_sections(pages: str | Sequence[str] | None) -> list[Section]:
+    """The sections named in `pages` (ids, a list or a comma-separated string), in report
+    order; all of them for None.
+
+    Raises:
+        UnknownSectionError: a name is not a section id.
+    """
+    if pages is None:
+        return list(SECTIONS)
+    names = [p.strip() for p in (pages.split(",") if isinstance(pages, str) else pages)]
+    names = [n for n in names if n]
+    known = {s.id for s in SECTIONS}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        msg = (f"unknown report section {', '.join(map(repr, unknown))}; " if unknown
+               else "no report section given; ")
+        msg += f"choose from {', '.join(s.id for s in SECTIONS)}"
+        raise UnknownSectionError(msg)
+    return [s for s in SECTIONS if s.id in names]
+
+
+def render_report(
+    trace_or_path: Any,
+    out: str | os.PathLike[str],
+    *,
+    pages: str | Sequence[str] | None = None,
+    title: str | None = None,
+    fmt: str = "pdf",
+    progress: bool = True,
+) -> Path:
+    """Render the report of a trace.
+
+    Args:
+        trace_or_path: an open `samplescope.analysis.Trace`, or what `open_trace` accepts
+            (a path, a list of shard paths, a glob).
+        out: the PDF to write for ``fmt="pdf"``; for ``fmt="png"`` a directory that gets
+            one ``NN-section.png`` per page.
+        pages: section ids to include (see `SECTIONS`), a list or "a,b,c"; all by default.
+        title: the report's title (default: the trace's file name).
+        fmt: ``"pdf"`` or ``"png"``.
+        progress: show a progress bar over the sections.
+
+    Returns:
+        The PDF file or the PNG directory.
+
+    Raises:
+        UnknownSectionError: `pages` names a section that does not exist.
+        ReportOutputError: `out` cannot be written.
+        samplescope.analysis.errors.TraceError: the input is not a readable trace.
+    """
+    if fmt not in FORMATS:
+        msg = f"unknown report format {fmt!r}; choose pdf or png"
+        raise ReportError(msg)
+    sections = select_sections(pages)
+    out = _check_output(Path(out), fmt)
+    data = _open(trace_or_path)
+    data.report_title = title or (f"samplescope report: {data.path.name}" if data.path
+                                  else "samplescope report")
+    chosen = []
+    for section in sections:
+        if section.needs_outputs and not data.has_outputs:
+            data.omitted.append((section.id, section.title,
+                                 "needs logits/targets, which this trace did not record"))
+        else:
+            chosen.append(section)
+    data.included = [(s.id, s.title) for s in chosen]
+    figures = _figures(chosen, data, progress)
+    if fmt == "pdf":
+        return _write_pdf(out, figures, data)
+    return _write_png(out, figures)
+
+
+def _open(trace_or_path: Any) -> ReportData:
+    if hasattr(trace_or_path, "samples") and hasattr(trace_or_path, "sql"):
+        paths = trace_or_path.meta.get("paths") or [None]
+        return ReportData(trace_or_path, paths[0])
+    from samplescope.analysis import open_trace
+
+    trace = open_trace(trace_or_path)
+    paths = trace.meta.get("paths") or [None]
+    return ReportData(trace, paths[0])
+
+
+def _check_output(out: Path, fmt: str) -> Path:
+    target_dir = out if fmt == "png" else out.parent
+    if fmt == "pdf" and out.is_dir():
+        msg = f"{out} is a directory; give the PDF file to write, e.g. {out / 'report.pdf'}"
+        raise ReportOutputError(msg)
+    if fmt == "png" and out.exists() and not out.is_dir():
+        msg = f"{out} is a file; with --format png give a directory for the page images"
+        raise ReportOutputError(msg)
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"cannot create {target_dir}: {exc.strerror or exc}"
+        raise ReportOutputError(msg) from None
+    if not os.access(target_dir, os.W_OK):
+        msg = f"cannot write to {target_dir}: permission denied"
+        raise ReportOutputError(msg)
+    return out
+
+
+def _figures(sections: Sequence[Section], data: ReportData,
+             progress: bool) -> Iterable[tuple[str, Figure]]:
+    bar = tqdm(sections, desc="report", unit="section", disable=not progress, leave=False)
+    for section in bar:
+        bar.set_postfix_str(section.id)
+        for figure in section.pages(data):
+            yield section.id, figure
+
+
+def _footer(fig: Figure, title: str, number: int) -> None:
+    fig.text(0.97, 0.012, f"{title} · page {number}", ha="right", va="bottom", fontsize=7,
+             color="0.5")
+
+
+def _write_pdf(out: Path, figures: Iterable[tuple[str, Figure]], data: ReportData) -> Path:
+    try:
+        with PdfPages(out, metadata={"Title": data.report_title, "Creator": "samplescope"}) as pdf:
+            for number, (_sid, fig) in enumerate(figures, 1):
+                _footer(fig, data.report_title or "", number)
+                pdf.savefig(fig)
+    except PermissionError as exc:
+        msg = f"cannot write {out}: {exc.strerror or exc}"
+        raise ReportOutputError(msg) from None
+    return out
+
+
+def _write_png(out: Path, figures: Iterable[tuple[str, Figure]], dpi: int = 100) -> Path:
+    for old in out.glob("[0-9][0-9]-*.png"):
+        old.unlink()
+    for number, (sid, fig) in enumerate(figures, 1):
+        FigureCanvasAgg(fig)
+        fig.savefig(out / f"{number:02d}-{sid}.png", dpi=dpi)
+    return out

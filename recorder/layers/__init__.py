@@ -4,16 +4,37 @@ from __future__ import annotations
 
 from torch import nn
 
-from samplescope.recorder.layers.base import HookObserver, NormFn, Observer, Session, StepResult
+from samplescope.recorder.layers.attention import AttentionObserver, attention_declines
+from samplescope.recorder.layers.base import (
+    HookObserver,
+    NormFn,
+    Observer,
+    Session,
+    StepResult,
+    directional_alignment,
+)
+from samplescope.recorder.layers.conv import ConvNorms
+from samplescope.recorder.layers.embedding import embedding_declines, embedding_norms
+from samplescope.recorder.layers.fallback import FallbackObserver
 from samplescope.recorder.layers.linear import linear_norms
+from samplescope.recorder.layers.norm import (
+    batch_norm_norms,
+    group_norm_norms,
+    instance_norm_norms,
+    layer_norm_norms,
+    rms_norm_norms,
+)
 from samplescope.recorder.layers.registry import (
     LayerRegistry,
+    ObserverFactory,
     OnUnsupported,
     Rule,
     UnsupportedLayerError,
 )
 
 __all__ = [
+    "AttentionObserver",
+    "FallbackObserver",
     "HookObserver",
     "LayerRegistry",
     "NormFn",
@@ -24,11 +45,42 @@ __all__ = [
     "StepResult",
     "UnsupportedLayerError",
     "default_registry",
+    "directional_alignment",
 ]
 
 
 def default_registry() -> LayerRegistry:
-    """A fresh registry with every layer family samplescope knows."""
-    registry = LayerRegistry()
+    """A fresh registry with every layer family samplescope knows, and the torch.func fallback.
+
+    Lookups go through the class's MRO, so subclasses of these classes resolve too.
+    """
+    registry = LayerRegistry(fallback=FallbackObserver)
     registry.register(nn.Linear, linear_norms)
+    for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        registry.register(conv, Rule(_conv_observer))
+    registry.register(nn.Embedding, Rule(_hook(embedding_norms), declines=embedding_declines))
+    registry.register(nn.LayerNorm, layer_norm_norms)
+    registry.register(nn.RMSNorm, rms_norm_norms)
+    registry.register(nn.GroupNorm, group_norm_norms)
+    # Not _BatchNorm: SyncBatchNorm normalises with statistics of every rank.
+    for batch_norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        registry.register(batch_norm, batch_norm_norms)
+    for instance_norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+        registry.register(instance_norm, instance_norm_norms)
+    registry.register(
+        nn.MultiheadAttention,
+        Rule(AttentionObserver, claims_children=True, declines=attention_declines),
+    )
     return registry
+
+
+def _conv_observer(name: str, module: nn.Module, session: Session) -> Observer:
+    # A fresh ConvNorms per layer: its per-shape method choice belongs to this layer.
+    return HookObserver(name, module, session, ConvNorms())
+
+
+def _hook(norm_fn: NormFn) -> ObserverFactory:
+    def factory(name: str, module: nn.Module, session: Session) -> Observer:
+        return HookObserver(name, module, session, norm_fn)
+
+    return factory

@@ -13,7 +13,9 @@ gradients behind.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,13 +23,36 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookObserver", "NormFn", "Observer", "Session", "StepResult"]
+__all__ = [
+    "HookObserver",
+    "NormFn",
+    "Observer",
+    "Session",
+    "StepResult",
+    "directional_alignment",
+    "replaying",
+]
 
 # (module, activation, grad_output) -> {param_name: squared norm per sample, shape [N]}.
 # activation is the module's first positional input, detached; grad_output is the
 # gradient of the back-propagated loss w.r.t. the module's output. Names are those of
 # module.named_parameters(), restricted to trainable parameters.
 NormFn = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+
+# True while an observer re-runs a module itself (fallback gradients, alignment): those
+# forwards must not be recorded, or the modules they call would count a second call.
+_REPLAYING: ContextVar[bool] = ContextVar("samplescope_replaying", default=False)
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[None]:
+    """Mark forwards run inside this block as recomputations that no observer records."""
+    token = _REPLAYING.set(True)
+    try:
+        yield
+    finally:
+        _REPLAYING.reset(token)
 
 
 class Session(Protocol):
@@ -66,7 +91,7 @@ class Observer:
         self.name = name
         self.module = module
         self.session = session
-        self.params = {n: p for n, p in _owned_parameters(module)}
+        self.params = dict(_owned_parameters(module))
         self._handles: list[RemovableHandle] = []
         self._result = StepResult()
         self._calls = 0
@@ -121,6 +146,10 @@ class Observer:
     def _finish(self) -> None:
         """Compute anything that had to wait for the end of backward."""
 
+    def _recording(self) -> bool:
+        """True when a forward running now belongs to the recorded step."""
+        return self.session.active and not _REPLAYING.get()
+
     def _count_call(self) -> bool:
         """Count a recorded forward; False (and an error) if the module ran twice."""
         self._calls += 1
@@ -168,7 +197,7 @@ class HookObserver(Observer):
         self._saved = None
 
     def _on_forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not self.session.active or not isinstance(output, Tensor):
+        if not self._recording() or not isinstance(output, Tensor):
             return
         if not output.requires_grad or not self._count_call():
             return
@@ -205,15 +234,16 @@ def directional_alignment(
     output moves along G; dotting with its output gradient gives ⟨g_i, G⟩ exactly.
     Buffers are cloned so BatchNorm's running statistics are not updated twice.
     """
-    buffers = {n: b.clone() for n, b in module.named_buffers()}
     primals = {n: p.detach() for n, p in params.items()}
     tangents = {n: batch_grad.get(n, torch.zeros_like(p)) for n, p in primals.items()}
 
     def run(p: dict[str, Tensor]) -> Tensor:
+        # Cloned inside the transform: jvp refuses in-place updates of captured tensors.
+        buffers = {n: b.clone() for n, b in module.named_buffers()}
         out = torch.func.functional_call(module, {**p, **buffers}, args)
         return out[0] if isinstance(out, tuple) else out
 
-    with torch.no_grad():
+    with torch.no_grad(), replaying():
         _, moved = torch.func.jvp(run, (primals,), (tangents,))
     return (grad_output * moved).flatten(1).sum(1)
 

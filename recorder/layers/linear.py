@@ -14,6 +14,20 @@ __all__ = ["linear_norms", "token_outer_sq"]
 
 
 def linear_norms(module: nn.Module, activation: Tensor, grad_output: Tensor) -> dict[str, Tensor]:
+    """Squared per-sample norms of an nn.Linear's weight and bias gradients.
+
+    Every dimension between the batch and the features is a token (a sequence, or the
+    pixels of a 1x1 convolution written as Linear); the weight uses `token_outer_sq` and
+    the bias gradient is the sum of the tokens' output gradients.
+
+    Args:
+        module: the nn.Linear (or subclass).
+        activation: its input, [N, ..., in_features].
+        grad_output: gradient w.r.t. its output, [N, ..., out_features].
+
+    Returns:
+        ``{"weight": [N], "bias": [N]}`` for the trainable ones.
+    """
     n = grad_output.shape[0]
     a = activation.reshape(n, -1, activation.shape[-1])
     d = grad_output.reshape(n, -1, grad_output.shape[-1])
@@ -26,8 +40,12 @@ def linear_norms(module: nn.Module, activation: Tensor, grad_output: Tensor) -> 
 
 
 def token_outer_sq(a: Tensor, d: Tensor) -> Tensor:
-    """‖Σ_t d_t a_tᵀ‖² per sample for a [N, T, I] and d [N, T, O]."""
-    n, t, i = a.shape
+    """‖Σ_t d_t a_tᵀ‖² per sample for a [N, T, I] and d [N, T, O].
+
+    Picks by cost: the Gram identity costs T²(I+O) per sample, the materialised
+    [O, I] matrix T·I·O, so the Gram form wins when T(I+O) < I·O.
+    """
+    _, t, i = a.shape
     o = d.shape[-1]
     if t == 1:
         return a[:, 0].square().sum(1) * d[:, 0].square().sum(1)

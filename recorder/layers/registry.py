@@ -18,7 +18,7 @@ __all__ = ["LayerRegistry", "OnUnsupported", "Rule", "UnsupportedLayerError"]
 logger = logging.getLogger(__name__)
 
 OnUnsupported = Literal["error", "warn", "fallback"]
-ObserverFactory = Callable[[str, nn.Module, Session], Observer]
+ObserverFactory = Callable[..., Observer]  # (name, module, session) -> Observer
 
 
 class UnsupportedLayerError(SamplescopeError):
@@ -33,14 +33,24 @@ class Rule:
         factory: builds the observer for one module.
         claims_children: the observer also covers the module's children's parameters
             (``nn.MultiheadAttention`` uses ``out_proj.weight`` without calling it).
+        declines: given a module of the family, the reason this rule cannot observe that
+            configuration (e.g. ``Embedding(sparse=True)``), or None when it can. A declined
+            module is treated as unsupported: fallback, warning or error, as asked.
     """
 
     factory: ObserverFactory
     claims_children: bool = False
+    declines: Callable[[nn.Module], str | None] | None = None
 
 
 class LayerRegistry:
-    """A table from module class to `Rule`. Build one explicitly; nothing registers on import."""
+    """A table from module class to `Rule`. Build one explicitly; nothing registers on import.
+
+    Args:
+        fallback: builds the observer for modules no rule covers (or whose rule declines),
+            called as ``fallback(name, module, session)``, plus ``claims_children=True``
+            when a declined rule claimed the module's children.
+    """
 
     def __init__(self, fallback: ObserverFactory | None = None) -> None:
         self._rules: dict[type[nn.Module], Rule] = {}
@@ -80,22 +90,30 @@ class LayerRegistry:
             if any(name.startswith(prefix + ".") for prefix in claimed):
                 continue
             rule = self.lookup(module)
-            if rule is not None and rule.claims_children:
+            claims = rule is not None and rule.claims_children
+            reason = rule.declines(module) if rule is not None and rule.declines else None
+            if reason is not None:
+                logger.debug("%s (%s): rule declines: %s", name, type(module).__name__, reason)
+                rule = None
+            if claims:
                 claimed.append(name)
             elif not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             if rule is not None:
                 observers.append(rule.factory(name, module, session))
             elif on_unsupported == "fallback" and self._fallback is not None:
-                observers.append(self._fallback(name, module, session))
+                extra = {"claims_children": True} if claims else {}
+                observers.append(self._fallback(name, module, session, **extra))
             else:
-                unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+                why = f": {reason}" if reason else ""
+                unsupported.append(f"{name or '<root>'} ({type(module).__name__}{why})")
         if unsupported:
             what = ", ".join(unsupported)
-            if on_unsupported == "error" or self._fallback is None:
+            if on_unsupported != "warn":
                 msg = (
                     f"no per-sample norm rule for: {what}; pass on_unsupported='fallback' "
-                    "to use torch.func, or 'warn' to leave them out"
+                    "with a registry that has a fallback (default_registry() does), or "
+                    "'warn' to leave them out"
                 )
                 raise UnsupportedLayerError(msg)
             warnings.warn(f"samplescope leaves out unsupported layers: {what}", stacklevel=3)

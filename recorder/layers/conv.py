@@ -1,0 +1,229 @@
+"""nn.Conv1d, nn.Conv2d and nn.Conv3d, with the fastest exact method chosen per input shape.
+
+A convolution is a Linear applied to every patch of its input: sample i's weight gradient
+(per group) is Σ_p δ_p patch_pᵀ over output positions p. Three exact ways to get its squared
+norm, whose costs cross over with channels, kernel and image size:
+
+- ``ghost``: the Gram identity on unfolded patches, ‖Σ_p δ_p a_pᵀ‖² = Σ_{p,q} (a_p·a_q)(δ_p·δ_q),
+  N·L²·(CK+O) work — cheap for small images with many channels;
+- ``unfold``: materialise Σ_p δ_p a_pᵀ with one batched matmul, N·L·CK·O work;
+- ``grouped``: the per-sample weight gradients as one convolution-weight backward in which
+  every sample is its own group (samples stacked along channels), no patch copy at all.
+
+None is best everywhere, so each layer times all candidates once on the first batch of a
+given shape, keeps the fastest for that shape, and logs the choice at DEBUG. All three are
+exact, so the choice changes speed only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CONV_METHODS", "ConvNorms", "conv_weight_sq"]
+
+logger = logging.getLogger(__name__)
+
+# Candidates whose intermediate would exceed this many elements are not tried (unless none
+# is small enough), so timing never allocates gigabytes just to lose.
+_MAX_ELEMENTS = 1 << 26
+
+_ConvMethod = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+class ConvNorms:
+    """NormFn for one convolution layer; remembers which method won for each shape.
+
+    One instance per observed layer (the registry's factory makes a fresh one), so the
+    cache lives with the observer, never on the module.
+    """
+
+    def __init__(self) -> None:
+        self.choice: dict[tuple, str] = {}
+
+    def __call__(
+        self, module: nn.Module, activation: Tensor, grad_output: Tensor
+    ) -> dict[str, Tensor]:
+        """Squared per-sample norms of a convolution's weight and bias gradients.
+
+        Args:
+            module: an nn.Conv1d/2d/3d (any stride, padding, dilation, groups, padding_mode).
+            activation: its input [N, C, *S].
+            grad_output: gradient w.r.t. its output [N, O, *S'].
+
+        Returns:
+            ``{"weight": [N], "bias": [N]}`` for the trainable ones.
+        """
+        norms = {}
+        if module.weight.requires_grad:
+            norms["weight"] = self._weight_sq(module, activation, grad_output)
+        if module.bias is not None and module.bias.requires_grad:
+            # The bias sees every output position: its gradient is Σ_p δ_p.
+            norms["bias"] = grad_output.flatten(2).sum(2).square().sum(1)
+        return norms
+
+    def _weight_sq(self, module: nn.Module, activation: Tensor, grad_output: Tensor) -> Tensor:
+        x = pad_input(module, activation)
+        key = (tuple(x.shape), tuple(grad_output.shape), x.dtype, x.device.type)
+        name = self.choice.get(key)
+        if name is not None:
+            return CONV_METHODS[name](module, x, grad_output)
+        name, value = _time_candidates(module, x, grad_output)
+        self.choice[key] = name
+        return value
+
+
+def conv_weight_sq(
+    module: nn.Module, activation: Tensor, grad_output: Tensor, method: str
+) -> Tensor:
+    """Squared per-sample weight-gradient norm of a convolution with a named method [N]."""
+    return CONV_METHODS[method](module, pad_input(module, activation), grad_output)
+
+
+def pad_input(module: nn.Module, x: Tensor) -> Tensor:
+    """The input padded exactly as the convolution pads it, so every method uses padding 0.
+
+    'same' puts the odd extra element on the right, as PyTorch does; padding modes other
+    than zeros are applied by F.pad in the module's forward too.
+    """
+    amounts: list[int] = []
+    spatial = len(module.kernel_size)
+    for i in reversed(range(spatial)):
+        if module.padding == "valid":
+            left = right = 0
+        elif module.padding == "same":
+            total = module.dilation[i] * (module.kernel_size[i] - 1)
+            left, right = total // 2, total - total // 2
+        else:
+            left = right = module.padding[i]
+        amounts += [left, right]
+    if not any(amounts):
+        return x
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, amounts, mode=mode)
+
+
+def _patches(module: nn.Module, x: Tensor) -> Tensor:
+    """Unfolded patches of a padded input, [N·G, L, C/G·K] in the weight's layout."""
+    n, c = x.shape[:2]
+    g = module.groups
+    spatial = len(module.kernel_size)
+    if spatial == 2:
+        # F.unfold is im2col: faster than the strided-view copy below.
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        return cols.reshape(n * g, -1, cols.shape[-1]).transpose(1, 2)
+    for i, (k, s, d) in enumerate(
+        zip(module.kernel_size, module.stride, module.dilation, strict=True)
+    ):
+        # A window of the dilated kernel's extent, then every d-th element of it.
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)
+    x = x[(..., *[slice(None, None, d) for d in module.dilation])]
+    # [N, C, L..., K...] -> [N, G, L..., C/G, K...]
+    x = x.reshape(n, g, c // g, *x.shape[2:])
+    positions = list(range(3, 3 + spatial))
+    kernel = list(range(3 + spatial, 3 + 2 * spatial))
+    x = x.permute(0, 1, *positions, 2, *kernel)
+    n_pos = x.shape[2 : 2 + spatial].numel()
+    return x.reshape(n * g, n_pos, -1)
+
+
+def _grads(module: nn.Module, grad_output: Tensor) -> Tensor:
+    """Output gradients as [N·G, L, O/G], matching `_patches`."""
+    n, o = grad_output.shape[:2]
+    g = module.groups
+    return grad_output.reshape(n * g, o // g, -1).transpose(1, 2)
+
+
+def _ghost(module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+    a = _patches(module, x)
+    d = _grads(module, grad_output)
+    per_group = ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum((1, 2))
+    return per_group.reshape(x.shape[0], -1).sum(1)
+
+
+def _unfold(module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+    a = _patches(module, x)
+    d = _grads(module, grad_output)
+    per_group = (d.transpose(1, 2) @ a).square().sum((1, 2))
+    return per_group.reshape(x.shape[0], -1).sum(1)
+
+
+_WEIGHT_BACKWARD = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
+
+
+def _grouped(module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+    # Stacking the samples along channels and giving each its own group makes the
+    # ordinary weight backward return one weight gradient per (sample, group).
+    n, c = x.shape[:2]
+    o = grad_output.shape[1]
+    weight_shape = (n * o, c // module.groups, *module.kernel_size)
+    per_sample = _WEIGHT_BACKWARD[len(module.kernel_size)](
+        x.reshape(1, n * c, *x.shape[2:]),
+        weight_shape,
+        grad_output.reshape(1, n * o, *grad_output.shape[2:]),
+        stride=module.stride,
+        padding=0,
+        dilation=module.dilation,
+        groups=n * module.groups,
+    )
+    return per_sample.reshape(n, -1).square().sum(1)
+
+
+CONV_METHODS: dict[str, _ConvMethod] = {"ghost": _ghost, "unfold": _unfold, "grouped": _grouped}
+
+
+def _footprint(module: nn.Module, x: Tensor, grad_output: Tensor) -> dict[str, int]:
+    """Elements of each method's largest intermediate."""
+    n, c = x.shape[:2]
+    o = grad_output.shape[1]
+    g = module.groups
+    k = 1
+    for size in module.kernel_size:
+        k *= size
+    positions = grad_output[0, 0].numel()
+    patches = n * c * k * positions
+    weights = n * o * (c // g) * k
+    return {
+        "ghost": max(patches, n * g * positions * positions),
+        "unfold": max(patches, weights),
+        "grouped": weights,
+    }
+
+
+def _time_candidates(module: nn.Module, x: Tensor, grad_output: Tensor) -> tuple[str, Tensor]:
+    sizes = _footprint(module, x, grad_output)
+    names = [name for name, size in sizes.items() if size <= _MAX_ELEMENTS]
+    if not names:
+        names = [min(sizes, key=sizes.__getitem__)]
+    timings: dict[str, float] = {}
+    value = None
+    for name in names:
+        _sync(x)
+        start = time.perf_counter()
+        result = CONV_METHODS[name](module, x, grad_output)
+        _sync(x)
+        timings[name] = time.perf_counter() - start
+        value = result if value is None else value
+    best = min(timings, key=timings.__getitem__)
+    logger.debug(
+        "conv %s input %s: chose %s (%s)",
+        type(module).__name__,
+        tuple(x.shape),
+        best,
+        ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in timings.items()),
+    )
+    return best, value
+
+
+def _sync(x: Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)

@@ -51,7 +51,8 @@ def score_table(trace: Any) -> pl.DataFrame:
     ``-confidence``, variability, EL2N, GraNd, TracIn self-influence), and importance-based
     scores: ``importance`` (whole run), ``importance_late`` (last fifth of the epochs),
     ``importance_rank`` (mean within-(epoch, layer) rank, so every epoch and layer weighs
-    the same) and ``importance_layer{l}`` per layer. Plus every /sample_info column.
+    the same) and ``importance_layer{l}`` per layer. Plus every /sample_info column as
+    ``info_<name>``.
     """
     samples = trace.samples()
     columns = [pl.col("sample_id"), pl.col("target")]
@@ -63,9 +64,21 @@ def score_table(trace: Any) -> pl.DataFrame:
         if f"importance_{index}" in samples.columns:
             columns.append(pl.col(f"importance_{index}").cast(pl.Float64)
                            .alias(f"importance_layer{index}"))
-    info = [c for c in samples.columns if c.startswith("info_")]
-    table = samples.select(*columns, *info)
+    table = samples.select(*columns, *_info_columns(trace, samples))
     return table.join(_epoch_scores(trace), on="sample_id", how="left")
+
+
+def _info_columns(trace: Any, samples: pl.DataFrame) -> list[pl.Expr]:
+    """/sample_info columns, each as ``info_<name>`` (samples() prefixes only clashing ones)."""
+    if "sample_info" not in trace.table_names:
+        return []
+    names = [c for c in trace.table("sample_info").collect_schema().names() if c != "sample_id"]
+    found = []
+    for name in names:
+        column = f"info_{name}" if f"info_{name}" in samples.columns else name
+        if column in samples.columns:
+            found.append(pl.col(column).alias(f"info_{name}"))
+    return found
 
 
 def _epoch_scores(trace: Any) -> pl.DataFrame:

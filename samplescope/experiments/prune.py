@@ -1,0 +1,97 @@
+"""Pruning: retrain on the samples each score keeps, against random subsets.
+
+A recorded reference run scores every training sample (`samplescope.analysis.flags`,
+higher = harder). For each keep fraction and score, the hardest fraction is kept and a model
+is trained on it from the same initialisation, without recording; ``random`` keeps a
+uniformly random subset. Keeping the hardest is the EL2N / GraNd convention (Paul et al.,
+2021): easy samples are the redundant ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from samplescope.experiments._common import (
+    ExperimentError,
+    Setting,
+    mean_std,
+    plain_train,
+    reference_scores,
+)
+from samplescope.experiments.train import train_run
+
+__all__ = ["DEFAULT_PRUNE_SCORES", "run_prune"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRUNE_SCORES = ("random", "importance", "importance_late", "importance_rank",
+                        "importance_layer0", "final_loss", "aum", "forgetting", "confidence",
+                        "el2n", "grand", "tracin_self")
+
+
+def _kept(ids: np.ndarray, scores: pl.DataFrame, name: str, keep: float,
+          seed: int) -> np.ndarray:
+    count = max(1, round(keep * len(ids)))
+    if name == "random":
+        return np.sort(np.random.default_rng(1000 + seed).permutation(ids)[:count])
+    values = scores[name].fill_null(-np.inf).fill_nan(-np.inf).to_numpy()
+    # Highest score first; ties by id, so the choice is reproducible.
+    order = np.lexsort((ids, -values))
+    return np.sort(ids[order[:count]])
+
+
+def run_prune(setting: Setting, out_dir: str | Path, keeps: Sequence[float] = (0.5, 0.7, 0.9),
+              scores: Sequence[str] = DEFAULT_PRUNE_SCORES) -> pl.DataFrame:
+    """Retrain on the subset kept by each score (and at random) at each keep fraction.
+
+    Returns:
+        One row per (keep, score): final test accuracy and loss, mean and std over seeds,
+        plus the full-data accuracy as ``keep = 1.0, score = "all"``. Also ``prune.csv``.
+    """
+    for keep in keeps:
+        if not 0 < keep <= 1:
+            msg = f"keep fractions must be in (0, 1], not {keep}"
+            raise ExperimentError(msg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = setting.load()
+    ids = setting.train_ids(data)
+    reference = out / "reference.h5"
+    train_run(setting.config(seed=0), reference, data=data, train_indices=ids,
+              thumbnails=False, overwrite=True, progress=False)
+    table = reference_scores(reference, ids)
+    unknown = [s for s in scores if s != "random" and s not in table.columns]
+    if unknown:
+        msg = f"unknown scores {', '.join(unknown)}; the reference trace offers " \
+              f"{', '.join(c for c in table.columns if c not in ('sample_id', 'target'))}"
+        raise ExperimentError(msg)
+    plan = [(1.0, "all")] + [(k, s) for k in keeps for s in scores]
+    rows = []
+    for keep, name in plan:
+        results = []
+        for seed in range(setting.seeds):
+            kept = ids if name == "all" else _kept(ids, table, name, keep, seed)
+            rng = np.random.default_rng(seed)
+
+            def batches(epoch: int, kept: np.ndarray = kept,
+                        rng: np.random.Generator = rng) -> list[np.ndarray]:
+                order = rng.permutation(kept)
+                return [order[i:i + setting.batch_size]
+                        for i in range(0, len(order), setting.batch_size)]
+
+            history = plain_train(setting, data, seed, batches)
+            results.append((history["test_accuracy"][-1], history["test_loss"][-1]))
+        acc, acc_std = mean_std([r[0] for r in results])
+        loss, loss_std = mean_std([r[1] for r in results])
+        logger.info("keep %.2f by %s: test accuracy %.4f", keep, name, acc)
+        rows.append({"keep": keep, "score": name, "seeds": setting.seeds,
+                     "test_accuracy": acc, "test_accuracy_std": acc_std,
+                     "test_loss": loss, "test_loss_std": loss_std})
+    frame = pl.DataFrame(rows)
+    frame.write_csv(out / "prune.csv")
+    return frame

@@ -106,6 +106,8 @@ class TraceWriter:
         self._buffers: dict[str, dict[str, list[np.ndarray]]] = {}
         self._layout: dict[str, Any] | None = None
         self._n_errors = 0
+        self._pending: list[tuple[str, Mapping[str, np.ndarray]]] = []
+        self._lock = threading.Lock()
 
     # -- training-thread side -------------------------------------------------------------
 
@@ -150,8 +152,13 @@ class TraceWriter:
         self._queue.put(("start", dict(layout)))
 
     def append(self, table: str, rows: Mapping[str, np.ndarray]) -> None:
-        """Queue rows for a table ("steps", "visits", "evals", "thumbnails")."""
-        self._queue.put(("rows", (table, rows)))
+        """Queue rows for a table ("steps", "visits", "evals", "thumbnails").
+
+        The writer thread collects them on its own schedule: waking it at every step would
+        make it compete with training for the interpreter lock.
+        """
+        with self._lock:
+            self._pending.append((table, rows))
 
     def flush(self) -> None:
         """Block until everything queued so far is on disk."""
@@ -196,14 +203,11 @@ class TraceWriter:
             try:
                 if kind == "start":
                     self._create_tables(payload)
-                elif kind == "rows":
-                    table, rows = payload
-                    for name, value in rows.items():
-                        self._buffers.setdefault(table, {}).setdefault(name, []).append(value)
                 if (
                     kind in ("flush", "close")
                     or time.monotonic() - last_flush >= self.flush_seconds
                 ):
+                    self._collect()
                     self._write_buffers()
                     last_flush = time.monotonic()
             except BaseException as error:  # noqa: BLE001 - reported on the training thread
@@ -215,6 +219,14 @@ class TraceWriter:
             elif kind == "close":
                 self._finish()
                 return
+
+    def _collect(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for table, rows in pending:
+            columns = self._buffers.setdefault(table, {})
+            for name, value in rows.items():
+                columns.setdefault(name, []).append(value)
 
     def _create_tables(self, layout: Mapping[str, Any]) -> None:
         f = self._file
@@ -270,6 +282,7 @@ class TraceWriter:
         assert f is not None
         try:
             if self._layout is not None:
+                self._collect()
                 self._write_buffers()
                 f["status/closed"][0] = 1
                 f.flush()

@@ -10,6 +10,7 @@ uniformly random subset. Keeping the hardest is the EL2N / GraNd convention (Pau
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRUNE_SCORES = ("random", "importance", "importance_late", "importance_rank",
                         "importance_layer0", "final_loss", "aum", "forgetting", "confidence",
                         "el2n", "grand", "tracin_self")
+_KNOWN = ("importance", "importance_late", "importance_rank", "final_loss", "aum",
+          "forgetting", "confidence", "variability", "el2n", "grand", "tracin_self")
 
 
 def _kept(ids: np.ndarray, scores: pl.DataFrame, name: str, keep: float,
@@ -57,6 +60,12 @@ def run_prune(setting: Setting, out_dir: str | Path, keeps: Sequence[float] = (0
         if not 0 < keep <= 1:
             msg = f"keep fractions must be in (0, 1], not {keep}"
             raise ExperimentError(msg)
+    known = re.compile(r"random|importance_layer\d+|" + "|".join(_KNOWN))
+    unknown = [s for s in scores if not known.fullmatch(s)]
+    if unknown:
+        msg = f"unknown scores {', '.join(unknown)}; choose from {', '.join(_KNOWN)}, random " \
+              "or importance_layer<index>"
+        raise ExperimentError(msg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = setting.load()

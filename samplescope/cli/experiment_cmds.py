@@ -1,0 +1,243 @@
+"""`samplescope train | findings | flag | experiment ...`: thin skins over the experiments.
+
+Each command parses its options, calls one function of `samplescope.experiments` or
+`samplescope.analysis`, and prints a frame through the shared `--format` decorator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import click
+import polars as pl
+
+from samplescope.cli.output import frame_output
+from samplescope.errors import SamplescopeError
+
+__all__ = ["register"]
+
+_DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "mnist1d")
+
+
+class _BadOptionError(SamplescopeError):
+    """A malformed option value."""
+
+
+def register(group: click.Group) -> None:
+    """Add train, findings, flag and the experiment group to `group`."""
+    for command in (train, findings, flag, experiment):
+        group.add_command(command)
+
+
+def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--dataset", type=click.Choice(_DATASETS), default="digits",
+                     show_default=True, help="Named dataset (read from disk, never downloaded)."),
+        click.option("--model", type=click.Choice(("mlp", "cnn")), default="mlp",
+                     show_default=True),
+        click.option("--epochs", type=click.IntRange(min=1), default=None,
+                     help="Epochs [default: 5, or the preset's]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1,
+                     show_default=True),
+        click.option("--hidden", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="MLP hidden width."),
+        click.option("--depth", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="MLP hidden layers."),
+        click.option("--subset", type=click.IntRange(min=1), default=None,
+                     help="Train on a fixed random subset of N training samples."),
+        click.option("--preset", type=click.Choice(("paper",)), default=None,
+                     help="The paper's protocol (3x512 MLP, batch 100, SGD 0.1, wd 1e-5, "
+                          "50 epochs); explicit --epochs still wins."),
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where the dataset's files are (fashion-mnist defaults to "
+                          "/usr/share/datasets/fashion-mnist)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _setting(seeds: int = 1, **kwargs: Any) -> Any:
+    from samplescope.experiments._common import Setting
+
+    preset = kwargs.get("preset")
+    epochs = kwargs.pop("epochs")
+    if epochs is None:
+        epochs = 50 if preset == "paper" else 5
+    fields = {f.name for f in dataclasses.fields(Setting)}
+    # The preset overrides model size, batch, lr and weight decay; only --epochs wins over it.
+    return Setting(**{k: v for k, v in kwargs.items() if k in fields}, seeds=seeds,
+                   epochs=epochs)
+
+
+@click.command()
+@_training_options
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="The trace to write (.h5).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing trace.")
+@frame_output
+def train(seed: int, out: str, overwrite: bool, **kwargs: Any) -> pl.DataFrame:
+    """Train a model on a named dataset and record every sample's gradients.
+
+    Example: samplescope train --dataset fashion-mnist --preset paper --epochs 5 --out run.h5
+    """
+    from samplescope.experiments.train import train_run
+
+    setting = _setting(**kwargs)
+    data = setting.load()
+    result = train_run(setting.config(seed), out, data=data, train_indices=setting.train_ids(data),
+                       overwrite=overwrite, progress=False)
+    return pl.DataFrame({
+        "trace": [str(out)], "epochs": [setting.epochs],
+        "test_accuracy": [result.test_accuracy[-1]], "test_loss": [result.test_loss[-1]],
+        "seconds": [round(result.seconds, 2)]})
+
+
+@click.command()
+@click.argument("trace", nargs=-1, required=True)
+@click.option("--headlines", is_flag=True, help="Print the plain-language summary instead.")
+@frame_output
+def findings(trace: tuple[str, ...], headlines: bool) -> pl.DataFrame:
+    """Check the paper's claims on a trace, each under its controls.
+
+    Verdicts: supported, not supported, raw sums only (fails a control), inconclusive.
+
+    Example: samplescope findings run.h5 --format csv
+    """
+    from samplescope.analysis import open_trace
+    from samplescope.analysis.findings import findings as check
+    from samplescope.analysis.findings import findings_frame
+    from samplescope.analysis.findings import headlines as summarise
+
+    with open_trace(list(trace)) as opened:
+        results = check(opened)
+        if headlines:
+            return pl.DataFrame({"headline": summarise(opened, results)})
+        return findings_frame(results)
+
+
+def _budget(text: str) -> float | int:
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"--budget must be a fraction like 0.1 or a count like 50, not {text!r}"
+        raise _BadOptionError(msg) from None
+    return int(value) if value > 1 and value == int(value) else value
+
+
+@click.command()
+@click.argument("trace", nargs=-1, required=True)
+@click.option("--kind", type=click.Choice(("mislabeled", "redundant")), default="mislabeled",
+              show_default=True)
+@click.option("--budget", default="0.1", show_default=True,
+              help="How many to flag: a fraction (0.1) or a count (50).")
+@click.option("--score", default=None,
+              help="Rank by this score [default: confidence for mislabeled, importance for "
+                   "redundant].")
+@click.option("--top", type=click.IntRange(min=0), default=None, help="Print the first N rows.")
+@frame_output
+def flag(trace: tuple[str, ...], kind: str, budget: str, score: str | None,
+         top: int | None) -> pl.DataFrame:
+    """Rank samples by how likely they are mislabeled or redundant; flag the budget's worth.
+
+    Lower label_quality / informativeness = flagged first (cleanlab's direction).
+
+    Example: samplescope flag run.h5 --kind mislabeled --budget 0.05 --top 20
+    """
+    from samplescope.analysis import open_trace
+    from samplescope.analysis.flags import flag as rank
+
+    with open_trace(list(trace)) as opened:
+        frame = rank(opened, kind=kind, budget=_budget(budget), score=score)
+    return frame if top is None else frame.head(top)
+
+
+@click.group()
+def experiment() -> None:
+    """Reproduce the paper's experiments on a named dataset (small settings by flags)."""
+
+
+def _experiment_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option("--out-dir", type=click.Path(file_okay=False), default="experiments",
+                        show_default=True, help="Where traces, CSV tables and figures go.")(func)
+    func = click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)(func)
+    return _training_options(func)
+
+
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        msg = f"{name} takes comma-separated numbers like 0.1,0.2, not {text!r}"
+        raise _BadOptionError(msg) from None
+
+
+@experiment.command("findings")
+@_experiment_options
+@click.option("--time-plain", is_flag=True, help="Also time the same run without recording.")
+@frame_output
+def experiment_findings(out_dir: str, time_plain: bool, **kwargs: Any) -> pl.DataFrame:
+    """Train with recording and check the paper's claims (findings.csv in --out-dir).
+
+    Example: samplescope experiment findings --dataset fashion-mnist --epochs 10
+    """
+    from samplescope.experiments.findings_run import run_findings
+
+    run = run_findings(_setting(**kwargs), out_dir, time_plain=time_plain)
+    for line in run.headlines:
+        click.echo(line, err=True)
+    return run.table
+
+
+@experiment.command("batches")
+@_experiment_options
+@frame_output
+def experiment_batches(out_dir: str, **kwargs: Any) -> pl.DataFrame:
+    """Compare batch constructions: the paper's seven, reshuffling, online by loss/importance.
+
+    Writes batches.csv and batches.pdf (test accuracy per epoch per strategy) to --out-dir.
+
+    Example: samplescope experiment batches --dataset digits --seeds 3 --epochs 10
+    """
+    from samplescope.experiments.batching import run_batches
+
+    summary, _ = run_batches(_setting(**kwargs), out_dir)
+    return summary
+
+
+@experiment.command("noise")
+@_experiment_options
+@click.option("--noise", "noise", default="0.1,0.2", show_default=True,
+              help="Fractions of training labels to flip.")
+@frame_output
+def experiment_noise(out_dir: str, noise: str, **kwargs: Any) -> pl.DataFrame:
+    """Flip labels, record, and report every score's AUROC and AP at finding them.
+
+    Example: samplescope experiment noise --dataset digits --noise 0.1,0.2
+    """
+    from samplescope.experiments.noise import run_noise
+
+    return run_noise(_setting(**kwargs), out_dir, _floats(noise, "--noise"))
+
+
+@experiment.command("prune")
+@_experiment_options
+@click.option("--keep", default="0.5,0.7,0.9", show_default=True,
+              help="Fractions of the training set to keep.")
+@click.option("--scores", default=None,
+              help="Comma-separated scores to prune by [default: random, importance-based "
+                   "and every baseline].")
+@frame_output
+def experiment_prune(out_dir: str, keep: str, scores: str | None, **kwargs: Any) -> pl.DataFrame:
+    """Retrain on the subsets each score keeps (hardest first) and at random.
+
+    Example: samplescope experiment prune --dataset digits --keep 0.5,0.9
+    """
+    from samplescope.experiments.prune import DEFAULT_PRUNE_SCORES, run_prune
+
+    names = tuple(s.strip() for s in scores.split(",")) if scores else DEFAULT_PRUNE_SCORES
+    return run_prune(_setting(**kwargs), out_dir, _floats(keep, "--keep"), names)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from samplescope.errors import SamplescopeError
 from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
-from samplescope.recorder.writer import TraceWriter
+from samplescope.recorder.writer import TraceWriter, TraceWriteError
 
 __all__ = ["OnError", "Recorder", "RecorderError"]
 
@@ -160,12 +160,19 @@ class Recorder:
         self._entered = True
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._entered = False
         self._detach()
-        if not self._started and self.step == 0:
+        if not self._started:
             self._start_tables()
-        self._writer.close()
+        try:
+            self._writer.close()
+        except TraceWriteError as error:
+            # Never mask the training loop's own exception with ours.
+            if exc_type is not None or self.on_error == "warn":
+                warnings.warn(f"samplescope: {error}", stacklevel=2)
+            else:
+                raise
 
     def _detach(self) -> None:
         for observer in self._observers:
@@ -242,7 +249,10 @@ class Recorder:
 
     def flush(self) -> None:
         """Block until every recorded step is in the file."""
-        self._writer.flush()
+        try:
+            self._writer.flush()
+        except TraceWriteError as error:
+            self._fail(error)
 
     # -- one step -------------------------------------------------------------------------
 

@@ -341,3 +341,34 @@ def test_exception_in_the_loop_still_closes_the_trace(tmp_path):
         assert f["steps/step"].shape == (1,)
         assert f["status/closed"][0] == 1
     assert not model._forward_hooks
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_is_reported_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr("samplescope.recorder.writer._append", _disk_full)
+    model = nn.Linear(3, 2)
+    with (
+        pytest.raises(TraceWriteError, match="No space left on device"),
+        Recorder(tmp_path / "t.h5", model, flush_seconds=0.01) as rec,
+    ):
+        for _ in range(3):
+            losses = model(torch.randn(2, 3)).sum(1)
+            rec.backward(losses, sample_ids=[0, 1])
+            rec.flush()
+
+
+def test_a_full_disk_only_warns_with_on_error_warn(tmp_path, monkeypatch):
+    monkeypatch.setattr("samplescope.recorder.writer._append", _disk_full)
+    model = nn.Linear(3, 2)
+    with (
+        pytest.warns(UserWarning, match="No space left on device"),
+        Recorder(tmp_path / "t.h5", model, on_error="warn", flush_seconds=0.01) as rec,
+    ):
+        for _ in range(3):
+            losses = model(torch.randn(2, 3)).sum(1)
+            rec.backward(losses, sample_ids=[0, 1])
+            model.zero_grad()
+    assert rec.step >= 1  # training went on

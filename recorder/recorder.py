@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from samplescope.errors import SamplescopeError
 from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
-from samplescope.recorder.writer import TraceWriter, TraceWriteError
+from samplescope.recorder.writer import TraceWriteError, TraceWriter
 
 __all__ = ["OnError", "Recorder", "RecorderError"]
 

@@ -14,7 +14,7 @@ from samplescope.recorder.layers.base import (
     directional_alignment,
 )
 from samplescope.recorder.layers.conv import ConvNorms
-from samplescope.recorder.layers.embedding import embedding_declines, embedding_norms
+from samplescope.recorder.layers.embedding import EmbeddingObserver, embedding_declines
 from samplescope.recorder.layers.fallback import FallbackObserver
 from samplescope.recorder.layers.linear import linear_norms
 from samplescope.recorder.layers.norm import (
@@ -34,6 +34,7 @@ from samplescope.recorder.layers.registry import (
 
 __all__ = [
     "AttentionObserver",
+    "EmbeddingObserver",
     "FallbackObserver",
     "HookObserver",
     "LayerRegistry",
@@ -58,7 +59,7 @@ def default_registry() -> LayerRegistry:
     registry.register(nn.Linear, linear_norms)
     for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         registry.register(conv, Rule(_conv_observer))
-    registry.register(nn.Embedding, Rule(_hook(embedding_norms), declines=embedding_declines))
+    registry.register(nn.Embedding, Rule(EmbeddingObserver, declines=embedding_declines))
     registry.register(nn.LayerNorm, layer_norm_norms)
     registry.register(nn.RMSNorm, rms_norm_norms)
     registry.register(nn.GroupNorm, group_norm_norms)

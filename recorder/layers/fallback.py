@@ -114,7 +114,9 @@ class FallbackObserver(Observer):
         total = None
         for pname, g in self._per_sample.items():
             if pname in batch_grad:
-                value = (g.flatten(1) * batch_grad[pname].reshape(1, -1)).sum(1)
+                batch = batch_grad[pname]
+                batch = batch.to_dense() if batch.is_sparse else batch
+                value = (g.flatten(1) * batch.reshape(1, -1)).sum(1)
                 total = value if total is None else total + value
         if total is None:
             total = next(iter(self._per_sample.values())).new_zeros(self._batch_size())
@@ -196,6 +198,8 @@ class FallbackObserver(Observer):
                 loss = sample_loss(leaf_params, xs, ds)
                 values = torch.autograd.grad(loss, list(leaf_params.values()), allow_unused=True)
                 for (n, p), g in zip(leaf_params.items(), values, strict=True):
+                    if g is not None and g.is_sparse:
+                        g = g.to_dense()  # Embedding(sparse=True)
                     rows[n].append(torch.zeros_like(p) if g is None else g)
         return {n: torch.stack(r) for n, r in rows.items()}
 

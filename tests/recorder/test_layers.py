@@ -124,16 +124,28 @@ def test_conv_choice_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     vocab=st.integers(2, 6),
     dim=st.integers(1, 4),
     padding=st.booleans(),
+    variant=st.sampled_from(["plain", "scale_grad_by_freq", "sparse"]),
     reduction=REDUCTIONS,
 )
 def test_embedding(
-    n: int, tokens: list[int], vocab: int, dim: int, padding: bool, reduction: str
+    n: int, tokens: list[int], vocab: int, dim: int, padding: bool, variant: str, reduction: str
 ) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(vocab, dim, padding_idx=1 if padding else None))
+    embedding = nn.Embedding(
+        vocab,
+        dim,
+        padding_idx=1 if padding else None,
+        scale_grad_by_freq=variant == "scale_grad_by_freq",
+        sparse=variant == "sparse",
+    )
     # A small vocabulary makes repeated tokens (and padding) common.
     ids = torch.randint(0, vocab, (n, *tokens))
-    check_layers(model, (ids,), reduction)
+    # Batch-wide token counts make the samples interact: the oracle is the additive term.
+    run = check_layers(
+        nn.Sequential(embedding), (ids,), reduction, interacting=variant == "scale_grad_by_freq"
+    )
+    # sparse=True is declined by the closed form and handled by the fallback.
+    assert run.observers["0"].method == ("fallback" if variant == "sparse" else "identity")
 
 
 # -- Normalisation -----------------------------------------------------------------------

@@ -90,7 +90,7 @@ def loop_oracle(
             ps = [model.get_parameter(prefix + p) for p in pnames]
             grads = torch.autograd.grad(loss, ps, retain_graph=True, allow_unused=True)
             for p, g, param in zip(pnames, grads, ps, strict=True):
-                found[layer][p].append(torch.zeros_like(param) if g is None else g)
+                found[layer][p].append(torch.zeros_like(param) if g is None else dense(g))
     return {k: {p: torch.stack(v) for p, v in d.items()} for k, d in found.items()}
 
 
@@ -142,12 +142,19 @@ def additive_oracle(
     return {p: torch.stack(v) for p, v in rows.items()}
 
 
+def dense(t: Tensor) -> Tensor:
+    """Embedding(sparse=True) gradients are sparse; compare them densely."""
+    return t.to_dense() if t.is_sparse else t
+
+
 def sq_norms(grads: dict[str, Tensor]) -> Tensor:
     return sum(g.flatten(1).square().sum(1) for g in grads.values())
 
 
 def dots(grads: dict[str, Tensor], batch_grad: dict[str, Tensor]) -> Tensor:
-    return sum((g.flatten(1) * batch_grad[p].reshape(1, -1)).sum(1) for p, g in grads.items())
+    return sum(
+        (g.flatten(1) * dense(batch_grad[p]).reshape(1, -1)).sum(1) for p, g in grads.items()
+    )
 
 
 def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-5) -> None:
@@ -248,6 +255,6 @@ def check_layers(
         params = params_of(model, observer)
         assert set(result.batch_grad) == set(params)
         for pname, g in result.batch_grad.items():
-            assert torch.equal(g, params[pname].grad)
+            assert torch.equal(dense(g), dense(params[pname].grad))
         assert_close(run.aligned[name], s * dots(oracle[name], result.batch_grad))
     return run

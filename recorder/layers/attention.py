@@ -124,14 +124,18 @@ class AttentionObserver(Observer):
             "average_attn_weights": average_attn_weights,
             "is_causal": is_causal,
         }
-        # Only batched, differentiable forwards of the recorded step are re-expressed;
-        # everything else (evaluation, unbatched inputs) takes PyTorch's own path.
-        if (
-            not self._recording()
-            or query.dim() != 3
-            or not torch.is_grad_enabled()
-            or not self._count_call()
-        ):
+        # Only differentiable forwards of the recorded step are re-expressed; everything
+        # else (evaluation, no grad) takes PyTorch's own path, fast path included.
+        if not self._recording() or not torch.is_grad_enabled():
+            return self._original(query, key, value, **kwargs)
+        if query.dim() != 3:
+            msg = (
+                f"layer {self.name!r}: unbatched attention input (query of shape "
+                f"{tuple(query.shape)}) has no per-sample norms; add a batch dimension"
+            )
+            self._store_error(ValueError(msg))
+            return self._original(query, key, value, **kwargs)
+        if not self._count_call():
             return self._original(query, key, value, **kwargs)
         return self._reexpressed(query, key, value, **kwargs)
 

@@ -240,3 +240,16 @@ def test_detach_removes_every_hook_and_restores_attention() -> None:
     assert torch.equal(out, expected_out)
     for name, grad in grads.items():
         assert torch.equal(grad, expected_grads[name]), name
+
+
+def test_unbatched_attention_reports_an_error_and_still_runs() -> None:
+    mha = nn.MultiheadAttention(4, 2)
+    x = torch.randn(5, 4)  # [L, E]: no batch dimension
+    reference = copy.deepcopy(mha)
+    with observed(mha) as observers:
+        out = mha(x, x, x, need_weights=False)[0]
+        out.sum().backward()
+        error = observers[""].result().error
+    assert isinstance(error, ValueError)
+    assert "unbatched" in str(error)
+    assert torch.equal(out, reference(x, x, x, need_weights=False)[0])

@@ -190,6 +190,9 @@ def experiment_findings(out_dir: str, time_plain: bool, **kwargs: Any) -> pl.Dat
     run = run_findings(_setting(**kwargs), out_dir, time_plain=time_plain)
     for line in run.headlines:
         click.echo(line, err=True)
+    plain = "" if run.plain_seconds is None else f", {run.plain_seconds:.1f} s without"
+    click.echo(f"test accuracy {run.test_accuracy:.4f}; trained in {run.recorded_seconds:.1f} s "
+               f"with recording{plain}", err=True)
     return run.table
 
 

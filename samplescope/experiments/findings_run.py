@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ def run_findings(setting: Setting, out_dir: str | Path, *, time_plain: bool = Fa
 
     Args:
         setting: dataset, model and small settings.
-        out_dir: where ``findings.h5``, ``findings.csv`` and ``findings_numbers.csv`` go.
+        out_dir: where ``findings.h5``, ``findings.csv``, ``findings_numbers.csv``,
+            ``headlines.txt`` and ``run.json`` (timings, test accuracy per epoch) go.
         time_plain: also train once without recording, to report the recorder's cost.
         seed: the run's seed.
     """
@@ -63,6 +65,10 @@ def run_findings(setting: Setting, out_dir: str | Path, *, time_plain: bool = Fa
     table.write_csv(out / "findings.csv")
     numbers.write_csv(out / "findings_numbers.csv")
     (out / "headlines.txt").write_text("\n".join(lines) + "\n")
+    timing = {"setting": setting.describe(), "recorded_seconds": recorded.seconds,
+              "plain_seconds": None if plain is None else plain.seconds,
+              "test_accuracy": recorded.test_accuracy}
+    (out / "run.json").write_text(json.dumps(timing, indent=1) + "\n")
     return FindingsRun(trace_path, table, numbers, lines, recorded.seconds,
                        None if plain is None else plain.seconds,
                        recorded.test_accuracy[-1] if recorded.test_accuracy else float("nan"))

@@ -102,7 +102,17 @@ def render_report(
         raise ReportError(msg)
     sections = select_sections(pages)
     out = _check_output(Path(out), fmt)
+    owned = not _is_trace(trace_or_path)
     data = _open(trace_or_path)
+    try:
+        return _render(data, sections, out, title, fmt, progress)
+    finally:
+        if owned:
+            data.trace.close()
+
+
+def _render(data: ReportData, sections: Sequence[Section], out: Path, title: str | None,
+            fmt: str, progress: bool) -> Path:
     data.report_title = title or (f"samplescope report: {data.path.name}" if data.path
                                   else "samplescope report")
     chosen = []
@@ -119,8 +129,12 @@ def render_report(
     return _write_png(out, figures)
 
 
+def _is_trace(value: Any) -> bool:
+    return hasattr(value, "samples") and hasattr(value, "sql")
+
+
 def _open(trace_or_path: Any) -> ReportData:
-    if hasattr(trace_or_path, "samples") and hasattr(trace_or_path, "sql"):
+    if _is_trace(trace_or_path):
         paths = trace_or_path.meta.get("paths") or [None]
         return ReportData(trace_or_path, paths[0])
     from samplescope.analysis import open_trace

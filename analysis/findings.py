@@ -396,6 +396,11 @@ def findings_frame(results: list[Finding]) -> pl.DataFrame:
                "explanation": pl.String})
 
 
+def _pct(share: float) -> str:
+    """A share as a percentage: whole numbers, one decimal below 10%."""
+    return f"{share:.0%}" if share >= 0.095 else f"{share:.1%}"
+
+
 def headlines(trace: Any, results: list[Finding] | None = None) -> list[str]:
     """Three or four plain-language sentences summarising `findings(trace)`.
 
@@ -410,16 +415,17 @@ def headlines(trace: Any, results: list[Finding] | None = None) -> list[str]:
     easy, hard = by_claim["easy_output"].numbers, by_claim["hard_input"].numbers
     timing, loss = by_claim["easy_early_hard_late"].numbers, by_claim["importance_tracks_loss"]
     lines = []
+    pct = _pct
     if easy:
         lines.append(
-            f"The easiest 10% of samples carried {easy['easy_share_output_early']:.0%} of the "
+            f"The easiest 10% of samples carried {pct(easy['easy_share_output_early'])} of the "
             f"output layer's importance in the first {PERIOD_FRACTION:.0%} of training "
-            f"(and {easy['easy_share_input_early']:.0%} of the input layer's).")
+            f"(and {pct(easy['easy_share_input_early'])} of the input layer's).")
     if hard:
         lines.append(
-            f"The hardest 10% carried {hard['hard_share_input_late']:.0%} of the input "
+            f"The hardest 10% carried {pct(hard['hard_share_input_late'])} of the input "
             f"layer's importance in the last {PERIOD_FRACTION:.0%} of training "
-            f"(and {hard['hard_share_output_late']:.0%} of the output layer's).")
+            f"(and {pct(hard['hard_share_output_late'])} of the output layer's).")
     if timing:
         lines.append(
             f"Weighted by importance, easy samples mattered at epoch "

@@ -14,7 +14,7 @@ from samplescope.cli import main
 @pytest.mark.slow
 def test_demo_writes_trace_report_and_headlines(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--epochs", "2", "--quiet"])
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--epochs", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("Trained an MLP (3×512 ReLU) on digits (1,437 train / 360 test")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_no_outputs_trace
 from pdfcheck import page_texts, pixel_std, rasterise
 from pypdf import PdfReader
+from reporttraces import write_no_outputs_trace
 
 from samplescope.analysis import open_trace
 from samplescope.experiments.demo import DemoResult
@@ -17,6 +17,9 @@ from samplescope.reports import (
     UnknownSectionError,
     render_report,
 )
+
+# One worker runs every test here, so the session's short demo trains once under xdist.
+pytestmark = pytest.mark.xdist_group("reports-demo")
 
 # Page titles by section, in report order; candidates has a table page and a gallery.
 DEMO_PAGES = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import textwrap
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -46,14 +47,7 @@ def _pages(data: ReportData) -> Iterator[Figure]:
         yield fig
         return
     results, headlines = found
-    y = 0.87
-    for line in headlines:
-        text = "\n   ".join(textwrap.wrap(line, 125))
-        fig.text(0.05, y, "•  " + text, ha="left", va="top", fontsize=10.5)
-        y -= 0.026 * (text.count("\n") + 1) + 0.012
-    y -= 0.025
-    for result in results:
-        y = _claim(fig, result, y)
+    _draw_blocks(fig, _blocks(results, headlines), top=0.87, bottom=0.16)
     add_caption(fig, (
         "Each claim of Gao & Jojic is tested on raw importance sums, then under controls: "
         "per parameter (importance divided by the layer's size), same epoch (compared within "
@@ -64,17 +58,54 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     yield fig
 
 
-def _claim(fig: Figure, result: Any, y: float) -> float:
-    fig.text(0.05, y, result.verdict.upper(), ha="left", va="top", fontsize=10,
-             fontweight="bold", color="black" if result.verdict == "supported" else "0.35")
-    statement = "\n".join(textwrap.wrap(result.statement, 125))
-    fig.text(0.18, y, statement, ha="left", va="top", fontsize=10)
-    y -= 0.024 * (statement.count("\n") + 1) + 0.004
-    controls = ", ".join(f"{label}: {_MARK[result.controls.get(key)]}"
-                         for key, label in _CONTROLS)
-    detail = "\n".join(textwrap.wrap(f"{result.explanation}  Controls — {controls}.", 140))
-    fig.text(0.18, y, detail, ha="left", va="top", fontsize=8.5, color="0.3")
-    return y - 0.021 * (detail.count("\n") + 1) - 0.022
+@dataclass
+class _Block:
+    """A run of text on the page: where, how big, and the space it takes below its top."""
+
+    x: float
+    text: str
+    fontsize: float
+    gap: float  # extra space after the block, in figure fractions
+    side: str = ""  # a label drawn at the left margin on the block's first line
+    style: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lines(self) -> int:
+        return self.text.count("\n") + 1
+
+
+def _blocks(results: list[Any], headlines: list[str]) -> list[_Block]:
+    blocks = [_Block(0.05, "•  " + "\n   ".join(textwrap.wrap(line, 125)), 10.5, 0.012)
+              for line in headlines]
+    if blocks:
+        blocks[-1].gap = 0.035
+    for result in results:
+        controls = ", ".join(f"{label}: {_MARK[result.controls.get(key)]}"
+                             for key, label in _CONTROLS)
+        detail = f"{result.explanation}  Controls — {controls}."
+        colour = "black" if result.verdict == "supported" else "0.35"
+        blocks.append(_Block(0.18, "\n".join(textwrap.wrap(result.statement, 125)), 10, 0.005,
+                             side=result.verdict.upper(),
+                             style={"side_color": colour}))
+        blocks.append(_Block(0.18, "\n".join(textwrap.wrap(detail, 140)), 8.5, 0.022,
+                             style={"color": "0.3"}))
+    return blocks
+
+
+def _draw_blocks(fig: Figure, blocks: list[_Block], top: float, bottom: float) -> None:
+    """Draw `blocks` top-down, shrinking fonts and spacing together if they would not fit."""
+    line_height = 1.5 / 72 / fig.get_figheight()  # figure fraction per point of font size
+    needed = sum(b.lines * b.fontsize * line_height + b.gap for b in blocks)
+    scale = min(1.0, (top - bottom) / needed) if needed > 0 else 1.0
+    y = top
+    for block in blocks:
+        size = block.fontsize * scale
+        if block.side:
+            fig.text(0.05, y, block.side, ha="left", va="top", fontsize=size,
+                     fontweight="bold", color=block.style.get("side_color", "black"))
+        fig.text(block.x, y, block.text, ha="left", va="top", fontsize=size,
+                 color=block.style.get("color", "black"), linespacing=1.3)
+        y -= (block.lines * block.fontsize * line_height + block.gap) * scale
 
 
 SECTION = Section("findings", "Findings: the paper's claims on this run", _pages)

@@ -322,10 +322,12 @@ class Recorder:
                 visits["input_grad_sq"] = self._input_grad_sq(n, scale)
             if align is not None:
                 visits["alignment"] = align
+            # input_sq is NaN by definition for non-float inputs (token ids): not a fault.
+            floating_input = self._inputs is not None and self._inputs.is_floating_point()
             nonfinite = sum(
                 int(np.count_nonzero(~np.isfinite(v)))
                 for k, v in visits.items()
-                if v.dtype.kind == "f"
+                if v.dtype.kind == "f" and (floating_input or not k.startswith("input"))
             )
             if self.options["thumbnails"]:
                 self._thumbnails(ids)
@@ -525,6 +527,8 @@ def _as_ids(sample_ids: Tensor | Sequence[int] | np.ndarray) -> np.ndarray:
 
 def _sq_norm(t: Tensor) -> float:
     # One BLAS dot: several times faster than square().sum() on large layers.
+    if t.is_sparse:  # Embedding(sparse=True)
+        t = t.coalesce().values()
     flat = t.reshape(-1)
     return float(torch.dot(flat, flat))
 

@@ -372,3 +372,18 @@ def test_a_full_disk_only_warns_with_on_error_warn(tmp_path, monkeypatch):
             rec.backward(losses, sample_ids=[0, 1])
             model.zero_grad()
     assert rec.step >= 1  # training went on
+
+
+def test_sparse_embedding_gradients_are_recorded(tmp_path):
+    model = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    tokens = torch.randint(0, 20, (5, 3))
+    with Recorder(tmp_path / "t.h5", model) as rec:
+        losses = F.cross_entropy(model(tokens), torch.zeros(5).long(), reduction="none")
+        rec.backward(losses, sample_ids=range(5))
+    assert rec.n_nonfinite == 0
+    with h5py.File(tmp_path / "t.h5", "r", swmr=True) as f:
+        assert f["layers/method"][0].decode() == "fallback"
+        assert np.all(f["visits/grad_sq"][:] > 0)
+        assert f["steps/grad_sq"][0, 0] == pytest.approx(
+            float(model[0].weight.grad.coalesce().values().square().sum()), rel=1e-5
+        )

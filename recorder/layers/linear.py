@@ -8,6 +8,7 @@ N·I·O memory) or use the Gram ("ghost norm") identity
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["linear_norms", "token_outer_sq"]
@@ -32,11 +33,25 @@ def linear_norms(module: nn.Module, activation: Tensor, grad_output: Tensor) -> 
     a = activation.reshape(n, -1, activation.shape[-1])
     d = grad_output.reshape(n, -1, grad_output.shape[-1])
     norms = {}
+    train_bias = module.bias is not None and module.bias.requires_grad
+    if a.shape[1] == 1:
+        # The common case (an MLP): ‖δ‖² serves both the weight and the bias.
+        d_sq = _row_sq(d[:, 0])
+        if module.weight.requires_grad:
+            norms["weight"] = _row_sq(a[:, 0]) * d_sq
+        if train_bias:
+            norms["bias"] = d_sq
+        return norms
     if module.weight.requires_grad:
         norms["weight"] = token_outer_sq(a, d)
-    if module.bias is not None and module.bias.requires_grad:
-        norms["bias"] = d.sum(1).square().sum(1)
+    if train_bias:
+        norms["bias"] = _row_sq(d.sum(1))
     return norms
+
+
+def _row_sq(x: Tensor) -> Tensor:
+    """‖x_i‖² per row of a [N, F] tensor, in one kernel."""
+    return torch.linalg.vecdot(x, x)
 
 
 def token_outer_sq(a: Tensor, d: Tensor) -> Tensor:
@@ -48,7 +63,7 @@ def token_outer_sq(a: Tensor, d: Tensor) -> Tensor:
     _, t, i = a.shape
     o = d.shape[-1]
     if t == 1:
-        return a[:, 0].square().sum(1) * d[:, 0].square().sum(1)
+        return _row_sq(a[:, 0]) * _row_sq(d[:, 0])
     if t * (i + o) < i * o:
         return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum((1, 2))
     return (d.transpose(1, 2) @ a).square().sum((1, 2))

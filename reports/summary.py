@@ -36,8 +36,30 @@ def _hparams(meta: dict[str, Any]) -> str:
     raw = meta.get("optimizer_hparams") or {}
     if isinstance(raw, str):
         raw = json.loads(raw or "{}")
-    keep = ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov")
-    return ", ".join(f"{k}={_fmt(raw[k])}" for k in keep if k in raw) or "–"
+    keep = ("lr", "momentum", "weight_decay", "betas", "eps")
+    parts = [f"{k}={_fmt(raw[k])}" for k in keep if k in raw]
+    if raw.get("nesterov"):
+        parts.append("nesterov")
+    return ", ".join(parts) or "–"
+
+
+# Config keys already shown in other rows of the summary.
+_SHOWN = {"lr", "momentum", "weight_decay", "reduction", "epochs"}
+
+
+def _config(meta: dict[str, Any], width: int = 50) -> str | None:
+    """The user's run config (e.g. dataset, model, batch size) in one line, if recorded."""
+    raw = meta.get("config") or {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw or "{}")
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(raw, dict) or not raw:
+        return None
+    text = ", ".join(f"{k}={_fmt(v)}" for k, v in raw.items()
+                     if v is not None and k not in _SHOWN)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _last(frame: pl.DataFrame, column: str) -> float | None:
@@ -75,6 +97,9 @@ def _run_rows(data: ReportData) -> list[tuple[str, str]]:
     ]
     if meta.get("created"):
         rows.insert(1, ("created", str(meta["created"])))
+    config = _config(meta)
+    if config:
+        rows.insert(3, ("config", config))
     return rows
 
 

@@ -73,24 +73,37 @@ def _decode(value: Any) -> Any:
 
 
 def _open_h5(path: Path) -> h5py.File:
+    """Open for reading in SWMR mode, after a plain probe that catches truncated files.
+
+    HDF5 skips its truncation check in SWMR mode and retries failed metadata reads with
+    sleeps, so a truncated file would hang the reader. A plain read-only open checks the
+    file's stored end against its size; it fails on a file a writer still holds (its
+    consistency flags are set), which is then opened in SWMR mode as the spec says.
+    """
     try:
-        return h5py.File(path, "r", swmr=True)
+        with h5py.File(path, "r", locking=False):
+            pass
     except OSError as exc:
-        first_error = exc
-    if not h5py.is_hdf5(path):
-        with path.open("rb") as fh:
-            head = fh.read(8)
-        if head == _HDF5_SIGNATURE:
-            msg = f"{path} is a truncated or corrupt HDF5 file ({first_error})"
+        text = str(exc)
+        if not h5py.is_hdf5(path):
+            with path.open("rb") as fh:
+                head = fh.read(8)
+            if head != _HDF5_SIGNATURE:
+                msg = f"{path} is not an HDF5 file, so not a samplescope trace"
+                raise TraceFormatError(msg) from None
+        held = ("already open" in text or "h5clear" in text or "lock" in text)
+        if not held:
+            msg = f"{path} is a truncated or corrupt HDF5 file ({_first_line(text)})"
             raise TraceFormatError(msg) from None
-        msg = f"{path} is not an HDF5 file, so not a samplescope trace"
-        raise TraceFormatError(msg) from None
-    # A writer that did not use SWMR may still hold the file lock; a read-only look is safe.
     try:
-        return h5py.File(path, "r", locking=False)
+        return h5py.File(path, "r", swmr=True, locking=False)
     except OSError as exc:
-        msg = f"{path} is a truncated or corrupt HDF5 file ({exc})"
+        msg = f"{path} is a truncated or corrupt HDF5 file ({_first_line(str(exc))})"
         raise TraceFormatError(msg) from None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unreadable"
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 The analysis API has no public accessor for thumbnails yet, so this reads them through the
 analysis layer's own shard objects (`Trace._data.shards`, each with `has` and `read`) rather
-than opening the HDF5 file a second time: reports still never import h5py. Replace with a
-public `Trace.thumbnails()` when analysis grows one.
+than opening the HDF5 file a second time, so reports still open no file of their own.
+Replace with a public `Trace.thumbnails()` when analysis grows one.
 """
 
 from __future__ import annotations

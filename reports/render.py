@@ -13,6 +13,7 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from samplescope.analysis import open_trace
 from samplescope.reports import (
     candidates,
     classes,
@@ -137,8 +138,6 @@ def _open(trace_or_path: Any) -> ReportData:
     if _is_trace(trace_or_path):
         paths = trace_or_path.meta.get("paths") or [None]
         return ReportData(trace_or_path, paths[0])
-    from samplescope.analysis import open_trace
-
     trace = open_trace(trace_or_path)
     paths = trace.meta.get("paths") or [None]
     return ReportData(trace, paths[0])

@@ -1,0 +1,137 @@
+"""`samplescope info | sql | samples | compare` through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import polars as pl
+import pytest
+from click.testing import CliRunner, Result
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+from tracefiles import write_tiny_trace
+
+from samplescope.cli.trace_cmds import register
+
+
+@click.group()
+def cli() -> None:
+    """A stand-in for the root `samplescope` group."""
+
+
+register(cli)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_trace(tmp_path_factory.mktemp("cli") / "tiny.h5")
+
+
+def _run(*args: str) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _ok(*args: str) -> str:
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _error_line(*args: str) -> str:
+    result = _run(*args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert lines[-1].startswith("Error: ")
+    return lines[-1]
+
+
+def test_sql_csv_exact(tiny: Path) -> None:
+    out = _ok("sql", tiny, "SELECT epoch, sum(importance) AS imp FROM importance "
+              "GROUP BY 1 ORDER BY 1", "--format", "csv")
+    assert out == "epoch,imp\n0,1.1875\n1,0.5\n"
+
+
+def test_sql_table_exact(tiny: Path) -> None:
+    out = _ok("sql", tiny, "SELECT layer_index, layer, n_params FROM layers ORDER BY 1")
+    assert out == ("layer_index  layer  n_params\n"
+                   "-----------  -----  --------\n"
+                   "          0  enc           4\n"
+                   "          1  head          2\n")
+
+
+def test_sql_json_with_param(tiny: Path) -> None:
+    out = _ok("sql", tiny, "SELECT sample_id, final_loss FROM samples WHERE final_loss > ? "
+              "ORDER BY 1", "--param", "1", "--format", "json")
+    assert json.loads(out) == [{"sample_id": 0, "final_loss": 1.5},
+                               {"sample_id": 3, "final_loss": 2.5}]
+
+
+def test_sql_csv_flattens_arrays(tiny: Path) -> None:
+    out = _ok("sql", tiny, "SELECT grad_sq FROM visits WHERE step = 0 ORDER BY sample_id",
+              "--format", "csv")
+    assert out == 'grad_sq\n"4.0,0.0"\n"1.0,1.0"\n'
+
+
+def test_samples_sort_top(tiny: Path) -> None:
+    out = _ok("samples", tiny, "--sort", "importance", "--top", "2", "--format", "csv")
+    frame = pl.read_csv(out.encode())
+    assert frame["sample_id"].to_list() == [3, 2]
+    assert frame["importance"].to_list() == [0.6875, 0.5]
+
+
+def test_samples_parquet_output(tiny: Path, tmp_path: Path) -> None:
+    target = tmp_path / "s.parquet"
+    assert _ok("samples", tiny, "--format", "parquet", "--output", target) == ""
+    frame = pl.read_parquet(target)
+    assert frame.height == 4
+    assert "tracin_self" in frame.columns
+
+
+def test_info(tiny: Path) -> None:
+    out = _ok("info", tiny, "--format", "json")
+    info = {row["key"]: row["value"] for row in json.loads(out)}
+    assert info["n_visits"] == "8"
+    assert info["layers"] == '["enc", "head"]'
+    assert info["format_version"] == "1"
+
+
+def test_compare(tiny: Path) -> None:
+    out = _ok("compare", tiny, tiny, "--format", "csv")
+    frame = pl.read_csv(out.encode())
+    assert frame["spearman"].to_list() == [1.0, 1.0, 1.0]
+
+
+def test_output_file_for_text_formats(tiny: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out.csv"
+    assert _ok("sql", tiny, "SELECT 1 AS x", "--format", "csv", "-o", target) == ""
+    assert target.read_text() == "x\n1\n"
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["info", "{missing}"], "no such trace file"),
+    (["info", "{text}"], "not an HDF5 file"),
+    (["sql", "{tiny}", "SELEC 1"], "SQL syntax error"),
+    (["sql", "{tiny}", "SELECT * FROM nope"], "nope"),
+    (["sql", "{tiny}", "SELECT CAST(layer AS INTEGER) FROM layers"], "SQL error"),
+    (["samples", "{tiny}", "--sort", "nope"], "no column 'nope'"),
+    (["samples", "{newer}"], "version 2"),
+    (["compare", "{tiny}"], "at least two"),
+    (["sql", "{tiny}", "SELECT 1", "--format", "parquet"], "needs --output"),
+])
+def test_bad_input_is_one_line_exit_2(tiny: Path, tmp_path: Path, args: list[str],
+                                      expected: str) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    newer = write_tiny_trace(tmp_path / "newer.h5", attrs={"format_version": 2})
+    paths = {"missing": tmp_path / "missing.h5", "text": text, "tiny": tiny, "newer": newer}
+    line = _error_line(*[a.format(**paths) for a in args])
+    assert expected in line
+
+
+def test_help_has_example() -> None:
+    for command in ("info", "sql", "samples", "compare"):
+        assert "Example: samplescope" in _ok(command, "--help")

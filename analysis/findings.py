@@ -218,8 +218,8 @@ def _layer_claim(data: _Data, claim: str) -> Finding:
     end, far = ("output", "input") if favoured else ("input", "output")
     label = "easiest" if group == "easy" else "hardest"
     explanation = (
-        f"The {label} decile carried {numbers[f'{group}_share_{end}']:.1%} of the {end} "
-        f"layer's importance and {numbers[f'{group}_share_{far}']:.1%} of the {far} layer's "
+        f"The {label} decile carried {_pct(numbers[f'{group}_share_{end}'])} of the {end} "
+        f"layer's importance and {_pct(numbers[f'{group}_share_{far}'])} of the {far} layer's "
         f"over the run. {_control_text(controls)}"
     )
     return Finding(claim, CLAIMS[claim], verdict, numbers, explanation, controls)
@@ -397,8 +397,10 @@ def findings_frame(results: list[Finding]) -> pl.DataFrame:
 
 
 def _pct(share: float) -> str:
-    """A share as a percentage: whole numbers, one decimal below 10%."""
-    return f"{share:.0%}" if share >= 0.095 else f"{share:.1%}"
+    """A share as a percentage: whole numbers from 10%, then one or two decimals."""
+    if share >= 0.095:
+        return f"{share:.0%}"
+    return f"{share:.1%}" if share >= 0.00095 else f"{share:.2%}"
 
 
 def headlines(trace: Any, results: list[Finding] | None = None) -> list[str]:

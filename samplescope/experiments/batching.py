@@ -11,6 +11,7 @@ in the last linear layer, ``‖softmax − onehot‖² · (‖h‖² + 1)``, exa
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,7 @@ def plot_batches(per_epoch: pl.DataFrame, path: str | Path, title: str) -> Path:
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, 110), fontsize=7)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)

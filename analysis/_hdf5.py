@@ -91,8 +91,11 @@ def _open_h5(path: Path) -> h5py.File:
             if head != _HDF5_SIGNATURE:
                 msg = f"{path} is not an HDF5 file, so not a samplescope trace"
                 raise TraceFormatError(msg) from None
-        held = ("already open" in text or "h5clear" in text or "lock" in text)
-        if not held:
+        # A writer holds the file: consistency flags set, or lock flags differ. ("sblock"
+        # in HDF5's truncation message contains "lock", hence the longer phrases.)
+        held = any(p in text for p in ("already open", "h5clear", "file locking",
+                                       "unable to lock", "lock file"))
+        if "truncated file" in text or not held or _shorter_than_stored_eof(path):
             msg = f"{path} is a truncated or corrupt HDF5 file ({_first_line(text)})"
             raise TraceFormatError(msg) from None
     try:
@@ -100,6 +103,24 @@ def _open_h5(path: Path) -> h5py.File:
     except OSError as exc:
         msg = f"{path} is a truncated or corrupt HDF5 file ({_first_line(str(exc))})"
         raise TraceFormatError(msg) from None
+
+
+def _shorter_than_stored_eof(path: Path) -> bool:
+    """HDF5's own truncation check, for files the probe could not open (SWMR skips it).
+
+    Superblock versions 2 and 3 (libver="latest") hold the end-of-file address after the
+    signature, version, two size bytes, flags, base address and extension address.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(48)
+    if head[:8] != _HDF5_SIGNATURE or len(head) < 12 or head[8] not in (2, 3):
+        return False
+    size = head[9]
+    offset = 12 + 2 * size
+    if size not in (4, 8) or len(head) < offset + size:
+        return False
+    stored_eof = int.from_bytes(head[offset:offset + size], "little")
+    return path.stat().st_size < stored_eof
 
 
 def _first_line(text: str) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tracefiles import write_tiny_trace, write_trace
 
-from samplescope.analysis import open_trace
+from samplescope.analysis import TraceFormatError, open_trace
 
 
 def _shard(path: Path, rank: int, sample_ids: list[int], grad: list[list[float]]) -> Path:
@@ -90,3 +90,26 @@ def test_reading_while_another_process_writes(tmp_path: Path) -> None:
             assert trace.samples().height == 4
     finally:
         writer.communicate("done\n", timeout=30)
+
+
+_CRASH = """
+import os, sys, h5py
+f = h5py.File(sys.argv[1], "a", libver="latest")
+f.swmr_mode = True
+f.flush()
+os._exit(0)  # like SIGKILL: the file keeps its "open for writing" flags
+"""
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_trace_of_a_killed_writer(tmp_path: Path, truncate: bool) -> None:
+    path = write_tiny_trace(tmp_path / "killed.h5", closed=False)
+    subprocess.run([sys.executable, "-c", _CRASH, str(path)], check=True, timeout=60)
+    if not truncate:
+        with open_trace(path) as trace:
+            assert trace.samples().height == 4
+        return
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TraceFormatError, match="truncated or corrupt"):
+        open_trace(path)

@@ -47,17 +47,25 @@ def _walk(node: Any, names: QueryNames) -> None:
             _walk(value, names)
 
 
-def query_names(query: str, known_tables: set[str]) -> QueryNames:
+def query_names(query: str, known_tables: set[str],
+                con: duckdb.DuckDBPyConnection | None = None) -> QueryNames:
     """Parse `query` and return the tables and columns it may use.
+
+    Args:
+        query: the SQL text.
+        known_tables: the trace's table names.
+        con: a connection to parse with (a new one is made when None).
 
     Raises:
         QueryError: the query does not parse.
     """
-    con = duckdb.connect()
+    own = con is None
+    con = duckdb.connect() if con is None else con
     try:
         raw = con.execute("SELECT json_serialize_sql(?)", [query]).fetchall()[0][0]
     finally:
-        con.close()
+        if own:
+            con.close()
     tree = json.loads(raw)
     names = QueryNames()
     if not tree.get("error"):

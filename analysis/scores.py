@@ -25,13 +25,15 @@ def _imp(layer: int) -> str:
     return f"importance_{layer}"
 
 
-def prepare_visits(visits: pl.DataFrame, n_layers: int, early_epochs: int) -> pl.DataFrame:
+def prepare_visits(visits: pl.DataFrame, n_layers: int, early_epochs: int, *,
+                   layer_grad_sq: bool = False) -> pl.DataFrame:
     """Add per-visit importance per layer and totals; order visits by step (shards interleave).
 
     Args:
         visits: the visits table (step, epoch, sample_id, loss, ..., grad_sq, lr_scale).
         n_layers: the number of layers (the width of grad_sq).
         early_epochs: how many of the first recorded epochs form the "early" window.
+        layer_grad_sq: also add grad_sq_<layer> columns (sample_epochs needs them).
     """
     if not visits["step"].is_sorted():
         visits = visits.sort("step", maintain_order=True)
@@ -39,9 +41,13 @@ def prepare_visits(visits: pl.DataFrame, n_layers: int, early_epochs: int) -> pl
     early = epochs.head(max(early_epochs, 1)).to_list()
     grad = pl.col("grad_sq").cast(pl.Array(pl.Float64, n_layers))
     scale_sq = pl.col("lr_scale") * pl.col("lr_scale")
-    return visits.with_columns(
+    per_layer = [grad.arr.get(layer).alias(f"grad_sq_{layer}") for layer in range(n_layers)
+                 ] if layer_grad_sq else []
+    # One select, dropping the array column: this frame is the peak of t.samples()' memory.
+    return visits.select(
+        pl.exclude("grad_sq"),
         *[(scale_sq * grad.arr.get(layer)).alias(_imp(layer)) for layer in range(n_layers)],
-        *[grad.arr.get(layer).alias(f"grad_sq_{layer}") for layer in range(n_layers)],
+        *per_layer,
         grad.arr.sum().alias("grad_sq_total"),
         pl.col("epoch").is_in(early).alias("early"),
     ).with_columns(

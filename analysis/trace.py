@@ -89,6 +89,7 @@ class Trace:
         self._loaded: dict[str, dict[str, pa.Array]] = {}
         self._frames: dict[Any, pl.DataFrame] = {}
         self._registered: set[str] = set()
+        self._importance_select = ""
 
     # -- lifecycle ------------------------------------------------------------------
     def close(self) -> None:
@@ -320,7 +321,7 @@ class Trace:
             raise QueryError(f"SQL error: {_one_line(exc)}") from None
 
     def _prepare(self, query: str) -> None:
-        names = query_names(query, set(self.table_names))
+        names = query_names(query, set(self.table_names), self._con)
         for table in sorted(names.tables):
             if table == "importance":
                 wanted = set(_IMPORTANCE_DEPS) if names.star else names.columns & set(
@@ -355,11 +356,15 @@ class Trace:
         loaded = self._loaded["visits"]
         columns = [c for c, deps in _IMPORTANCE_DEPS.items() if all(d in loaded for d in deps)]
         select = ", ".join(f"{_IMPORTANCE_SQL[c]} AS {c}" for c in columns)
+        if select == self._importance_select:
+            return
+        self._importance_select = select
         self._con.execute(f"CREATE OR REPLACE VIEW importance AS SELECT {select} "
                           "FROM visits v CROSS JOIN layers l").fetchall()
 
     # -- per-sample statistics ---------------------------------------------------------
-    def _prepared_visits(self, early_epochs: int) -> pl.DataFrame:
+    def _prepared_visits(self, early_epochs: int, *, layer_grad_sq: bool = False,
+                         ) -> pl.DataFrame:
         if self._data.n_visits == 0 or self._data.n_layers == 0:
             msg = (f"{self.paths[0]} has no recorded visits yet"
                    if self._data.n_layers else f"{self.paths[0]} has no layers")
@@ -367,7 +372,7 @@ class Trace:
         columns = ["step", "epoch", "sample_id", "loss", "target", "correct", "p_target",
                    "margin", "input_sq", "input_grad_sq", "lr_scale", "grad_sq"]
         return scores.prepare_visits(self._visits_frame(columns), self._data.n_layers,
-                                     early_epochs)
+                                     early_epochs, layer_grad_sq=layer_grad_sq)
 
     def samples(self, *, early_epochs: int = 1, sort: str | None = None,
                 descending: bool = True, top: int | None = None) -> pl.DataFrame:
@@ -403,7 +408,7 @@ class Trace:
         """Long table: sample_id, epoch, layer, layer_index, importance, grad_sq,
         importance_rank and importance_z within (epoch, layer)."""
         if "sample_epochs" not in self._frames:
-            visits = self._prepared_visits(1)
+            visits = self._prepared_visits(1, layer_grad_sq=True)
             self._frames["sample_epochs"] = scores.sample_epochs(visits, self.layers())
         return self._frames["sample_epochs"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -146,6 +146,27 @@ class Trace:
             return value if isinstance(value, str) else json.dumps(value)
         return pl.DataFrame({"key": list(self.meta), "value": [text(v) for v in
                                                               self.meta.values()]})
+
+    @property
+    def has_thumbnails(self) -> bool:
+        """Whether the recorder stored a thumbnail per sample (``thumbnails=True``)."""
+        return any(s.has("thumbnails", "image") for s in self._data.shards)
+
+    def thumbnails(self, sample_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """``{sample_id: uint8 [H, W] image}`` for those of ``sample_ids`` that have one.
+
+        Reads only the wanted rows: a 60k-sample trace holds 60k images.
+        """
+        wanted = {int(i) for i in sample_ids}
+        found: dict[int, np.ndarray] = {}
+        for shard in self._data.shards:
+            if not shard.has("thumbnails", "image") or not wanted - found.keys():
+                continue
+            ids = np.asarray(shard.read("thumbnails", "sample_id"))
+            for row in np.flatnonzero(np.isin(ids, list(wanted - found.keys()))):
+                image = shard.read("thumbnails", "image", int(row), int(row) + 1)[0]
+                found.setdefault(int(ids[row]), image)
+        return found
 
     @property
     def table_names(self) -> list[str]:

@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from samplescope.reports._thumbnails import has_thumbnails, read_thumbnails
-
 __all__ = ["ReportData"]
 
 logger = logging.getLogger(__name__)
@@ -55,11 +53,11 @@ class ReportData:
 
     @cached_property
     def has_thumbnails(self) -> bool:
-        return has_thumbnails(self.trace)
+        return self.trace.has_thumbnails
 
     def thumbnails(self, sample_ids: list[int]) -> dict[int, np.ndarray]:
         """The stored thumbnail image of each of `sample_ids` that has one."""
-        return read_thumbnails(self.trace, sample_ids)
+        return self.trace.thumbnails(sample_ids)
 
     @cached_property
     def trace_bytes(self) -> int | None:

@@ -144,8 +144,15 @@ class Trace:
         """`meta` as a two-column frame (key, value as text), for `samplescope info`."""
         def text(value: Any) -> str:
             return value if isinstance(value, str) else json.dumps(value)
-        return pl.DataFrame({"key": list(self.meta), "value": [text(v) for v in
-                                                              self.meta.values()]})
+        rows = [(k, text(v)) for k, v in self.meta.items() if k != "layers"]
+        # One row per layer, input first, so `info` answers "what was recorded where".
+        rows += [
+            (f"layer {r['layer_index']}", f"{r['layer']} ({r['kind']}, {r['n_params']:,} "
+             f"params, {r['method']})")
+            for r in self.layers().iter_rows(named=True)
+        ]
+        return pl.DataFrame({"key": [k for k, _ in rows], "value": [v for _, v in rows]},
+                            schema={"key": pl.String, "value": pl.String})
 
     @property
     def has_thumbnails(self) -> bool:

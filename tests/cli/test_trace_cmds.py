@@ -95,7 +95,8 @@ def test_info(tiny: Path) -> None:
     out = _ok("info", tiny, "--format", "json")
     info = {row["key"]: row["value"] for row in json.loads(out)}
     assert info["n_visits"] == "8"
-    assert info["layers"] == '["enc", "head"]'
+    assert info["layer 0"].startswith("enc (")
+    assert info["layer 1"].startswith("head (")
     assert info["format_version"] == "1"
 
 

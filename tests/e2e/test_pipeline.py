@@ -57,6 +57,7 @@ def test_cli_info_and_sql_on_a_recorded_trace(cnn_trace):
     result = runner.invoke(main, ["info", str(cnn_trace)])
     assert result.exit_code == 0, result.output
     assert "n_steps              46" in result.output
+    assert "layer 0              0 (Conv2d, 320 params, identity)" in result.output
     result = runner.invoke(
         main, ["sql", str(cnn_trace), "SELECT count(*) AS n FROM visits", "--format", "csv"]
     )

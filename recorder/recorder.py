@@ -419,14 +419,14 @@ class Recorder:
         if x is None or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != n:
             return np.full(n, np.nan, dtype=np.float32)
         flat = x.reshape(n, -1)
-        return _np32((flat * flat).sum(1))
+        return _np32(torch.linalg.vecdot(flat, flat))
 
     def _input_grad_sq(self, n: int, scale: float) -> np.ndarray:
         g = self._input_grad
         if g is None or g.dim() == 0 or g.shape[0] != n:
             return np.full(n, np.nan, dtype=np.float32)
         flat = g.reshape(n, -1)
-        return _np32((flat * flat).sum(1) / (scale * scale))
+        return _np32(torch.linalg.vecdot(flat, flat) / (scale * scale))
 
     def _thumbnails(self, ids: np.ndarray) -> None:
         x = self._inputs

@@ -17,6 +17,7 @@ exact, so the choice changes speed only.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -178,7 +179,33 @@ def _grouped(module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
     return per_sample.reshape(n, -1).square().sum(1)
 
 
-CONV_METHODS: dict[str, _ConvMethod] = {"ghost": _ghost, "unfold": _unfold, "grouped": _grouped}
+def _shifted(module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+    # One kernel offset at a time: the weight slice W[:, :, offset] gets Σ_p δ_p x_{p+offset}ᵀ,
+    # a batched [O, L] @ [L, C] product over a strided view of the input. Summing the squared
+    # norms of the slices gives ‖W_i‖² without building the K-times larger patch matrix.
+    n, c = x.shape[:2]
+    groups = module.groups
+    out_sizes = grad_output.shape[2:]
+    d = grad_output.reshape(n * groups, grad_output.shape[1] // groups, -1)
+    total = x.new_zeros(n)
+    for offset in itertools.product(*(range(k) for k in module.kernel_size)):
+        window = tuple(
+            slice(o * dil, o * dil + st * (size - 1) + 1, st)
+            for o, dil, st, size in zip(
+                offset, module.dilation, module.stride, out_sizes, strict=True
+            )
+        )
+        shifted = x[(slice(None), slice(None), *window)].reshape(n * groups, c // groups, -1)
+        total += (d @ shifted.transpose(1, 2)).square().reshape(n, -1).sum(1)
+    return total
+
+
+CONV_METHODS: dict[str, _ConvMethod] = {
+    "ghost": _ghost,
+    "unfold": _unfold,
+    "grouped": _grouped,
+    "shifted": _shifted,
+}
 
 
 def _footprint(module: nn.Module, x: Tensor, grad_output: Tensor) -> dict[str, int]:
@@ -196,6 +223,7 @@ def _footprint(module: nn.Module, x: Tensor, grad_output: Tensor) -> dict[str, i
         "ghost": max(patches, n * g * positions * positions),
         "unfold": max(patches, weights),
         "grouped": weights,
+        "shifted": max(n * c * positions, n * o * (c // g)),
     }
 
 

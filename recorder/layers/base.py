@@ -201,8 +201,10 @@ class HookObserver(Observer):
             return
         if not output.requires_grad or not self._count_call():
             return
-        activation = args[0].detach()
-        output.register_hook(lambda grad: self._on_grad(activation, grad))
+        # The hook lives as long as the graph; holding the activation in a list it empties
+        # lets autograd free the tensor as soon as this layer's backward is done.
+        held = [args[0].detach()]
+        output.register_hook(lambda grad: self._on_grad(held.pop(), grad) if held else None)
 
     def _on_grad(self, activation: Tensor, grad: Tensor) -> None:
         try:

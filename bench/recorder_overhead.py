@@ -152,19 +152,22 @@ def torch_func_norms(model: nn.Module, batch: Batch) -> tuple[Callable[[], None]
 
 
 def opacus_norms(model: nn.Module, batch: Batch) -> tuple[Callable[[], None], Callable]:
-    from opacus import GradSampleModule
+    """Opacus ghost clipping's first backward, which yields per-sample norms (_norm_sample)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    wrapped = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="mean", use_ghost_clipping=True
+    )
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.01)
     x, y = batch
     layers = _layer_params(model)
     named = dict(model.named_parameters())
 
     def norms_now() -> np.ndarray:
-        # Opacus scales grad_sample back to the per-sample loss for mean reductions.
+        # With loss_reduction="mean" Opacus rescales _norm_sample to the per-sample loss.
         return np.stack(
             [
-                sum(named[p].grad_sample.flatten(1).square().sum(1) for p in names).numpy()
+                sum(named[p]._norm_sample.square() for p in names).detach().numpy()
                 for names in layers
             ],
             axis=1,
@@ -172,18 +175,13 @@ def opacus_norms(model: nn.Module, batch: Batch) -> tuple[Callable[[], None], Ca
 
     def step() -> None:
         F.cross_entropy(wrapped(x), y).backward()
-        norms_now()
         opt.step()
         opt.zero_grad()
-        for p in model.parameters():
-            p.grad_sample = None
 
     def per_sample_norms() -> np.ndarray:
         F.cross_entropy(wrapped(x), y).backward()
         out = norms_now()
         opt.zero_grad()
-        for p in model.parameters():
-            p.grad_sample = None
         return out
 
     return step, per_sample_norms
@@ -262,24 +260,24 @@ def interleaved(steps: dict[str, Callable[[], None]], warmup: int, n: int) -> di
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def peak_memory_mb(model_name: str, variant: str, n_steps: int = 8) -> float:
-    """Peak RSS growth over ``n_steps`` steps, in a fresh process.
+def peak_memory_mb(model_name: str, variant: str, n_steps: int = 10) -> float:
+    """Peak RSS of training ``n_steps`` steps, above the process with its imports done.
 
-    The kernel's high-water mark (VmHWM) is reset just before the first step, so the
-    figure is what the steps themselves needed above the resting process.
+    Measured in a fresh process; the kernel's high-water mark (VmHWM) is reset after the
+    imports, so the figure holds the model, optimizer state, activations, gradients, the
+    recorder's buffers and the trace writer — everything the training itself needs.
     """
     code = (
         "import sys, contextlib, tempfile, pathlib, gc;"
         "sys.path.insert(0, 'bench'); import recorder_overhead as b;"
+        "gc.collect(); base = b.status_mb('VmRSS');"
+        "open('/proc/self/clear_refs', 'w').write('5');"
         f"m, batch = b.MODELS[{model_name!r}](); stack = contextlib.ExitStack();"
         "tmp = pathlib.Path(tempfile.mkdtemp()) / 't.h5';"
         f"step = (b.plain_step(m, batch) if {variant!r} == 'plain' "
         "else b.recorded_step(m, batch, tmp, stack));"
-        "[step() for _ in range(3)];"  # warm-up: the trace's tables and caches exist
-        "gc.collect(); base = b.status_mb('VmRSS');"
-        "open('/proc/self/clear_refs', 'w').write('5');"
         f"[step() for _ in range({n_steps})];"
-        "print(b.status_mb('VmHWM') - base); stack.close()"
+        "stack.close(); print(b.status_mb('VmHWM') - base)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -312,29 +310,38 @@ def main() -> None:
         torch.manual_seed(0)
         base, batch = MODELS[name]()
         reference = our_norms(copy.deepcopy(base), batch)
+        # Each variant is interleaved with its own plain step, so a slow neighbour (torch.func
+        # allocates gigabytes) never colours another variant's figure.
         with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-            steps = {
-                "plain": plain_step(copy.deepcopy(base), batch),
-                "samplescope (all)": recorded_step(
-                    copy.deepcopy(base), batch, Path(tmp) / "t.h5", stack
-                ),
-            }
-            agree = {"plain": "", "samplescope (all)": "ref"}
+            plain = plain_step(copy.deepcopy(base), batch)
+            ours = recorded_step(copy.deepcopy(base), batch, Path(tmp) / "t.h5", stack)
+            ms = interleaved({"plain": plain, "ours": ours}, warmup, n)
+            rows.append((name, "plain", f"{ms['plain']:9.2f}{1:8.2f}"))
+            rows.append(
+                (
+                    name,
+                    "samplescope (all)",
+                    f"{ms['ours']:9.2f}{ms['ours'] / ms['plain']:8.2f}{'ref':>8}",
+                )
+            )
             for label, factory in (
                 ("torch.func (norms)", torch_func_norms),
-                ("opacus (norms)", opacus_norms),
+                ("opacus ghost (norms)", opacus_norms),
                 ("backpack (norms)", backpack_norms),
             ):
                 try:
                     step, norms = factory(copy.deepcopy(base), batch)
-                    ok = np.allclose(norms(), reference, rtol=2e-3, atol=1e-6)
-                    steps[label] = step
-                    agree[label] = "yes" if ok else "NO"
+                    agree = "yes" if np.allclose(norms(), reference, rtol=2e-3, atol=1e-6) else "NO"
                 except Exception as error:  # noqa: BLE001 - a reference tool may not support a model
                     rows.append((name, label, f"unavailable: {type(error).__name__}"))
-            ms = interleaved(steps, warmup, n)
-        for label, value in ms.items():
-            rows.append((name, label, f"{value:9.2f}{value / ms['plain']:8.2f}{agree[label]:>8}"))
+                    continue
+                pair = interleaved(
+                    {"plain": plain_step(copy.deepcopy(base), batch), "tool": step},
+                    warmup,
+                    max(10, n // 4) if "func" in label else n,
+                )
+                ratio = pair["tool"] / pair["plain"]
+                rows.append((name, label, f"{pair['tool']:9.2f}{ratio:8.2f}{agree:>8}"))
         mem_plain = peak_memory_mb(name, "plain")
         mem_rec = peak_memory_mb(name, "recorded")
         rows.append(

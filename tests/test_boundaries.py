@@ -38,3 +38,9 @@ def test_reports_source_opens_no_trace_file_itself():
         text = source.read_text()
         for banned in ("import h5py", "import duckdb", "import torch", "from torch"):
             assert banned not in text, f"{source.name} has {banned!r}"
+
+
+def test_the_cli_starts_without_torch():
+    # `samplescope info` must not pay torch's import time; training commands import it lazily.
+    loaded = _modules_after_import("samplescope.cli")
+    assert "torch" not in loaded

@@ -51,21 +51,20 @@ def _one_line(error: BaseException) -> str:
 def main() -> None:
     """Which training samples move which parameters, and when.
 
-    Record a run with `samplescope.Recorder`, then query and report it:
+    Record a run with `samplescope.Recorder` (or `samplescope train`), then query and
+    report it:
 
+    \b
+        samplescope demo --out samplescope-demo/
         samplescope info run.h5
+        samplescope samples run.h5 --sort importance --top 20
         samplescope report run.h5 -o report.pdf
     """
 
 
 for _name in _COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as _error:
-        if _error.name != _name:
-            raise
-        continue  # a command family not installed in this build
-    _module.register(main)
+    # Torch-using commands import torch inside their functions, so `info` stays fast.
+    importlib.import_module(_name).register(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

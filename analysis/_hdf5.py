@@ -12,7 +12,7 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,6 +277,7 @@ class TraceData:
             self.close()
             raise
         self._cache: dict[tuple[str, str], pa.Array] = {}
+        self._layer_cache: dict[tuple[str, str], list[pa.Array]] = {}
 
     def _check_shards(self) -> None:
         first = self.shards[0]
@@ -345,6 +346,157 @@ class TraceData:
         if masks is None:
             self._cache[key] = array
         return array
+
+    def visit_layer_columns(self, column: str) -> list[pa.Array]:
+        """A [visits, layers] column (grad_sq, alignment) as one float32 array per layer.
+
+        Contiguous per-layer columns let DuckDB scan one layer's values at full speed, where
+        indexing a fixed-size list gathers them row by row.
+        """
+        key = ("visits", f"{column}[]")
+        if key in self._layer_cache:
+            return self._layer_cache[key]
+        per_layer: list[list[pa.Array]] = [[] for _ in range(self.n_layers)]
+        for steps in self.steps:
+            for start, stop, _ in steps.ranges(None):
+                if not steps.shard.has("visits", column):
+                    for parts in per_layer:
+                        parts.append(pa.nulls(stop - start, type=pa.float32()))
+                    continue
+                block = np.asarray(steps.shard.read("visits", column, start, stop),
+                                   dtype=np.float32)
+                for layer, parts in enumerate(per_layer):
+                    parts.append(pa.array(np.ascontiguousarray(block[:, layer])))
+        arrays = [pa.concat_arrays(parts) if parts else pa.array([], type=pa.float32())
+                  for parts in per_layer]
+        self._layer_cache[key] = arrays
+        return arrays
+
+    def importance_batches(self, columns: Sequence[str], max_rows: int,
+                           ) -> Iterator[pa.RecordBatch]:
+        """The importance source in row blocks: step, epoch, sample_id, scale_sq = (lr·s)²
+        (float64) and one float32 column per layer for grad_sq / alignment (`grad_sq_<l>`).
+
+        Blocks follow /visits row order, shard by shard, so memory stays at one block.
+        """
+        for steps in self.steps:
+            scale = steps.lr_scale
+            for start, stop, index in steps.ranges(None):
+                sizes = steps.batch_size[index]
+                per_visit = {"step": np.repeat(steps.step[index], sizes),
+                             "epoch": np.repeat(steps.epoch[index], sizes),
+                             "scale_sq": np.repeat(scale[index] * scale[index], sizes)}
+                for lo in range(start, stop, max_rows):
+                    hi = min(lo + max_rows, stop)
+                    arrays: dict[str, pa.Array] = {}
+                    for column in columns:
+                        if column in per_visit:
+                            arrays[column] = pa.array(per_visit[column][lo - start:hi - start])
+                        elif column in ("grad_sq", "alignment"):
+                            arrays.update(self._layer_block(steps.shard, column, lo, hi))
+                        else:
+                            arrays[column] = pa.array(steps.shard.read("visits", column, lo, hi))
+                    yield pa.RecordBatch.from_pydict(arrays)
+
+    def _layer_block(self, shard: Shard, column: str, start: int, stop: int,
+                     ) -> dict[str, pa.Array]:
+        if not shard.has("visits", column):
+            return {f"{column}_{i}": pa.nulls(stop - start, type=pa.float32())
+                    for i in range(self.n_layers)}
+        block = np.asarray(shard.read("visits", column, start, stop), dtype=np.float32)
+        return {f"{column}_{i}": pa.array(np.ascontiguousarray(block[:, i]))
+                for i in range(self.n_layers)}
+
+    def scale_sq_column(self) -> pa.Array:
+        """(lr · s)² per visit, float64: the factor that turns grad_sq into importance."""
+        key = ("visits", "scale_sq")
+        if key not in self._cache:
+            parts = []
+            for steps in self.steps:
+                scale = steps.lr_scale
+                for _, _, index in steps.ranges(None):
+                    parts.append(np.repeat(scale[index] * scale[index],
+                                           steps.batch_size[index]))
+            values = np.concatenate(parts) if parts else np.zeros(0)
+            self._cache[key] = pa.array(values, type=pa.float64())
+        return self._cache[key]
+
+    # -- visits, chunk by chunk ---------------------------------------------------------
+    def epoch_chunks(self, max_rows: int) -> list[tuple[int, list[np.ndarray]]] | None:
+        """Split the trace into chunks of whole steps, in step order, each within one epoch.
+
+        Returns one (epoch, per-shard step masks) pair per chunk, each chunk at most
+        `max_rows` visits unless one step alone is larger; None when epochs decrease
+        somewhere in step order (then a sample's epochs are not contiguous in time).
+        """
+        steps = np.concatenate([s.step for s in self.steps])
+        if len(steps) == 0:
+            return []
+        epochs = np.concatenate([s.epoch for s in self.steps])
+        rows = np.concatenate([s.batch_size for s in self.steps])
+        unique, first, inverse = np.unique(steps, return_index=True, return_inverse=True)
+        epoch = epochs[first]
+        if np.any(epochs != epoch[inverse]) or np.any(np.diff(epoch) < 0):
+            return None
+        step_rows = np.bincount(inverse, weights=rows, minlength=len(unique))
+        chunks: list[tuple[int, list[np.ndarray]]] = []
+        bounds = np.flatnonzero(np.diff(epoch)) + 1
+        for segment in np.split(np.arange(len(unique)), bounds):
+            bucket = np.cumsum(step_rows[segment]) // max(max_rows, 1)
+            bucket = np.maximum.accumulate(np.r_[0, bucket[:-1]])  # a chunk ends after max_rows
+            for part in np.split(segment, np.flatnonzero(np.diff(bucket)) + 1):
+                lo, hi = unique[part[0]], unique[part[-1]]
+                masks = [(s.step >= lo) & (s.step <= hi) for s in self.steps]
+                chunks.append((int(epoch[part[0]]), masks))
+        return chunks
+
+    def read_chunk(self, masks: list[np.ndarray], columns: Sequence[str],
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Numpy columns of the visits of the masked steps, in step order (rank order within a
+        step, as in `visit_column` sorted by step).
+
+        Each column comes as (values, valid): valid is None when every row holds a value,
+        else a boolean mask (a shard without that optional column contributes invalid rows).
+        `correct` is int8: 1, 0, or -1 where pred/target were not recorded.
+        """
+        parts: dict[str, list[tuple[np.ndarray, bool]]] = {c: [] for c in columns}
+        step_parts: list[np.ndarray] = []
+        for i, steps in enumerate(self.steps):
+            for start, stop, index in steps.ranges(masks[i]):
+                step_parts.append(np.repeat(steps.step[index], steps.batch_size[index]))
+                for column in columns:
+                    parts[column].append(self._chunk_part(steps, column, start, stop, index))
+        order = None
+        if len(step_parts) > 1:
+            step = np.concatenate(step_parts)
+            if np.any(np.diff(step) < 0):
+                order = np.argsort(step, kind="stable")
+        out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        for column, pieces in parts.items():
+            values = np.concatenate([p for p, _ in pieces]) if pieces else np.zeros(0)
+            valid = (None if all(ok for _, ok in pieces) else
+                     np.concatenate([np.full(len(p), ok) for p, ok in pieces]))
+            if order is not None:
+                values = values[order]
+                valid = None if valid is None else valid[order]
+            out[column] = (values, valid)
+        return out
+
+    def _chunk_part(self, steps: _ShardSteps, column: str, start: int, stop: int,
+                    index: np.ndarray) -> tuple[np.ndarray, bool]:
+        shard = steps.shard
+        if column == "lr_scale":
+            return np.repeat(steps.lr_scale[index], steps.batch_size[index]), True
+        if column == "correct":
+            if not (shard.has("visits", "pred") and shard.has("visits", "target")):
+                return np.full(stop - start, -1, dtype=np.int8), True
+            return (shard.read("visits", "pred", start, stop)
+                    == shard.read("visits", "target", start, stop)).astype(np.int8), True
+        if not shard.has("visits", column):
+            shape = (stop - start, self.n_layers) if column in ("grad_sq", "alignment") else (
+                stop - start,)
+            return np.zeros(shape, dtype=np.float32), False
+        return shard.read("visits", column, start, stop), True
 
     def _visit_part(self, steps: _ShardSteps, column: str, start: int, stop: int,
                     index: np.ndarray) -> np.ndarray:

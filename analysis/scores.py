@@ -12,6 +12,7 @@ import polars as pl
 __all__ = [
     "GROUP_NAMES",
     "correlations",
+    "finish_sample_scores",
     "groups",
     "prepare_visits",
     "sample_epochs",
@@ -110,8 +111,21 @@ def sample_scores(visits: pl.DataFrame, n_layers: int,
         sample_info: the /sample_info table, left-joined on sample_id, if recorded.
     """
     per_sample = (visits.group_by("sample_id").agg(_visit_aggregates(n_layers))
-                  .join(_cartography(visits), on="sample_id", how="left")
-                  .sort("sample_id"))
+                  .join(_cartography(visits), on="sample_id", how="left"))
+    return finish_sample_scores(per_sample, n_layers, sample_info)
+
+
+def finish_sample_scores(per_sample: pl.DataFrame, n_layers: int,
+                         sample_info: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Shares, when/where, difficulty ranks and sample_info from per-sample aggregates.
+
+    Args:
+        per_sample: one row per sample with the sums of `_visit_aggregates` and the
+            cartography columns (from `sample_scores` or computed chunk by chunk).
+        n_layers: number of layers.
+        sample_info: the /sample_info table, left-joined on sample_id, if recorded.
+    """
+    per_sample = per_sample.sort("sample_id")
     n = per_sample.height
     rank = (pl.col("final_loss").rank("ordinal") - 1).cast(pl.Int64)
     out = per_sample.with_columns(

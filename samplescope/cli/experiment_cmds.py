@@ -50,7 +50,7 @@ def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Train on a fixed random subset of N training samples."),
         click.option("--preset", type=click.Choice(("paper",)), default=None,
                      help="The paper's protocol (3x512 MLP, batch 100, SGD 0.1, wd 1e-5, "
-                          "50 epochs); explicit --epochs still wins."),
+                          "50 epochs); options given explicitly win over it."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                      help="Where the dataset's files are (fashion-mnist defaults to "
                           "/usr/share/datasets/fashion-mnist)."),
@@ -68,9 +68,16 @@ def _setting(seeds: int = 1, **kwargs: Any) -> Any:
     if epochs is None:
         epochs = 50 if preset == "paper" else 5
     fields = {f.name for f in dataclasses.fields(Setting)}
-    # The preset overrides model size, batch, lr and weight decay; only --epochs wins over it.
-    return Setting(**{k: v for k, v in kwargs.items() if k in fields}, seeds=seeds,
-                   epochs=epochs)
+    setting = Setting(**{k: v for k, v in kwargs.items() if k in fields}, seeds=seeds,
+                      epochs=epochs)
+    # The preset sets model size, batch, lr and weight decay; options given on the command
+    # line win over it, as a user typing them expects.
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        for name in fields & kwargs.keys():
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+                setattr(setting, name, kwargs[name])
+    return setting
 
 
 @click.command()

@@ -113,3 +113,18 @@ def test_experiment_prune_unknown_score(tmp_path: Path) -> None:
                                        "--out-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.startswith("Error: unknown scores magic;")
+
+
+def test_explicit_options_win_over_the_preset(tmp_path: Path) -> None:
+    from samplescope.analysis import open_trace
+
+    out = tmp_path / "p.h5"
+    _run("train", "--dataset", "digits", "--preset", "paper", "--epochs", "1", "--lr", "0.05",
+         "--hidden", "16", "--out", str(out))
+    with open_trace(out) as t:
+        config = t.meta["config"]
+    assert config["lr"] == 0.05  # given on the command line
+    assert config["hidden"] == 16
+    assert config["batch_size"] == 100  # from the preset
+    assert config["weight_decay"] == 1e-5
+    assert config["epochs"] == 1

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from samplescope.errors import SamplescopeError
 from samplescope.experiments.data import Dataset, load_dataset
 from samplescope.experiments.models import make_model
-from samplescope.experiments.train import PRESETS, RunConfig, evaluate
+from samplescope.experiments.train import PRESETS, RunConfig, evaluate, train_run
 
-__all__ = ["ExperimentError", "Setting", "plain_train", "reference_scores"]
+__all__ = ["ExperimentError", "Setting", "plain_train", "reference_run", "reference_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,20 @@ def plain_train(setting: Setting, data: Dataset, seed: int,
     finally:
         handle.remove()
     return history
+
+
+def reference_run(setting: Setting, out_dir: Path) -> tuple[Dataset, np.ndarray, pl.DataFrame]:
+    """Train and record the seed-0 reference run that scores every training sample.
+
+    Returns the dataset, the training ids and `reference_scores` of the run.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = setting.load()
+    ids = setting.train_ids(data)
+    reference = out_dir / "reference.h5"
+    train_run(setting.config(seed=0), reference, data=data, train_indices=ids,
+              thumbnails=False, overwrite=True, progress=False)
+    return data, ids, reference_scores(reference, ids)
 
 
 def reference_scores(trace_path: str | Path, ids: np.ndarray) -> pl.DataFrame:

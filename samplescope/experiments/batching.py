@@ -25,9 +25,8 @@ from samplescope.experiments._common import (
     Setting,
     mean_std,
     plain_train,
-    reference_scores,
+    reference_run,
 )
-from samplescope.experiments.train import train_run
 from samplescope.recorder.batching import OnlineBatchSampler, fixed_batches
 
 __all__ = ["STRATEGIES", "output_layer_grad_sq", "run_batches"]
@@ -89,13 +88,7 @@ def run_batches(setting: Setting, out_dir: str | Path,
         and loss, mean and std over seeds; per_epoch has strategy, seed, epoch, accuracy, loss.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = setting.load()
-    ids = setting.train_ids(data)
-    reference = out / "reference.h5"
-    train_run(setting.config(seed=0), reference, data=data, train_indices=ids,
-              thumbnails=False, overwrite=True, progress=False)
-    scores = reference_scores(reference, ids)
+    data, ids, scores = reference_run(setting, out)
     rows = []
     for seed in range(setting.seeds):
         for strategy in strategies:

@@ -22,9 +22,8 @@ from samplescope.experiments._common import (
     Setting,
     mean_std,
     plain_train,
-    reference_scores,
+    reference_run,
 )
-from samplescope.experiments.train import train_run
 
 __all__ = ["DEFAULT_PRUNE_SCORES", "run_prune"]
 
@@ -67,13 +66,7 @@ def run_prune(setting: Setting, out_dir: str | Path, keeps: Sequence[float] = (0
               "or importance_layer<index>"
         raise ExperimentError(msg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = setting.load()
-    ids = setting.train_ids(data)
-    reference = out / "reference.h5"
-    train_run(setting.config(seed=0), reference, data=data, train_indices=ids,
-              thumbnails=False, overwrite=True, progress=False)
-    table = reference_scores(reference, ids)
+    data, ids, table = reference_run(setting, out)
     unknown = [s for s in scores if s != "random" and s not in table.columns]
     if unknown:
         msg = f"unknown scores {', '.join(unknown)}; the reference trace offers " \

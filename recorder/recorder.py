@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -359,31 +360,24 @@ class Recorder:
     def _layer_columns(
         self, n: int, scale: float
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        grad_sq = torch.empty(n, len(self._observers), dtype=torch.float64)
-        batch_sq = np.zeros(len(self._observers), dtype=np.float32)
-        align = np.empty((n, len(self._observers)), dtype=np.float32) if self.alignment else None
-        for j, observer in enumerate(self._observers):
-            result = observer.result()
-            if result.error is not None:
-                msg = f"layer {observer.name!r}: {result.error}"
-                raise RecorderError(msg) from result.error
-            if result.grad_sq is None:
-                msg = (
-                    f"layer {observer.name!r} received no gradient in this step; "
-                    "did the forward pass use it?"
-                )
-                raise RecorderError(msg)
-            if result.grad_sq.shape != (n,):
-                msg = (
-                    f"layer {observer.name!r} saw a batch of {result.grad_sq.shape[0]} "
-                    f"but backward got {n} losses"
-                )
-                raise RecorderError(msg)
-            grad_sq[:, j] = result.grad_sq.detach().double() / (scale * scale)
-            batch_sq[j] = sum(_sq_norm(g) for g in result.batch_grad.values())
-            if align is not None:
-                align[:, j] = (observer.alignment(result.batch_grad).double() / scale).numpy()
-        return grad_sq.to(torch.float32).numpy(), batch_sq, align
+        results = [observer.result() for observer in self._observers]
+        for observer, result in zip(self._observers, results, strict=True):
+            _check_result(observer.name, result, n)
+        # Whole-step tensor ops rather than per-layer ones: at small batch sizes the
+        # per-call overhead, not the arithmetic, is what recording costs.
+        grad_sq = torch.stack([r.grad_sq.detach() for r in results], 1).double()
+        grad_sq = (grad_sq / (scale * scale)).to(torch.float32).numpy()
+        batch_sq = _batch_sq([list(r.batch_grad.values()) for r in results])
+        align = None
+        if self.alignment:
+            align = np.stack(
+                [
+                    (o.alignment(r.batch_grad).double() / scale).numpy()
+                    for o, r in zip(self._observers, results, strict=True)
+                ],
+                axis=1,
+            ).astype(np.float32)
+        return grad_sq, batch_sq, align
 
     def _fail(self, error: SamplescopeError) -> None:
         if self.on_error == "raise":
@@ -523,6 +517,32 @@ def _as_ids(sample_ids: Tensor | Sequence[int] | np.ndarray) -> np.ndarray:
         msg = f"sample ids must be integers, got {array.dtype}"
         raise RecorderError(msg)
     return array.reshape(-1).astype(np.int64)
+
+
+def _check_result(name: str, result: Any, n: int) -> None:
+    if result.error is not None:
+        msg = f"layer {name!r}: {result.error}"
+        raise RecorderError(msg) from result.error
+    if result.grad_sq is None:
+        msg = f"layer {name!r} received no gradient in this step; did the forward pass use it?"
+        raise RecorderError(msg)
+    if result.grad_sq.shape != (n,):
+        msg = f"layer {name!r} saw a batch of {result.grad_sq.shape[0]} but backward got {n} losses"
+        raise RecorderError(msg)
+
+
+def _batch_sq(grads: list[list[Tensor]]) -> np.ndarray:
+    """‖G_l‖² per layer, from each layer's parameter gradients of this step."""
+    flat = [g for layer in grads for g in layer]
+    if any(g.is_sparse for g in flat):
+        return np.array([sum(_sq_norm(g) for g in layer) for layer in grads], dtype=np.float32)
+    # One fused call for every parameter of the model, then a sum per layer.
+    norms = torch.stack(torch._foreach_norm(flat)).double().square().numpy() if flat else []
+    bounds = np.cumsum([0, *(len(layer) for layer in grads)])
+    return np.array(
+        [float(np.sum(norms[lo:hi])) for lo, hi in itertools.pairwise(bounds)],
+        dtype=np.float32,
+    )
 
 
 def _sq_norm(t: Tensor) -> float:

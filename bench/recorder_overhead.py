@@ -305,8 +305,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps, for a smoke run")
     parser.add_argument("--models", default="mlp,cnn,transformer")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per variant (≥ 40)")
     args = parser.parse_args()
-    warmup, n = (3, 5) if args.quick else (10, 40)
+    warmup, n = (3, 5) if args.quick else (20, max(40, args.steps))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {n} steps")
     header = f"{'model':<12}{'variant':<22}{'ms/step':>9}{'ratio':>8}{'agrees':>8}"
     rows = []

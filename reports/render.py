@@ -13,6 +13,7 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from samplescope._paths import ensure_writable_dir
 from samplescope.analysis import open_trace
 from samplescope.reports import (
     candidates,
@@ -151,14 +152,7 @@ def _check_output(out: Path, fmt: str) -> Path:
     if fmt == "png" and out.exists() and not out.is_dir():
         msg = f"{out} is a file; with --format png give a directory for the page images"
         raise ReportOutputError(msg)
-    try:
-        target_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        msg = f"cannot create {target_dir}: {exc.strerror or exc}"
-        raise ReportOutputError(msg) from None
-    if not os.access(target_dir, os.W_OK):
-        msg = f"cannot write to {target_dir}: permission denied"
-        raise ReportOutputError(msg)
+    ensure_writable_dir(target_dir, ReportOutputError)
     return out
 
 

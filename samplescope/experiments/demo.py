@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from samplescope._paths import ensure_writable_dir
 from samplescope.errors import SamplescopeError
 from samplescope.experiments.train import PRESETS, RunConfig, train_run
 
@@ -108,12 +109,5 @@ def _prepare(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         msg = f"{out} is a file; give a folder for the demo's trace.h5 and report.pdf"
         raise DemoError(msg)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        msg = f"cannot create {out}: {exc.strerror or exc}"
-        raise DemoError(msg) from None
-    if not os.access(out, os.W_OK):
-        msg = f"cannot write to {out}: permission denied"
-        raise DemoError(msg)
+    ensure_writable_dir(out, DemoError)
     return out

@@ -15,7 +15,17 @@ def _modules_after_import(module: str) -> set[str]:
     return set(out.stdout.split())
 
 
-@pytest.mark.parametrize("module", ["samplescope.analysis", "samplescope.reports", "samplescope"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "samplescope",
+        "samplescope.analysis",
+        "samplescope.analysis.findings",
+        "samplescope.analysis.flags",
+        "samplescope.reports",
+        "samplescope.reports.render",
+    ],
+)
 def test_torch_free_packages(module):
     loaded = _modules_after_import(module)
     assert "torch" not in loaded

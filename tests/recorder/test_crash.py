@@ -67,3 +67,32 @@ def test_sigkill_leaves_a_trace_that_opens_and_holds_every_flushed_step(tmp_path
         assert f["visits/sample_id"].shape[0] >= 16 * flushed
         assert f["visits/grad_sq"][: 16 * flushed].shape == (16 * flushed, 2)
         assert f["status/closed"][0] == 0
+
+
+@pytest.mark.slow
+def test_a_killed_trace_opens_in_the_analysis_layer(tmp_path):
+    from samplescope.analysis import open_trace
+
+    path = tmp_path / "killed.h5"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for line in child.stdout:
+            flushed = int(line.split()[1])
+            if flushed == 10:
+                with open_trace(path) as live:  # while the writer still holds the file
+                    assert live.meta["n_steps"] >= 10
+                    assert not live.meta["closed"]
+            if flushed >= 20:
+                break
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    with open_trace(path) as t:
+        assert t.meta["n_steps"] >= 20
+        samples = t.samples()
+        assert samples.height == 64
+        assert samples["importance"].is_not_null().all()

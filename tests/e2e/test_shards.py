@@ -31,8 +31,8 @@ def test_two_rank_shards_read_as_one_trace(tmp_path):
         assert t.meta["n_shards"] == 2
         assert t.meta["n_steps"] == 2
         assert t.meta["n_samples"] == 32
-        low, high = t.sql(
+        [(low, high)] = t.sql(
             "SELECT min(importance / grad_sq), max(importance / grad_sq) FROM importance"
-        ).fetchone()
+        ).fetchall()
     # Mean over the global batch of 2 ranks × 8: importance = (lr / 16)² · grad_sq.
     np.testing.assert_allclose([low, high], [(0.1 / 16) ** 2] * 2, rtol=1e-5)

@@ -112,6 +112,7 @@ class Recorder:
             sample_info=_sample_info_arrays(sample_info),
             flush_seconds=flush_seconds,
             overwrite=overwrite,
+            derive=_derive_outputs,
         )
         self._observers: list[Observer] = []
         self._order: list[str] = []  # layer names in first-forward order
@@ -318,7 +319,10 @@ class Recorder:
                 "input_sq": self._input_sq(n),
             }
             if logits is not None and targets is not None:
-                visits.update(_output_columns(logits.detach(), targets))
+                # Raw logits go to the writer thread, which derives the output columns for
+                # many steps at once (`_derive_outputs`).
+                visits["_logits"] = logits.detach().to(torch.float32, copy=True).cpu().numpy()
+                visits["target"] = targets.detach().to(torch.int64).cpu().numpy()
             if self.options["input_grad"]:
                 visits["input_grad_sq"] = self._input_grad_sq(n, scale)
             if align is not None:
@@ -328,8 +332,12 @@ class Recorder:
             nonfinite = sum(
                 int(np.count_nonzero(~np.isfinite(v)))
                 for k, v in visits.items()
-                if v.dtype.kind == "f" and (floating_input or not k.startswith("input"))
+                if v.dtype.kind == "f"
+                and k != "_logits"
+                and (floating_input or not k.startswith("input"))
             )
+            if "_logits" in visits:  # a sample with non-finite logits has no p_target/margin
+                nonfinite += 2 * int(np.count_nonzero(~np.isfinite(visits["_logits"]).all(1)))
             if self.options["thumbnails"]:
                 self._thumbnails(ids)
         if nonfinite and not self.n_nonfinite:
@@ -347,7 +355,7 @@ class Recorder:
                 "epoch": np.array([self.epoch], dtype=np.int64),
                 "lr": np.array([self._lr()]),
                 "batch_size": np.array([n], dtype=np.int64),
-                "loss_mean": np.array([float(losses.detach().double().mean())]),
+                "loss_mean": np.array([visits["loss"].mean(dtype=np.float64)]),
                 "time": np.array([time.time()]),
                 "visit_start": np.array([self.n_visits], dtype=np.int64),
                 "n_nonfinite": np.array([nonfinite], dtype=np.int64),
@@ -557,18 +565,24 @@ def _np32(t: Tensor) -> np.ndarray:
     return t.detach().cpu().to(torch.float32).numpy()
 
 
-def _output_columns(logits: Tensor, targets: Tensor) -> dict[str, np.ndarray]:
-    logits = logits.float()
-    targets = targets.to(torch.int64)
-    target_logit = logits.gather(1, targets[:, None])[:, 0]
-    others = logits.scatter(1, targets[:, None], float("-inf"))
-    log_p = F.log_softmax(logits, dim=1).gather(1, targets[:, None])[:, 0]
-    return {
-        "target": targets.cpu().numpy(),
-        "pred": logits.argmax(1).cpu().numpy(),
-        "p_target": _np32(log_p.exp()),
-        "margin": _np32(target_logit - others.max(1).values),
-    }
+def _derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """pred, p_target and margin from raw logits, for many steps' visits at once."""
+    if table != "visits" or "_logits" not in columns:
+        return columns
+    columns = dict(columns)
+    logits = columns.pop("_logits")
+    rows = np.arange(len(logits))
+    target = columns["target"]
+    target_logit = logits[rows, target]
+    top = logits.max(1)
+    with np.errstate(all="ignore"):  # non-finite logits are recorded as they come out
+        log_norm = top + np.log(np.exp(logits - top[:, None]).sum(1))
+        others = logits.copy()
+        others[rows, target] = -np.inf
+        columns["pred"] = logits.argmax(1).astype(np.int64)
+        columns["p_target"] = np.exp(target_logit - log_norm).astype(np.float32)
+        columns["margin"] = (target_logit - others.max(1)).astype(np.float32)
+    return columns
 
 
 def _thumbnail_shape(x: Tensor | None) -> tuple[int, int] | None:

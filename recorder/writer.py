@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,9 @@ class TraceWriter:
         sample_info: optional per-sample columns, including ``sample_id``.
         flush_seconds: the longest time rows may wait in memory.
         overwrite: replace an existing file instead of refusing.
+        derive: ``(table, columns) -> columns`` run on the writer thread over many steps'
+            rows at once, to compute columns from queued raw ones (vectorised, off the
+            training thread).
     """
 
     def __init__(
@@ -93,8 +96,10 @@ class TraceWriter:
         sample_info: Mapping[str, np.ndarray] | None = None,
         flush_seconds: float = 2.0,
         overwrite: bool = False,
+        derive: Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     ) -> None:
         self.path = Path(path)
+        self._derive = derive
         self.flush_seconds = flush_seconds
         self._attrs = dict(attrs)
         self._sample_info = sample_info
@@ -270,9 +275,11 @@ class TraceWriter:
             datasets = self._layout.get(table)
             if datasets is None:
                 continue
-            for name, parts in columns.items():
-                if parts:
-                    _append(datasets[name], np.concatenate(parts))
+            merged = {name: np.concatenate(parts) for name, parts in columns.items() if parts}
+            if self._derive is not None:
+                merged = self._derive(table, merged)
+            for name, values in merged.items():
+                _append(datasets[name], values)
         self._buffers.clear()
         self._file["status/n_errors"][0] = self._n_errors
         self._file.flush()

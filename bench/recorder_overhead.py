@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import statistics
 import subprocess
 import sys
@@ -278,7 +279,9 @@ def peak_memory_mb(model_name: str, variant: str, n_steps: int = 10) -> tuple[fl
         # Two warm-up steps: the trace's tables exist and convolutions have timed their
         # methods (a one-off transient, reported separately as 'first step').
         "[step() for _ in range(2)]; first = b.status_mb('VmHWM') - base;"
-        "open('/proc/self/clear_refs', 'w').write('5');"
+        # Hand memory that is free but kept by malloc back to the system first, so the
+        # steady figure is what the steps use, not what the warm-up left behind.
+        "gc.collect(); b.trim_heap(); open('/proc/self/clear_refs', 'w').write('5');"
         f"[step() for _ in range({n_steps})];"
         "stack.close(); print(first, b.status_mb('VmHWM') - base)"
     )
@@ -291,6 +294,12 @@ def peak_memory_mb(model_name: str, variant: str, n_steps: int = 10) -> tuple[fl
     )
     first, steady = out.stdout.strip().splitlines()[-1].split()
     return float(first), float(steady)
+
+
+def trim_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the system (no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def status_mb(field: str) -> float:

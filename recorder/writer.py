@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ class TraceWriter:
         root = self._file.attrs
         root["format"] = FORMAT_NAME
         root["format_version"] = FORMAT_VERSION
-        root["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        root["created"] = datetime.now(UTC).isoformat(timespec="seconds")
         root["samplescope_version"] = __version__
         root.setdefault("run_id", uuid.uuid4().hex)
         for key, value in self._attrs.items():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from samplescope.recorder.data import IndexedDataset, with_sample_ids
+from samplescope.recorder.errors import RecorderError
 from samplescope.recorder.layers import LayerRegistry, UnsupportedLayerError, default_registry
-from samplescope.recorder.recorder import Recorder, RecorderError
+from samplescope.recorder.recorder import Recorder
 from samplescope.recorder.writer import FORMAT_VERSION, TraceWriteError
 
 __all__ = [

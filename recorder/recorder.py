@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -13,10 +12,21 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samplescope.errors import SamplescopeError
+from samplescope.recorder._columns import (
+    as_ids,
+    batch_sq_norms,
+    check_choice,
+    check_result,
+    derive_outputs,
+    jsonable,
+    np32,
+    sample_info_arrays,
+)
+from samplescope.recorder._thumbnails import thumbnail_images, thumbnail_shape
+from samplescope.recorder.errors import RecorderError
 from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
 from samplescope.recorder.writer import TraceWriteError, TraceWriter
 
@@ -26,11 +36,6 @@ logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "warn"]
 Reduction = Literal["mean", "sum"]
-_THUMB_SIDE = 28
-
-
-class RecorderError(SamplescopeError):
-    """A recording failure: bad arguments to `backward`, a failing layer, a failed write."""
 
 
 class Recorder:
@@ -83,9 +88,9 @@ class Recorder:
         world_size: int = 1,
         run_id: str | None = None,
     ) -> None:
-        _check_choice("reduction", reduction, ("mean", "sum"))
-        _check_choice("on_error", on_error, ("raise", "warn"))
-        _check_choice("on_unsupported", on_unsupported, ("error", "warn", "fallback"))
+        check_choice("reduction", reduction, ("mean", "sum"))
+        check_choice("on_error", on_error, ("raise", "warn"))
+        check_choice("on_unsupported", on_unsupported, ("error", "warn", "fallback"))
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module, not {type(model).__name__}"
             raise RecorderError(msg)
@@ -109,10 +114,10 @@ class Recorder:
         self._writer = TraceWriter(
             self.path,
             self._root_attrs(config, rank, world_size, run_id),
-            sample_info=_sample_info_arrays(sample_info),
+            sample_info=sample_info_arrays(sample_info),
             flush_seconds=flush_seconds,
             overwrite=overwrite,
-            derive=_derive_outputs,
+            derive=derive_outputs,
         )
         self._observers: list[Observer] = []
         self._order: list[str] = []  # layer names in first-forward order
@@ -272,7 +277,7 @@ class Recorder:
             )
             raise RecorderError(msg)
         n = losses.shape[0]
-        ids = _as_ids(sample_ids)
+        ids = as_ids(sample_ids)
         if ids.shape != (n,):
             msg = f"got {ids.size} sample ids for {n} losses; pass one id per sample"
             raise RecorderError(msg)
@@ -314,13 +319,13 @@ class Recorder:
             visits = {
                 "step": np.full(n, self.step, dtype=np.int64),
                 "sample_id": ids,
-                "loss": _np32(losses),
+                "loss": np32(losses),
                 "grad_sq": grad_sq,
                 "input_sq": self._input_sq(n),
             }
             if logits is not None and targets is not None:
                 # Raw logits go to the writer thread, which derives the output columns for
-                # many steps at once (`_derive_outputs`).
+                # many steps at once (`derive_outputs`).
                 visits["_logits"] = logits.detach().to(torch.float32, copy=True).cpu().numpy()
                 visits["target"] = targets.detach().to(torch.int64).cpu().numpy()
             if self.options["input_grad"]:
@@ -370,12 +375,12 @@ class Recorder:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         results = [observer.result() for observer in self._observers]
         for observer, result in zip(self._observers, results, strict=True):
-            _check_result(observer.name, result, n)
+            check_result(observer.name, result, n)
         # Whole-step tensor ops rather than per-layer ones: at small batch sizes the
         # per-call overhead, not the arithmetic, is what recording costs.
         grad_sq = torch.stack([r.grad_sq.detach() for r in results], 1).double()
         grad_sq = (grad_sq / (scale * scale)).to(torch.float32).numpy()
-        batch_sq = _batch_sq([list(r.batch_grad.values()) for r in results])
+        batch_sq = batch_sq_norms([list(r.batch_grad.values()) for r in results])
         align = None
         if self.alignment:
             align = np.stack(
@@ -421,14 +426,14 @@ class Recorder:
         if x is None or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != n:
             return np.full(n, np.nan, dtype=np.float32)
         flat = x.reshape(n, -1)
-        return _np32(torch.linalg.vecdot(flat, flat))
+        return np32(torch.linalg.vecdot(flat, flat))
 
     def _input_grad_sq(self, n: int, scale: float) -> np.ndarray:
         g = self._input_grad
         if g is None or g.dim() == 0 or g.shape[0] != n:
             return np.full(n, np.nan, dtype=np.float32)
         flat = g.reshape(n, -1)
-        return _np32(torch.linalg.vecdot(flat, flat) / (scale * scale))
+        return np32(torch.linalg.vecdot(flat, flat) / (scale * scale))
 
     def _thumbnails(self, ids: np.ndarray) -> None:
         x = self._inputs
@@ -437,7 +442,7 @@ class Recorder:
         new = [i for i, sid in enumerate(ids.tolist()) if sid not in self._thumbnailed]
         if not new:
             return
-        images = _thumbnail_images(x[new], self._thumb_shape)
+        images = thumbnail_images(x[new], self._thumb_shape)
         if images is None:
             return
         self._thumbnailed.update(int(ids[i]) for i in new)
@@ -453,7 +458,7 @@ class Recorder:
             handle.remove()
         self._order_handles.clear()
         if self.options["thumbnails"]:
-            self._thumb_shape = _thumbnail_shape(self._inputs)
+            self._thumb_shape = thumbnail_shape(self._inputs)
             if self._thumb_shape is None:
                 shape = None if self._inputs is None else tuple(self._inputs.shape)
                 warnings.warn(
@@ -490,7 +495,7 @@ class Recorder:
         hparams = {}
         if self.optimizer is not None and self.optimizer.param_groups:
             hparams = {
-                k: _jsonable(v) for k, v in self.optimizer.param_groups[0].items() if k != "params"
+                k: jsonable(v) for k, v in self.optimizer.param_groups[0].items() if k != "params"
             }
         attrs = {
             "torch_version": torch.__version__,
@@ -506,137 +511,3 @@ class Recorder:
         if run_id is not None:
             attrs["run_id"] = str(run_id)
         return attrs
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        msg = f"{name} must be one of {', '.join(map(repr, choices))}, not {value!r}"
-        raise RecorderError(msg)
-
-
-def _as_ids(sample_ids: Tensor | Sequence[int] | np.ndarray) -> np.ndarray:
-    if isinstance(sample_ids, Tensor):
-        if sample_ids.is_floating_point():
-            msg = f"sample ids must be integers, got a {sample_ids.dtype} tensor"
-            raise RecorderError(msg)
-        return sample_ids.detach().cpu().reshape(-1).to(torch.int64).numpy()
-    array = np.asarray(sample_ids)
-    if array.dtype.kind not in "iu":
-        msg = f"sample ids must be integers, got {array.dtype}"
-        raise RecorderError(msg)
-    return array.reshape(-1).astype(np.int64)
-
-
-def _check_result(name: str, result: Any, n: int) -> None:
-    if result.error is not None:
-        msg = f"layer {name!r}: {result.error}"
-        raise RecorderError(msg) from result.error
-    if result.grad_sq is None:
-        msg = f"layer {name!r} received no gradient in this step; did the forward pass use it?"
-        raise RecorderError(msg)
-    if result.grad_sq.shape != (n,):
-        msg = f"layer {name!r} saw a batch of {result.grad_sq.shape[0]} but backward got {n} losses"
-        raise RecorderError(msg)
-
-
-def _batch_sq(grads: list[list[Tensor]]) -> np.ndarray:
-    """‖G_l‖² per layer, from each layer's parameter gradients of this step."""
-    flat = [g for layer in grads for g in layer]
-    if any(g.is_sparse for g in flat):
-        return np.array([sum(_sq_norm(g) for g in layer) for layer in grads], dtype=np.float32)
-    # One fused call for every parameter of the model, then a sum per layer.
-    norms = torch.stack(torch._foreach_norm(flat)).double().square().numpy() if flat else []
-    bounds = np.cumsum([0, *(len(layer) for layer in grads)])
-    return np.array(
-        [float(np.sum(norms[lo:hi])) for lo, hi in itertools.pairwise(bounds)],
-        dtype=np.float32,
-    )
-
-
-def _sq_norm(t: Tensor) -> float:
-    # One BLAS dot: several times faster than square().sum() on large layers.
-    if t.is_sparse:  # Embedding(sparse=True)
-        t = t.coalesce().values()
-    flat = t.reshape(-1)
-    return float(torch.dot(flat, flat))
-
-
-def _np32(t: Tensor) -> np.ndarray:
-    return t.detach().cpu().to(torch.float32).numpy()
-
-
-def _derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """pred, p_target and margin from raw logits, for many steps' visits at once."""
-    if table != "visits" or "_logits" not in columns:
-        return columns
-    columns = dict(columns)
-    logits = columns.pop("_logits")
-    rows = np.arange(len(logits))
-    target = columns["target"]
-    target_logit = logits[rows, target]
-    top = logits.max(1)
-    with np.errstate(all="ignore"):  # non-finite logits are recorded as they come out
-        log_norm = top + np.log(np.exp(logits - top[:, None]).sum(1))
-        others = logits.copy()
-        others[rows, target] = -np.inf
-        columns["pred"] = logits.argmax(1).astype(np.int64)
-        columns["p_target"] = np.exp(target_logit - log_norm).astype(np.float32)
-        columns["margin"] = (target_logit - others.max(1)).astype(np.float32)
-    return columns
-
-
-def _thumbnail_shape(x: Tensor | None) -> tuple[int, int] | None:
-    if x is None or not x.is_floating_point():
-        return None
-    if x.dim() == 2:
-        side = math.isqrt(x.shape[1])
-        if side * side != x.shape[1] or side < 4:
-            return None
-        h = w = side
-    elif x.dim() in (3, 4):
-        h, w = x.shape[-2], x.shape[-1]
-    else:
-        return None
-    return (min(h, _THUMB_SIDE), min(w, _THUMB_SIDE))
-
-
-def _thumbnail_images(x: Tensor, shape: tuple[int, int]) -> np.ndarray | None:
-    x = x.detach().float().cpu()
-    if x.dim() == 2:
-        side = math.isqrt(x.shape[1])
-        x = x.reshape(-1, 1, side, side)
-    elif x.dim() == 3:
-        x = x[:, None]
-    x = F.adaptive_avg_pool2d(x.mean(1, keepdim=True), shape)[:, 0]
-    flat = x.reshape(x.shape[0], -1)
-    low = flat.min(1, keepdim=True).values
-    span = (flat.max(1, keepdim=True).values - low).clamp_min(1e-12)
-    scaled = ((flat - low) / span * 255).round().clamp(0, 255)
-    return scaled.reshape(x.shape).to(torch.uint8).numpy()
-
-
-def _sample_info_arrays(info: Mapping[str, Any] | None) -> dict[str, np.ndarray] | None:
-    if info is None:
-        return None
-    arrays = {
-        name: (v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v))
-        for name, v in info.items()
-    }
-    if "sample_id" not in arrays:
-        msg = "sample_info needs a 'sample_id' column naming the sample of each row"
-        raise RecorderError(msg)
-    lengths = {name: a.shape[0] if a.ndim else 0 for name, a in arrays.items()}
-    if len(set(lengths.values())) != 1:
-        msg = f"sample_info columns differ in length: {lengths}"
-        raise RecorderError(msg)
-    return arrays
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return repr(value)

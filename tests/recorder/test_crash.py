@@ -34,32 +34,45 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_sigkill_leaves_a_trace_that_opens_and_holds_every_flushed_step(tmp_path):
-    path = tmp_path / "killed.h5"
+def _train_then_kill(path, until, on_flush):
+    """Run CHILD, call on_flush(step) after each flush, SIGKILL it once `until` is flushed.
+
+    Returns the last flushed step and the child's exit status.
+    """
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True
     )
+    flushed = 0
     try:
-        flushed = 0
-        live_checked = False
         for line in child.stdout:
             flushed = int(line.split()[1])
-            if flushed >= 20 and not live_checked:
-                # A reader opens the trace while training is still writing it.
-                with h5py.File(path, "r", swmr=True) as f:
-                    assert f["steps/step"].shape[0] >= 20
-                    assert f["status/closed"][0] == 0
-                live_checked = True
-            if flushed >= 60:
+            on_flush(flushed)
+            if flushed >= until:
                 break
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
     finally:
         if child.poll() is None:
             child.kill()
+    return flushed, child.returncode
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_a_trace_that_opens_and_holds_every_flushed_step(tmp_path):
+    path = tmp_path / "killed.h5"
+    live_checked = []
+
+    def read_live(flushed):
+        if flushed >= 20 and not live_checked:
+            # A reader opens the trace while training is still writing it.
+            with h5py.File(path, "r", swmr=True) as f:
+                assert f["steps/step"].shape[0] >= 20
+                assert f["status/closed"][0] == 0
+            live_checked.append(flushed)
+
+    flushed, status = _train_then_kill(path, 60, read_live)
     assert live_checked
-    assert child.returncode == -signal.SIGKILL
+    assert status == -signal.SIGKILL
     with h5py.File(path, "r", swmr=True) as f:  # no repair tool needed
         n_steps = min(f[f"steps/{c}"].shape[0] for c in ("step", "visit_start", "grad_sq"))
         assert n_steps >= flushed
@@ -74,23 +87,17 @@ def test_a_killed_trace_opens_in_the_analysis_layer(tmp_path):
     from samplescope.analysis import open_trace
 
     path = tmp_path / "killed.h5"
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        for line in child.stdout:
-            flushed = int(line.split()[1])
-            if flushed == 10:
-                with open_trace(path) as live:  # while the writer still holds the file
-                    assert live.meta["n_steps"] >= 10
-                    assert not live.meta["closed"]
-            if flushed >= 20:
-                break
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    live_checked = []
+
+    def read_live(flushed):
+        if flushed == 10:
+            with open_trace(path) as live:  # while the writer still holds the file
+                assert live.meta["n_steps"] >= 10
+                assert not live.meta["closed"]
+            live_checked.append(flushed)
+
+    _train_then_kill(path, 20, read_live)
+    assert live_checked
     with open_trace(path) as t:
         assert t.meta["n_steps"] >= 20
         samples = t.samples()

@@ -277,7 +277,6 @@ class TraceData:
             self.close()
             raise
         self._cache: dict[tuple[str, str], pa.Array] = {}
-        self._layer_cache: dict[tuple[str, str], list[pa.Array]] = {}
 
     def _check_shards(self) -> None:
         first = self.shards[0]
@@ -302,9 +301,6 @@ class TraceData:
 
     def has_visit_column(self, column: str) -> bool:
         return all(s.has("visits", column) for s in self.shards)
-
-    def has_step_column(self, column: str) -> bool:
-        return all(s.has("steps", column) for s in self.shards)
 
     def close(self) -> None:
         for shard in self.shards:
@@ -347,31 +343,6 @@ class TraceData:
             self._cache[key] = array
         return array
 
-    def visit_layer_columns(self, column: str) -> list[pa.Array]:
-        """A [visits, layers] column (grad_sq, alignment) as one float32 array per layer.
-
-        Contiguous per-layer columns let DuckDB scan one layer's values at full speed, where
-        indexing a fixed-size list gathers them row by row.
-        """
-        key = ("visits", f"{column}[]")
-        if key in self._layer_cache:
-            return self._layer_cache[key]
-        per_layer: list[list[pa.Array]] = [[] for _ in range(self.n_layers)]
-        for steps in self.steps:
-            for start, stop, _ in steps.ranges(None):
-                if not steps.shard.has("visits", column):
-                    for parts in per_layer:
-                        parts.append(pa.nulls(stop - start, type=pa.float32()))
-                    continue
-                block = np.asarray(steps.shard.read("visits", column, start, stop),
-                                   dtype=np.float32)
-                for layer, parts in enumerate(per_layer):
-                    parts.append(pa.array(np.ascontiguousarray(block[:, layer])))
-        arrays = [pa.concat_arrays(parts) if parts else pa.array([], type=pa.float32())
-                  for parts in per_layer]
-        self._layer_cache[key] = arrays
-        return arrays
-
     def importance_batches(self, columns: Sequence[str], max_rows: int,
                            ) -> Iterator[pa.RecordBatch]:
         """The importance source in row blocks: step, epoch, sample_id, scale_sq = (lr·s)²
@@ -412,20 +383,6 @@ class TraceData:
         block = np.asarray(shard.read("visits", column, start, stop), dtype=np.float32)
         return {f"{column}_{i}": pa.array(np.ascontiguousarray(block[:, i]))
                 for i in range(self.n_layers)}
-
-    def scale_sq_column(self) -> pa.Array:
-        """(lr · s)² per visit, float64: the factor that turns grad_sq into importance."""
-        key = ("visits", "scale_sq")
-        if key not in self._cache:
-            parts = []
-            for steps in self.steps:
-                scale = steps.lr_scale
-                for _, _, index in steps.ranges(None):
-                    parts.append(np.repeat(scale[index] * scale[index],
-                                           steps.batch_size[index]))
-            values = np.concatenate(parts) if parts else np.zeros(0)
-            self._cache[key] = pa.array(values, type=pa.float64())
-        return self._cache[key]
 
     # -- visits, chunk by chunk ---------------------------------------------------------
     def epoch_chunks(self, max_rows: int) -> list[tuple[int, list[np.ndarray]]] | None:

@@ -121,12 +121,6 @@ class ReportData:
                 .filter(pl.col("epoch").is_not_null() & pl.col("layer_index").is_not_null())
                 .select("epoch", "layer_index", "spearman").sort("epoch", "layer_index"))
 
-    @cached_property
-    def overall_correlations(self) -> pl.DataFrame:
-        """layer_index (null = all layers), spearman of whole-run importance vs final loss."""
-        return (self.trace.correlations().filter(pl.col("epoch").is_null())
-                .select("layer_index", "spearman"))
-
     # -- per sample ----------------------------------------------------------------------
     @cached_property
     def samples(self) -> pl.DataFrame:

@@ -26,7 +26,6 @@ from samplescope.recorder.layers.norm import (
 )
 from samplescope.recorder.layers.registry import (
     LayerRegistry,
-    ObserverFactory,
     OnUnsupported,
     Rule,
     UnsupportedLayerError,
@@ -80,8 +79,3 @@ def _conv_observer(name: str, module: nn.Module, session: Session) -> Observer:
     return HookObserver(name, module, session, ConvNorms())
 
 
-def _hook(norm_fn: NormFn) -> ObserverFactory:
-    def factory(name: str, module: nn.Module, session: Session) -> Observer:
-        return HookObserver(name, module, session, norm_fn)
-
-    return factory

@@ -16,12 +16,6 @@ def register(group: click.Group) -> None:
     group.add_command(demo)
 
 
-def _section_ids() -> str:
-    from samplescope.reports import SECTIONS
-
-    return ",".join(s.id for s in SECTIONS)
-
-
 @click.command()
 @click.argument("trace", nargs=-1, required=True)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),

@@ -14,9 +14,10 @@ from typing import Any
 import click
 
 from samplescope import __version__
+from samplescope.cli.output import CommandError, one_line
 from samplescope.errors import SamplescopeError
 
-__all__ = ["UserError", "main"]
+__all__ = ["main"]
 
 _COMMAND_MODULES = (
     "samplescope.cli.trace_cmds",
@@ -25,25 +26,15 @@ _COMMAND_MODULES = (
 )
 
 
-class UserError(click.ClickException):
-    """A user mistake, reported in one line with exit status 2."""
-
-    exit_code = 2
-
-
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SamplescopeError as error:
-            raise UserError(_one_line(error)) from None
+            raise CommandError(one_line(error)) from None
         except OSError as error:
             # Unwritable outputs, full disks: the user's environment, not a bug.
-            raise UserError(_one_line(error)) from None
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+            raise CommandError(one_line(error)) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -18,7 +18,7 @@ import polars as pl
 
 from samplescope.errors import SamplescopeError
 
-__all__ = ["FORMATS", "CommandError", "format_table", "frame_output", "write_frame"]
+__all__ = ["FORMATS", "CommandError", "format_table", "frame_output", "one_line", "write_frame"]
 
 FORMATS = ("table", "csv", "json", "parquet")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,6 +28,11 @@ class CommandError(click.ClickException):
     """A user mistake reported in one line with exit status 2."""
 
     exit_code = 2
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (never empty)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _cell(value: Any) -> str:
@@ -108,7 +113,7 @@ def frame_output(func: F) -> F:
         try:
             frame = func(*args, **kwargs)
         except SamplescopeError as error:
-            raise CommandError(" ".join(str(error).split())) from None
+            raise CommandError(one_line(error)) from None
         try:
             write_frame(frame, fmt, output)
         except OSError as error:

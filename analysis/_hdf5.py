@@ -30,8 +30,11 @@ logger = logging.getLogger(__name__)
 FORMAT = "samplescope-trace"
 FORMAT_VERSION = 1
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_REQUIRED = {"layers": ("name",), "steps": ("step", "epoch", "lr", "batch_size", "visit_start"),
-             "visits": ("step", "sample_id", "loss", "grad_sq")}
+_REQUIRED = {
+    "layers": ("name",),
+    "steps": ("step", "epoch", "lr", "batch_size", "visit_start"),
+    "visits": ("step", "sample_id", "loss", "grad_sq"),
+}
 _JSON_ATTRS = ("config", "optimizer_hparams", "options")
 
 
@@ -93,8 +96,10 @@ def _open_h5(path: Path) -> h5py.File:
                 raise TraceFormatError(msg) from None
         # A writer holds the file: consistency flags set, or lock flags differ. ("sblock"
         # in HDF5's truncation message contains "lock", hence the longer phrases.)
-        held = any(p in text for p in ("already open", "h5clear", "file locking",
-                                       "unable to lock", "lock file"))
+        held = any(
+            p in text
+            for p in ("already open", "h5clear", "file locking", "unable to lock", "lock file")
+        )
         if "truncated file" in text or not held or _shorter_than_stored_eof(path):
             msg = f"{path} is a truncated or corrupt HDF5 file ({_first_line(text)})"
             raise TraceFormatError(msg) from None
@@ -119,7 +124,7 @@ def _shorter_than_stored_eof(path: Path) -> bool:
     offset = 12 + 2 * size
     if size not in (4, 8) or len(head) < offset + size:
         return False
-    stored_eof = int.from_bytes(head[offset:offset + size], "little")
+    stored_eof = int.from_bytes(head[offset : offset + size], "little")
     return path.stat().st_size < stored_eof
 
 
@@ -161,8 +166,10 @@ class Shard:
             msg = f"{self.path} has no integer format_version attribute; it is corrupt"
             raise TraceFormatError(msg)
         if version > FORMAT_VERSION:
-            msg = (f"{self.path} is trace format version {version}, but this samplescope reads "
-                   f"versions up to {FORMAT_VERSION}; upgrade samplescope")
+            msg = (
+                f"{self.path} is trace format version {version}, but this samplescope reads "
+                f"versions up to {FORMAT_VERSION}; upgrade samplescope"
+            )
             raise TraceFormatError(msg)
         for group, columns in _REQUIRED.items():
             for column in columns:
@@ -175,8 +182,9 @@ class Shard:
                 try:
                     self.attrs[key] = json.loads(raw) if raw else {}
                 except json.JSONDecodeError:
-                    logger.warning("%s: attribute %s is not valid JSON; kept as text",
-                                   self.path, key)
+                    logger.warning(
+                        "%s: attribute %s is not valid JSON; kept as text", self.path, key
+                    )
 
     @property
     def rank(self) -> int:
@@ -250,8 +258,10 @@ class _ShardSteps:
 
 def _read_steps(shard: Shard) -> _ShardSteps:
     n = shard.rows("steps")
-    cols = {c: shard.read("steps", c, 0, n) for c in ("step", "epoch", "lr", "batch_size",
-                                                      "visit_start")}
+    cols = {
+        c: shard.read("steps", c, 0, n)
+        for c in ("step", "epoch", "lr", "batch_size", "visit_start")
+    }
     n_visit_rows = shard.rows("visits")
     ends = cols["visit_start"] + cols["batch_size"]
     # Keep the steps whose visits are all flushed: a coherent snapshot of a live trace.
@@ -282,9 +292,11 @@ class TraceData:
         first = self.shards[0]
         for shard in self.shards[1:]:
             if shard.attrs.get("run_id") != first.attrs.get("run_id"):
-                msg = (f"{shard.path} and {first.path} are from different runs (run_id "
-                       f"{shard.attrs.get('run_id')!r} vs {first.attrs.get('run_id')!r}); "
-                       "open shards of one run together and compare runs with compare_traces")
+                msg = (
+                    f"{shard.path} and {first.path} are from different runs (run_id "
+                    f"{shard.attrs.get('run_id')!r} vs {first.attrs.get('run_id')!r}); "
+                    "open shards of one run together and compare runs with compare_traces"
+                )
                 raise TraceError(msg)
         ranks = [s.rank for s in self.shards]
         if len(set(ranks)) != len(ranks):
@@ -319,8 +331,10 @@ class TraceData:
         parts = []
         for steps in self.steps:
             n = len(steps.step)
-            cols = {c: np.asarray(steps.shard.read("steps", c, 0, n))
-                    for c in steps.shard.columns("steps")}
+            cols = {
+                c: np.asarray(steps.shard.read("steps", c, 0, n))
+                for c in steps.shard.columns("steps")
+            }
             parts.append(cols)
         names = [c for c in parts[0] if all(c in p for p in parts)]
         merged = {c: np.concatenate([p[c] for p in parts]) for c in names}
@@ -343,8 +357,11 @@ class TraceData:
             self._cache[key] = array
         return array
 
-    def importance_batches(self, columns: Sequence[str], max_rows: int,
-                           ) -> Iterator[pa.RecordBatch]:
+    def importance_batches(
+        self,
+        columns: Sequence[str],
+        max_rows: int,
+    ) -> Iterator[pa.RecordBatch]:
         """The importance source in row blocks: step, epoch, sample_id, scale_sq = (lr·s)²
         (float64) and one float32 column per layer for grad_sq / alignment (`grad_sq_<l>`).
 
@@ -354,8 +371,11 @@ class TraceData:
             scale = steps.lr_scale
             for start, stop, index in steps.ranges(None):
                 sizes = steps.batch_size[index]
-                per_step = {"step": steps.step[index], "epoch": steps.epoch[index],
-                            "scale_sq": scale[index] * scale[index]}
+                per_step = {
+                    "step": steps.step[index],
+                    "epoch": steps.epoch[index],
+                    "scale_sq": scale[index] * scale[index],
+                }
                 # Row offset of each step within the range: per-step values are repeated for
                 # one block at a time, never for the whole range (3 × 24 MB at 3M visits).
                 offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -368,21 +388,30 @@ class TraceData:
                     for column in columns:
                         if column in per_step:
                             values = np.repeat(per_step[column][first:last], sizes[first:last])
-                            arrays[column] = pa.array(values[skip:skip + hi - lo])
+                            arrays[column] = pa.array(values[skip : skip + hi - lo])
                         elif column in ("grad_sq", "alignment"):
                             arrays.update(self._layer_block(steps.shard, column, lo, hi))
                         else:
                             arrays[column] = pa.array(steps.shard.read("visits", column, lo, hi))
                     yield pa.RecordBatch.from_pydict(arrays)
 
-    def _layer_block(self, shard: Shard, column: str, start: int, stop: int,
-                     ) -> dict[str, pa.Array]:
+    def _layer_block(
+        self,
+        shard: Shard,
+        column: str,
+        start: int,
+        stop: int,
+    ) -> dict[str, pa.Array]:
         if not shard.has("visits", column):
-            return {f"{column}_{i}": pa.nulls(stop - start, type=pa.float32())
-                    for i in range(self.n_layers)}
+            return {
+                f"{column}_{i}": pa.nulls(stop - start, type=pa.float32())
+                for i in range(self.n_layers)
+            }
         block = np.asarray(shard.read("visits", column, start, stop), dtype=np.float32)
-        return {f"{column}_{i}": pa.array(np.ascontiguousarray(block[:, i]))
-                for i in range(self.n_layers)}
+        return {
+            f"{column}_{i}": pa.array(np.ascontiguousarray(block[:, i]))
+            for i in range(self.n_layers)
+        }
 
     # -- visits, chunk by chunk ---------------------------------------------------------
     def epoch_chunks(self, max_rows: int) -> list[tuple[int, list[np.ndarray]]] | None:
@@ -413,8 +442,11 @@ class TraceData:
                 chunks.append((int(epoch[part[0]]), masks))
         return chunks
 
-    def read_chunk(self, masks: list[np.ndarray], columns: Sequence[str],
-                   ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    def read_chunk(
+        self,
+        masks: list[np.ndarray],
+        columns: Sequence[str],
+    ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         """Numpy columns of the visits of the masked steps, in step order (rank order within a
         step, as in `visit_column` sorted by step).
 
@@ -437,32 +469,42 @@ class TraceData:
         out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         for column, pieces in parts.items():
             values = np.concatenate([p for p, _ in pieces]) if pieces else np.zeros(0)
-            valid = (None if all(ok for _, ok in pieces) else
-                     np.concatenate([np.full(len(p), ok) for p, ok in pieces]))
+            valid = (
+                None
+                if all(ok for _, ok in pieces)
+                else np.concatenate([np.full(len(p), ok) for p, ok in pieces])
+            )
             if order is not None:
                 values = values[order]
                 valid = None if valid is None else valid[order]
             out[column] = (values, valid)
         return out
 
-    def _chunk_part(self, steps: _ShardSteps, column: str, start: int, stop: int,
-                    index: np.ndarray) -> tuple[np.ndarray, bool]:
+    def _chunk_part(
+        self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
+    ) -> tuple[np.ndarray, bool]:
         shard = steps.shard
         if column == "lr_scale":
             return np.repeat(steps.lr_scale[index], steps.batch_size[index]), True
         if column == "correct":
             if not (shard.has("visits", "pred") and shard.has("visits", "target")):
                 return np.full(stop - start, -1, dtype=np.int8), True
-            return (shard.read("visits", "pred", start, stop)
-                    == shard.read("visits", "target", start, stop)).astype(np.int8), True
+            return (
+                shard.read("visits", "pred", start, stop)
+                == shard.read("visits", "target", start, stop)
+            ).astype(np.int8), True
         if not shard.has("visits", column):
-            shape = (stop - start, self.n_layers) if column in ("grad_sq", "alignment") else (
-                stop - start,)
+            shape = (
+                (stop - start, self.n_layers)
+                if column in ("grad_sq", "alignment")
+                else (stop - start,)
+            )
             return np.zeros(shape, dtype=np.float32), False
         return shard.read("visits", column, start, stop), True
 
-    def _visit_part(self, steps: _ShardSteps, column: str, start: int, stop: int,
-                    index: np.ndarray) -> np.ndarray:
+    def _visit_part(
+        self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
+    ) -> np.ndarray:
         if column in ("epoch", "lr_scale"):
             values = steps.epoch if column == "epoch" else steps.lr_scale
             return np.repeat(values[index], steps.batch_size[index])
@@ -471,8 +513,9 @@ class TraceData:
         if column == "correct":
             if not (steps.shard.has("visits", "pred") and steps.shard.has("visits", "target")):
                 return np.full(stop - start, None, dtype=object)
-            return (steps.shard.read("visits", "pred", start, stop)
-                    == steps.shard.read("visits", "target", start, stop))
+            return steps.shard.read("visits", "pred", start, stop) == steps.shard.read(
+                "visits", "target", start, stop
+            )
         if not steps.shard.has("visits", column):
             return np.full(stop - start, None, dtype=object)
         return steps.shard.read("visits", column, start, stop)
@@ -501,11 +544,18 @@ def _scalar(arrow_type: pa.DataType):
 
 
 _VISIT_TYPES = {
-    "step": _scalar(pa.int64()), "sample_id": _scalar(pa.int64()), "epoch": _scalar(pa.int64()),
-    "rank": _scalar(pa.int64()), "loss": _scalar(pa.float32()), "target": _scalar(pa.int64()),
-    "pred": _scalar(pa.int64()), "correct": _scalar(pa.bool_()),
-    "p_target": _scalar(pa.float32()), "margin": _scalar(pa.float32()),
-    "input_sq": _scalar(pa.float32()), "input_grad_sq": _scalar(pa.float32()),
+    "step": _scalar(pa.int64()),
+    "sample_id": _scalar(pa.int64()),
+    "epoch": _scalar(pa.int64()),
+    "rank": _scalar(pa.int64()),
+    "loss": _scalar(pa.float32()),
+    "target": _scalar(pa.int64()),
+    "pred": _scalar(pa.int64()),
+    "correct": _scalar(pa.bool_()),
+    "p_target": _scalar(pa.float32()),
+    "margin": _scalar(pa.float32()),
+    "input_sq": _scalar(pa.float32()),
+    "input_grad_sq": _scalar(pa.float32()),
     "lr_scale": _scalar(pa.float64()),
     "grad_sq": lambda n: pa.list_(pa.float32(), n),
     "alignment": lambda n: pa.list_(pa.float32(), n),

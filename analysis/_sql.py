@@ -47,8 +47,9 @@ def _walk(node: Any, names: QueryNames) -> None:
             _walk(value, names)
 
 
-def query_names(query: str, known_tables: set[str],
-                con: duckdb.DuckDBPyConnection | None = None) -> QueryNames:
+def query_names(
+    query: str, known_tables: set[str], con: duckdb.DuckDBPyConnection | None = None
+) -> QueryNames:
     """Parse `query` and return the tables and columns it may use.
 
     Args:

@@ -19,8 +19,18 @@ from samplescope.analysis._hdf5 import TraceData
 __all__ = ["stream_sample_scores"]
 
 _CHUNK_ROWS = 1 << 18
-_COLUMNS = ("sample_id", "loss", "target", "correct", "p_target", "margin", "input_sq",
-            "input_grad_sq", "lr_scale", "grad_sq")
+_COLUMNS = (
+    "sample_id",
+    "loss",
+    "target",
+    "correct",
+    "p_target",
+    "margin",
+    "input_sq",
+    "input_grad_sq",
+    "lr_scale",
+    "grad_sq",
+)
 _MEANS = ("aum", "el2n_proxy", "grand", "input_sq", "input_grad_sq")
 
 
@@ -99,8 +109,9 @@ class _Accumulator:
         self._cartography(idx, cols)
         self._last_and_forgetting(idx, counts, cols)
 
-    def _mean(self, name: str, idx: np.ndarray,
-              column: tuple[np.ndarray, np.ndarray | None]) -> None:
+    def _mean(
+        self, name: str, idx: np.ndarray, column: tuple[np.ndarray, np.ndarray | None]
+    ) -> None:
         values, valid = column
         values = values.astype(np.float64)
         if valid is not None:
@@ -108,8 +119,9 @@ class _Accumulator:
         self.sums[name] += self._sum(idx, values)
         self.counts[name] += np.bincount(idx, minlength=len(self.ids))
 
-    def _cartography(self, idx: np.ndarray,
-                     cols: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
+    def _cartography(
+        self, idx: np.ndarray, cols: dict[str, tuple[np.ndarray, np.ndarray | None]]
+    ) -> None:
         p, p_valid = cols["p_target"]
         p_idx = idx if p_valid is None else idx[p_valid]
         p = (p if p_valid is None else p[p_valid]).astype(np.float64)
@@ -136,8 +148,12 @@ class _Accumulator:
         for values in sums.values():
             values.fill(0)
 
-    def _last_and_forgetting(self, idx: np.ndarray, counts: np.ndarray,
-                             cols: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
+    def _last_and_forgetting(
+        self,
+        idx: np.ndarray,
+        counts: np.ndarray,
+        cols: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    ) -> None:
         correct = cols["correct"][0]
         if counts.max() <= 1:
             order, last = np.arange(len(idx)), np.ones(len(idx), dtype=bool)
@@ -162,6 +178,7 @@ class _Accumulator:
 
     def frame(self) -> pl.DataFrame:
         """The per-sample aggregates, named as `scores.sample_scores` expects."""
+
         def mean(name: str) -> pl.Series:
             n = self.counts[name]
             values = np.divide(self.sums[name], n, out=np.zeros(len(n)), where=n > 0)
@@ -170,31 +187,38 @@ class _Accumulator:
         outputs = self.has_correct
         p_n, c_n = self.p_epochs, self.c_epochs
         confidence = np.divide(self.conf_sum, p_n, out=np.zeros(len(p_n)), where=p_n > 0)
-        variability = np.sqrt(np.divide(self.p_m2, p_n, out=np.zeros(len(p_n)),
-                                        where=p_n > 0))
+        variability = np.sqrt(np.divide(self.p_m2, p_n, out=np.zeros(len(p_n)), where=p_n > 0))
         correctness = np.divide(self.c_sum, c_n, out=np.zeros(len(c_n)), where=c_n > 0)
-        return pl.DataFrame({
-            "sample_id": self.ids.astype(np.int64),
-            "n_visits": self.n_visits,
-            "target": _masked("target", self.target, self.target_valid, pl.Int64),
-            "importance": self.importance,
-            **{f"importance_{layer}": values for layer, values in enumerate(self.layer)},
-            "_when_num": self.when_num,
-            "final_loss": self.final_loss,
-            "final_correct": _masked("final_correct", self.state == 1, self.state >= 0,
-                                     pl.Boolean),
-            "forgetting_events": _masked("forgetting_events", self.forgetting, outputs,
-                                         pl.Int64),
-            **{name: mean(name) for name in _MEANS},
-            "tracin_self": self.tracin,
-            "confidence": _masked("confidence", confidence, p_n > 0, pl.Float64),
-            "variability": _masked("variability", variability, p_n > 0, pl.Float64),
-            "correctness": _masked("correctness", correctness, c_n > 0, pl.Float64),
-        })
+        return pl.DataFrame(
+            {
+                "sample_id": self.ids.astype(np.int64),
+                "n_visits": self.n_visits,
+                "target": _masked("target", self.target, self.target_valid, pl.Int64),
+                "importance": self.importance,
+                **{f"importance_{layer}": values for layer, values in enumerate(self.layer)},
+                "_when_num": self.when_num,
+                "final_loss": self.final_loss,
+                "final_correct": _masked(
+                    "final_correct", self.state == 1, self.state >= 0, pl.Boolean
+                ),
+                "forgetting_events": _masked(
+                    "forgetting_events", self.forgetting, outputs, pl.Int64
+                ),
+                **{name: mean(name) for name in _MEANS},
+                "tracin_self": self.tracin,
+                "confidence": _masked("confidence", confidence, p_n > 0, pl.Float64),
+                "variability": _masked("variability", variability, p_n > 0, pl.Float64),
+                "correctness": _masked("correctness", correctness, c_n > 0, pl.Float64),
+            }
+        )
 
 
-def _masked(name: str, values: np.ndarray, valid: np.ndarray, dtype: pl.DataType,
-            ) -> pl.Series:
+def _masked(
+    name: str,
+    values: np.ndarray,
+    valid: np.ndarray,
+    dtype: pl.DataType,
+) -> pl.Series:
     series = pl.Series(name, values, dtype=dtype)
     missing = np.flatnonzero(~valid)
     return series.scatter(missing, None) if len(missing) else series
@@ -214,9 +238,8 @@ def stream_sample_scores(data: TraceData, early_epochs: int) -> pl.DataFrame | N
     chunks = data.epoch_chunks(_CHUNK_ROWS)
     if chunks is None:
         return None
-    visited = np.unique(np.concatenate(
-        [s.epoch[s.batch_size > 0] for s in data.steps]))
-    early = {int(e) for e in visited[:max(early_epochs, 1)]}
+    visited = np.unique(np.concatenate([s.epoch[s.batch_size > 0] for s in data.steps]))
+    early = {int(e) for e in visited[: max(early_epochs, 1)]}
     acc = _Accumulator(_sample_ids(data), data.n_layers, early)
     current: int | None = None
     for epoch, masks in chunks:

@@ -29,10 +29,15 @@ def difficulty_labels(loss_auc: np.ndarray) -> list[str]:
 
 def _profiles(per_epoch: pl.DataFrame, ids: pl.Series) -> np.ndarray:
     """Matrix samples × (epoch, layer) of importance, 0 where a sample was not visited."""
-    wide = (per_epoch.filter(pl.col("sample_id").is_in(ids.implode()))
-            .with_columns((pl.col("epoch").cast(pl.String) + "_"
-                           + pl.col("layer_index").cast(pl.String)).alias("cell"))
-            .pivot("cell", index="sample_id", values="importance", aggregate_function="sum"))
+    wide = (
+        per_epoch.filter(pl.col("sample_id").is_in(ids.implode()))
+        .with_columns(
+            (pl.col("epoch").cast(pl.String) + "_" + pl.col("layer_index").cast(pl.String)).alias(
+                "cell"
+            )
+        )
+        .pivot("cell", index="sample_id", values="importance", aggregate_function="sum")
+    )
     wide = pl.DataFrame({"sample_id": ids}).join(wide, on="sample_id", how="left")
     matrix = np.nan_to_num(wide.drop("sample_id").to_numpy().astype(np.float64), nan=0.0)
     # Standardise each cell: importance shrinks over training and would let early epochs
@@ -41,8 +46,9 @@ def _profiles(per_epoch: pl.DataFrame, ids: pl.Series) -> np.ndarray:
     return (matrix - matrix.mean(axis=0)) / np.where(std > 0, std, 1.0)
 
 
-def cluster_samples(per_epoch: pl.DataFrame, visits: pl.DataFrame, samples: pl.DataFrame,
-                    *, k: int, seed: int) -> pl.DataFrame:
+def cluster_samples(
+    per_epoch: pl.DataFrame, visits: pl.DataFrame, samples: pl.DataFrame, *, k: int, seed: int
+) -> pl.DataFrame:
     """One row per sample: target (class), cluster (per class, 0-based), label, cluster_size,
     cluster_loss_auc (mean over epochs of the cluster's mean training loss).
 
@@ -69,15 +75,24 @@ def cluster_samples(per_epoch: pl.DataFrame, visits: pl.DataFrame, samples: pl.D
             model = KMeans(n_clusters=n_clusters, random_state=seed, n_init=4)
             assignment = model.fit_predict(profiles).astype(np.int64)
         frame = pl.DataFrame({"sample_id": ids, "cluster": assignment})
-        curve = (loss.join(frame, on="sample_id").group_by("cluster", "epoch")
-                 .agg(pl.col("loss").mean()).group_by("cluster")
-                 .agg(pl.col("loss").mean().alias("cluster_loss_auc")).sort("cluster"))
+        curve = (
+            loss.join(frame, on="sample_id")
+            .group_by("cluster", "epoch")
+            .agg(pl.col("loss").mean())
+            .group_by("cluster")
+            .agg(pl.col("loss").mean().alias("cluster_loss_auc"))
+            .sort("cluster")
+        )
         labels = difficulty_labels(curve["cluster_loss_auc"].to_numpy())
         curve = curve.with_columns(pl.Series("label", labels, dtype=pl.String))
         sizes = frame.group_by("cluster").agg(pl.len().cast(pl.Int64).alias("cluster_size"))
-        parts.append(frame.join(curve, on="cluster").join(sizes, on="cluster")
-                     .with_columns(pl.lit(target, dtype=pl.Int64).alias("target")))
-    return (pl.concat(parts)
-            .select("sample_id", "target", "cluster", "label", "cluster_size",
-                    "cluster_loss_auc")
-            .sort("sample_id"))
+        parts.append(
+            frame.join(curve, on="cluster")
+            .join(sizes, on="cluster")
+            .with_columns(pl.lit(target, dtype=pl.Int64).alias("target"))
+        )
+    return (
+        pl.concat(parts)
+        .select("sample_id", "target", "cluster", "label", "cluster_size", "cluster_loss_auc")
+        .sort("sample_id")
+    )

@@ -19,10 +19,14 @@ def _importance(source: PathLike | Sequence[PathLike]) -> pl.DataFrame:
     from samplescope.analysis.trace import open_trace
 
     with open_trace(source) as trace:
-        per_epoch = trace.sample_epochs().group_by("sample_id", "epoch").agg(
-            pl.col("importance").sum())
-        total = trace.samples().select("sample_id", "importance").with_columns(
-            pl.lit(None, dtype=pl.Int64).alias("epoch"))
+        per_epoch = (
+            trace.sample_epochs().group_by("sample_id", "epoch").agg(pl.col("importance").sum())
+        )
+        total = (
+            trace.samples()
+            .select("sample_id", "importance")
+            .with_columns(pl.lit(None, dtype=pl.Int64).alias("epoch"))
+        )
     return pl.concat([per_epoch, total.select(per_epoch.columns)])
 
 
@@ -47,14 +51,21 @@ def compare_traces(paths: Sequence[PathLike | Sequence[PathLike]]) -> pl.DataFra
     names = [p if isinstance(p, (str, os.PathLike)) else ",".join(map(str, p)) for p in paths]
     rows = []
     for a, b in itertools.combinations(range(len(paths)), 2):
-        joined = tables[a].join(tables[b], on=["sample_id", "epoch"], nulls_equal=True,
-                                suffix="_b")
+        joined = tables[a].join(tables[b], on=["sample_id", "epoch"], nulls_equal=True, suffix="_b")
         stats = joined.group_by("epoch").agg(
             pl.len().cast(pl.Int64).alias("n_samples"),
-            pl.corr("importance", "importance_b", method="spearman").alias("spearman"))
-        rows.append(stats.with_columns(
-            pl.lit(a, dtype=pl.Int64).alias("run_a"), pl.lit(b, dtype=pl.Int64).alias("run_b"),
-            pl.lit(str(names[a])).alias("trace_a"), pl.lit(str(names[b])).alias("trace_b")))
-    return (pl.concat(rows)
-            .select("run_a", "run_b", "trace_a", "trace_b", "epoch", "n_samples", "spearman")
-            .sort("run_a", "run_b", "epoch", nulls_last=True))
+            pl.corr("importance", "importance_b", method="spearman").alias("spearman"),
+        )
+        rows.append(
+            stats.with_columns(
+                pl.lit(a, dtype=pl.Int64).alias("run_a"),
+                pl.lit(b, dtype=pl.Int64).alias("run_b"),
+                pl.lit(str(names[a])).alias("trace_a"),
+                pl.lit(str(names[b])).alias("trace_b"),
+            )
+        )
+    return (
+        pl.concat(rows)
+        .select("run_a", "run_b", "trace_a", "trace_b", "epoch", "n_samples", "spearman")
+        .sort("run_a", "run_b", "epoch", nulls_last=True)
+    )

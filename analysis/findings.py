@@ -84,49 +84,75 @@ class _Data:
 def _gather(trace: Any) -> _Data:
     layers = trace.layers().sort("layer_index")
     samples = trace.samples()
-    input_sq = (samples["input_sq"] if "input_sq" in samples.columns
-                else pl.Series("input_sq", [None] * samples.height, dtype=pl.Float64))
+    input_sq = (
+        samples["input_sq"]
+        if "input_sq" in samples.columns
+        else pl.Series("input_sq", [None] * samples.height, dtype=pl.Float64)
+    )
     top = samples["difficulty_decile"].max()
     samples = samples.select(
-        "sample_id", "final_loss",
+        "sample_id",
+        "final_loss",
         input_sq.cast(pl.Float64).alias("input_sq"),
-        pl.when(pl.col("difficulty_decile") == 0).then(pl.lit("easy"))
-        .when((pl.col("difficulty_decile") == top) & (top > 0)).then(pl.lit("hard"))
-        .otherwise(pl.lit(None, dtype=pl.String)).alias("group"),
+        pl.when(pl.col("difficulty_decile") == 0)
+        .then(pl.lit("easy"))
+        .when((pl.col("difficulty_decile") == top) & (top > 0))
+        .then(pl.lit("hard"))
+        .otherwise(pl.lit(None, dtype=pl.String))
+        .alias("group"),
     )
     n_params = layers.select("layer_index", pl.col("n_params").cast(pl.Float64))
-    imp = (trace.table("importance")
-           .select("step", "epoch", "sample_id", "layer_index", "importance")
-           .collect()
-           .join(n_params, on="layer_index", how="left")
-           .join(samples.select("sample_id", "group", "input_sq"), on="sample_id", how="left"))
+    imp = (
+        trace.table("importance")
+        .select("step", "epoch", "sample_id", "layer_index", "importance")
+        .collect()
+        .join(n_params, on="layer_index", how="left")
+        .join(samples.select("sample_id", "group", "input_sq"), on="sample_id", how="left")
+    )
     steps = imp.select("step").unique().sort("step").with_row_index("_pos")
     n_steps = max(steps.height, 1)
-    imp = imp.join(steps, on="step").with_columns(
-        pl.col("importance").cast(pl.Float64),
-        (pl.col("importance") / pl.col("n_params")).alias("per_param"),
-        pl.when(pl.col("layer_index") == 0)
-        .then(pl.col("importance") / (pl.col("input_sq") + 1.0))
-        .otherwise(pl.col("importance")).alias("imp_in"),
-        pl.when(pl.col("_pos") < PERIOD_FRACTION * n_steps).then(pl.lit("early"))
-        .when(pl.col("_pos") >= (1 - PERIOD_FRACTION) * n_steps).then(pl.lit("late"))
-        .otherwise(pl.lit(None, dtype=pl.String)).alias("period"),
-    ).drop("_pos", "n_params", "input_sq")
+    imp = (
+        imp.join(steps, on="step")
+        .with_columns(
+            pl.col("importance").cast(pl.Float64),
+            (pl.col("importance") / pl.col("n_params")).alias("per_param"),
+            pl.when(pl.col("layer_index") == 0)
+            .then(pl.col("importance") / (pl.col("input_sq") + 1.0))
+            .otherwise(pl.col("importance"))
+            .alias("imp_in"),
+            pl.when(pl.col("_pos") < PERIOD_FRACTION * n_steps)
+            .then(pl.lit("early"))
+            .when(pl.col("_pos") >= (1 - PERIOD_FRACTION) * n_steps)
+            .then(pl.lit("late"))
+            .otherwise(pl.lit(None, dtype=pl.String))
+            .alias("period"),
+        )
+        .drop("_pos", "n_params", "input_sq")
+    )
     known = samples["input_sq"].drop_nulls().drop_nans()
-    return _Data(imp=imp, samples=samples, n_layers=layers.height,
-                 epochs=sorted(imp["epoch"].unique().to_list()),
-                 input_norm_known=known.len() == samples.height and samples.height > 0)
+    return _Data(
+        imp=imp,
+        samples=samples,
+        n_layers=layers.height,
+        epochs=sorted(imp["epoch"].unique().to_list()),
+        input_norm_known=known.len() == samples.height and samples.height > 0,
+    )
 
 
 def _shares(imp: pl.DataFrame, value: str, by: tuple[str, ...] = ()) -> pl.DataFrame:
     """Each group's share of each layer's `value` (per `by`): group, layer_index, *by, share."""
     keys = ["layer_index", *by]
     total = imp.group_by(keys).agg(pl.col(value).sum().alias("_total"))
-    part = (imp.filter(pl.col("group").is_not_null())
-            .group_by(["group", *keys]).agg(pl.col(value).sum().alias("_part")))
+    part = (
+        imp.filter(pl.col("group").is_not_null())
+        .group_by(["group", *keys])
+        .agg(pl.col(value).sum().alias("_part"))
+    )
     return part.join(total, on=keys).select(
-        "group", *keys,
-        pl.when(pl.col("_total") > 0).then(pl.col("_part") / pl.col("_total")).alias("share"))
+        "group",
+        *keys,
+        pl.when(pl.col("_total") > 0).then(pl.col("_part") / pl.col("_total")).alias("share"),
+    )
 
 
 def _share(shares: pl.DataFrame, group: str, layer: int, **keys: Any) -> float:
@@ -140,9 +166,17 @@ def _share(shares: pl.DataFrame, group: str, layer: int, **keys: Any) -> float:
 
 def _depth(imp: pl.DataFrame, value: str, n_layers: int) -> dict[str, float]:
     """Value-weighted mean layer depth per group, 0 = input layer, 1 = output layer."""
-    frame = (imp.filter(pl.col("group").is_not_null()).group_by("group").agg(
-        ((pl.col("layer_index") * pl.col(value)).sum() / pl.col(value).sum()
-         / max(n_layers - 1, 1)).alias("depth")))
+    frame = (
+        imp.filter(pl.col("group").is_not_null())
+        .group_by("group")
+        .agg(
+            (
+                (pl.col("layer_index") * pl.col(value)).sum()
+                / pl.col(value).sum()
+                / max(n_layers - 1, 1)
+            ).alias("depth")
+        )
+    )
     return {row["group"]: _num(row["depth"]) for row in frame.iter_rows(named=True)}
 
 
@@ -162,17 +196,26 @@ def _too_small(data: _Data) -> str | None:
     counts = data.samples["group"].value_counts()
     sizes = {row["group"]: row["count"] for row in counts.iter_rows(named=True)}
     if min(sizes.get("easy", 0), sizes.get("hard", 0)) < MIN_DECILE:
-        return (f"the easiest and hardest deciles need at least {MIN_DECILE} samples each "
-                f"(this trace has {data.samples.height} samples)")
+        return (
+            f"the easiest and hardest deciles need at least {MIN_DECILE} samples each "
+            f"(this trace has {data.samples.height} samples)"
+        )
     if float(data.imp["importance"].sum()) <= 0 or not math.isfinite(
-            float(data.imp["importance"].sum())):
+        float(data.imp["importance"].sum())
+    ):
         return "the trace's total importance is zero or not finite"
     return None
 
 
 def _inconclusive(claim: str, why: str) -> Finding:
-    return Finding(claim, CLAIMS[claim], "inconclusive", {}, f"Inconclusive: {why}.",
-                   {"per_param": None, "same_period": None, "input_norm": None})
+    return Finding(
+        claim,
+        CLAIMS[claim],
+        "inconclusive",
+        {},
+        f"Inconclusive: {why}.",
+        {"per_param": None, "same_period": None, "input_norm": None},
+    )
 
 
 def _layer_claim(data: _Data, claim: str) -> Finding:
@@ -183,10 +226,11 @@ def _layer_claim(data: _Data, claim: str) -> Finding:
     group, favoured, other = ("easy", out, 0) if claim == "easy_output" else ("hard", 0, out)
     raw = _shares(data.imp, "importance")
     by_epoch = _shares(data.imp, "importance", ("epoch",))
-    by_period = _shares(data.imp.filter(pl.col("period").is_not_null()), "importance",
-                        ("period",))
-    wins = [_share(by_epoch, group, favoured, epoch=e) > _share(by_epoch, group, other, epoch=e)
-            for e in data.epochs]
+    by_period = _shares(data.imp.filter(pl.col("period").is_not_null()), "importance", ("period",))
+    wins = [
+        _share(by_epoch, group, favoured, epoch=e) > _share(by_epoch, group, other, epoch=e)
+        for e in data.epochs
+    ]
     depth_pp = _depth(data.imp, "per_param", data.n_layers)
     nearer_out = depth_pp.get("easy", math.nan) > depth_pp.get("hard", math.nan)
     numbers = {
@@ -200,8 +244,10 @@ def _layer_claim(data: _Data, claim: str) -> Finding:
         "easy_depth_per_param": depth_pp.get("easy", math.nan),
         "hard_depth_per_param": depth_pp.get("hard", math.nan),
     }
-    passes = numbers[f"{group}_share_{'output' if favoured else 'input'}"] > numbers[
-        f"{group}_share_{'input' if favoured else 'output'}"]
+    passes = (
+        numbers[f"{group}_share_{'output' if favoured else 'input'}"]
+        > numbers[f"{group}_share_{'input' if favoured else 'output'}"]
+    )
     controls: dict[str, bool | None] = {
         "per_param": bool(nearer_out),
         "same_period": (numbers["epochs_holding_fraction"] > 0.5) if len(wins) > 1 else None,
@@ -226,17 +272,26 @@ def _layer_claim(data: _Data, claim: str) -> Finding:
 
 
 def _input_norms(data: _Data) -> dict[str, float]:
-    means = data.samples.filter(pl.col("group").is_not_null()).group_by("group").agg(
-        pl.col("input_sq").mean())
+    means = (
+        data.samples.filter(pl.col("group").is_not_null())
+        .group_by("group")
+        .agg(pl.col("input_sq").mean())
+    )
     values = {row["group"]: _num(row["input_sq"]) for row in means.iter_rows(named=True)}
     easy, hard = values.get("easy", math.nan), values.get("hard", math.nan)
-    return {"easy_input_sq": easy, "hard_input_sq": hard,
-            "hard_over_easy_input_sq": hard / easy if easy > 0 else math.nan}
+    return {
+        "easy_input_sq": easy,
+        "hard_input_sq": hard,
+        "hard_over_easy_input_sq": hard / easy if easy > 0 else math.nan,
+    }
 
 
 def _control_text(controls: dict[str, bool | None]) -> str:
-    names = {"per_param": "per-parameter normalisation", "same_period": "same-epoch comparison",
-             "input_norm": "input-norm control"}
+    names = {
+        "per_param": "per-parameter normalisation",
+        "same_period": "same-epoch comparison",
+        "input_norm": "input-norm control",
+    }
     held = [names[k] for k, v in controls.items() if v is True]
     failed = [names[k] for k, v in controls.items() if v is False]
     parts = []
@@ -252,8 +307,11 @@ def _control_text(controls: dict[str, bool | None]) -> str:
 
 def _when(imp: pl.DataFrame, value: str, by_layer: bool) -> pl.DataFrame:
     keys = ["group", "layer_index"] if by_layer else ["group"]
-    return (imp.filter(pl.col("group").is_not_null()).group_by(keys).agg(
-        ((pl.col("epoch") * pl.col(value)).sum() / pl.col(value).sum()).alias("when")))
+    return (
+        imp.filter(pl.col("group").is_not_null())
+        .group_by(keys)
+        .agg(((pl.col("epoch") * pl.col(value)).sum() / pl.col(value).sum()).alias("when"))
+    )
 
 
 def _when_of(frame: pl.DataFrame, group: str, layer: int | None = None) -> float:
@@ -268,10 +326,13 @@ def _timing_claim(data: _Data) -> Finding:
     if len(data.epochs) < 2:
         return _inconclusive(claim, "the trace covers a single epoch")
     imp = data.imp.with_columns(
-        (pl.col("importance") / pl.col("importance").sum().over("epoch", "layer_index"))
-        .alias("epoch_share"),
-        (pl.col("imp_in") / pl.col("imp_in").sum().over("epoch", "layer_index"))
-        .alias("epoch_share_in"))
+        (pl.col("importance") / pl.col("importance").sum().over("epoch", "layer_index")).alias(
+            "epoch_share"
+        ),
+        (pl.col("imp_in") / pl.col("imp_in").sum().over("epoch", "layer_index")).alias(
+            "epoch_share_in"
+        ),
+    )
     raw = _when(imp, "importance", True)
     normed = _when(imp, "epoch_share", True)
     layers = range(data.n_layers)
@@ -286,16 +347,20 @@ def _timing_claim(data: _Data) -> Finding:
     passes = all(numbers[f"easy_when_layer{x}"] < numbers[f"hard_when_layer{x}"] for x in layers)
     controls: dict[str, bool | None] = {
         "per_param": numbers["easy_when_per_param"] < numbers["hard_when_per_param"],
-        "same_period": all(numbers[f"easy_when_within_epoch_layer{x}"]
-                           < numbers[f"hard_when_within_epoch_layer{x}"] for x in layers),
+        "same_period": all(
+            numbers[f"easy_when_within_epoch_layer{x}"]
+            < numbers[f"hard_when_within_epoch_layer{x}"]
+            for x in layers
+        ),
         "input_norm": None,
     }
     if data.input_norm_known:
         normed_in = _when(imp, "epoch_share_in", True)
         numbers["easy_when_input_norm_controlled"] = _when_of(normed_in, "easy", 0)
         numbers["hard_when_input_norm_controlled"] = _when_of(normed_in, "hard", 0)
-        controls["input_norm"] = (numbers["easy_when_input_norm_controlled"]
-                                  < numbers["hard_when_input_norm_controlled"])
+        controls["input_norm"] = (
+            numbers["easy_when_input_norm_controlled"] < numbers["hard_when_input_norm_controlled"]
+        )
     last = data.n_layers - 1
     explanation = (
         f"Importance-weighted mean epoch, input layer: easy {numbers['easy_when_layer0']:.2f} "
@@ -303,8 +368,7 @@ def _timing_claim(data: _Data) -> Finding:
         f"{numbers[f'easy_when_layer{last}']:.2f} vs hard {numbers[f'hard_when_layer{last}']:.2f}. "
         f"{_control_text(controls)}"
     )
-    return Finding(claim, CLAIMS[claim], _verdict(passes, controls), numbers, explanation,
-                   controls)
+    return Finding(claim, CLAIMS[claim], _verdict(passes, controls), numbers, explanation, controls)
 
 
 def _partial(r_xy: float, r_xz: float, r_yz: float) -> float:
@@ -318,50 +382,67 @@ def _partial(r_xy: float, r_xz: float, r_yz: float) -> float:
 def _loss_claim(data: _Data) -> Finding:
     claim = "importance_tracks_loss"
     samples = data.samples.select("sample_id", "final_loss", "input_sq")
-    per_layer = (data.imp.group_by("sample_id", "layer_index").agg(pl.col("importance").sum())
-                 .join(samples, on="sample_id"))
-    rho = (per_layer.group_by("layer_index").agg(
-        pl.corr("importance", "final_loss", method="spearman").alias("rho"),
-        pl.corr("importance", "input_sq", method="spearman").alias("r_xz"),
-        pl.corr("final_loss", "input_sq", method="spearman").alias("r_yz"),
-    ).sort("layer_index"))
-    per_epoch = (data.imp.group_by("sample_id", "layer_index", "epoch")
-                 .agg(pl.col("importance").sum()).join(samples, on="sample_id")
-                 .group_by("layer_index", "epoch")
-                 .agg(pl.corr("importance", "final_loss", method="spearman").alias("rho"))
-                 .group_by("layer_index").agg(pl.col("rho").median().alias("median"),
-                                              pl.col("rho").min().alias("min"))
-                 .sort("layer_index"))
+    per_layer = (
+        data.imp.group_by("sample_id", "layer_index")
+        .agg(pl.col("importance").sum())
+        .join(samples, on="sample_id")
+    )
+    rho = (
+        per_layer.group_by("layer_index")
+        .agg(
+            pl.corr("importance", "final_loss", method="spearman").alias("rho"),
+            pl.corr("importance", "input_sq", method="spearman").alias("r_xz"),
+            pl.corr("final_loss", "input_sq", method="spearman").alias("r_yz"),
+        )
+        .sort("layer_index")
+    )
+    per_epoch = (
+        data.imp.group_by("sample_id", "layer_index", "epoch")
+        .agg(pl.col("importance").sum())
+        .join(samples, on="sample_id")
+        .group_by("layer_index", "epoch")
+        .agg(pl.corr("importance", "final_loss", method="spearman").alias("rho"))
+        .group_by("layer_index")
+        .agg(pl.col("rho").median().alias("median"), pl.col("rho").min().alias("min"))
+        .sort("layer_index")
+    )
     numbers: dict[str, float] = {}
     for row in rho.iter_rows(named=True):
         layer = row["layer_index"]
         numbers[f"rho_layer{layer}"] = _num(row["rho"])
         if data.input_norm_known:
             numbers[f"partial_rho_layer{layer}"] = _partial(
-                _num(row["rho"]), _num(row["r_xz"]), _num(row["r_yz"]))
+                _num(row["rho"]), _num(row["r_xz"]), _num(row["r_yz"])
+            )
     for row in per_epoch.iter_rows(named=True):
         numbers[f"median_epoch_rho_layer{row['layer_index']}"] = _num(row["median"])
         numbers[f"min_epoch_rho_layer{row['layer_index']}"] = _num(row["min"])
     layers = range(data.n_layers)
     if any(math.isnan(numbers.get(f"rho_layer{x}", math.nan)) for x in layers):
-        return _inconclusive(claim, "importance or final loss is constant, so no rank "
-                             "correlation can be computed")
+        return _inconclusive(
+            claim, "importance or final loss is constant, so no rank correlation can be computed"
+        )
     passes = all(numbers[f"rho_layer{x}"] >= MIN_RHO for x in layers)
     controls: dict[str, bool | None] = {
         # A rank correlation within one layer is unchanged by dividing by its size.
         "per_param": True,
-        "same_period": (all(numbers[f"median_epoch_rho_layer{x}"] >= MIN_RHO for x in layers)
-                        if len(data.epochs) > 1 else None),
-        "input_norm": (all(numbers[f"partial_rho_layer{x}"] >= MIN_RHO for x in layers)
-                       if data.input_norm_known else None),
+        "same_period": (
+            all(numbers[f"median_epoch_rho_layer{x}"] >= MIN_RHO for x in layers)
+            if len(data.epochs) > 1
+            else None
+        ),
+        "input_norm": (
+            all(numbers[f"partial_rho_layer{x}"] >= MIN_RHO for x in layers)
+            if data.input_norm_known
+            else None
+        ),
     }
     values = [numbers[f"rho_layer{x}"] for x in layers]
     explanation = (
         f"Spearman ρ of whole-run importance with final loss ranges {min(values):.2f} to "
         f"{max(values):.2f} over layers (threshold {MIN_RHO}). {_control_text(controls)}"
     )
-    return Finding(claim, CLAIMS[claim], _verdict(passes, controls), numbers, explanation,
-                   controls)
+    return Finding(claim, CLAIMS[claim], _verdict(passes, controls), numbers, explanation, controls)
 
 
 def findings(trace: Any) -> list[Finding]:
@@ -378,22 +459,34 @@ def findings(trace: Any) -> list[Finding]:
     small = _too_small(data)
     if small is not None:
         return [_inconclusive(claim, small) for claim in CLAIMS]
-    return [_layer_claim(data, "easy_output"), _layer_claim(data, "hard_input"),
-            _timing_claim(data), _loss_claim(data)]
+    return [
+        _layer_claim(data, "easy_output"),
+        _layer_claim(data, "hard_input"),
+        _timing_claim(data),
+        _loss_claim(data),
+    ]
 
 
 def findings_frame(results: list[Finding]) -> pl.DataFrame:
     """The findings as a table: claim, verdict, one column per control, explanation."""
-    return pl.DataFrame({
-        "claim": [f.claim for f in results],
-        "verdict": [f.verdict for f in results],
-        "per_param": [f.controls.get("per_param") for f in results],
-        "same_period": [f.controls.get("same_period") for f in results],
-        "input_norm": [f.controls.get("input_norm") for f in results],
-        "explanation": [f.explanation for f in results],
-    }, schema={"claim": pl.String, "verdict": pl.String, "per_param": pl.Boolean,
-               "same_period": pl.Boolean, "input_norm": pl.Boolean,
-               "explanation": pl.String})
+    return pl.DataFrame(
+        {
+            "claim": [f.claim for f in results],
+            "verdict": [f.verdict for f in results],
+            "per_param": [f.controls.get("per_param") for f in results],
+            "same_period": [f.controls.get("same_period") for f in results],
+            "input_norm": [f.controls.get("input_norm") for f in results],
+            "explanation": [f.explanation for f in results],
+        },
+        schema={
+            "claim": pl.String,
+            "verdict": pl.String,
+            "per_param": pl.Boolean,
+            "same_period": pl.Boolean,
+            "input_norm": pl.Boolean,
+            "explanation": pl.String,
+        },
+    )
 
 
 def _pct(share: float) -> str:
@@ -422,20 +515,24 @@ def headlines(trace: Any, results: list[Finding] | None = None) -> list[str]:
         lines.append(
             f"The easiest 10% of samples carried {pct(easy['easy_share_output_early'])} of the "
             f"output layer's importance in the first {PERIOD_FRACTION:.0%} of training "
-            f"(and {pct(easy['easy_share_input_early'])} of the input layer's).")
+            f"(and {pct(easy['easy_share_input_early'])} of the input layer's)."
+        )
     if hard:
         lines.append(
             f"The hardest 10% carried {pct(hard['hard_share_input_late'])} of the input "
             f"layer's importance in the last {PERIOD_FRACTION:.0%} of training "
-            f"(and {pct(hard['hard_share_output_late'])} of the output layer's).")
+            f"(and {pct(hard['hard_share_output_late'])} of the output layer's)."
+        )
     if timing:
         lines.append(
             f"Weighted by importance, easy samples mattered at epoch "
             f"{timing['easy_when_layer0']:.1f} on average and hard ones at epoch "
-            f"{timing['hard_when_layer0']:.1f} (input layer).")
+            f"{timing['hard_when_layer0']:.1f} (input layer)."
+        )
     verdicts = ", ".join(f"{f.claim.replace('_', ' ')}: {f.verdict}" for f in results)
     rhos = [v for k, v in loss.numbers.items() if k.startswith("rho_layer")]
-    rho_text = f"importance vs final loss ρ = {np.median(rhos):.2f} (median over layers); " \
-        if rhos else ""
+    rho_text = (
+        f"importance vs final loss ρ = {np.median(rhos):.2f} (median over layers); " if rhos else ""
+    )
     lines.append(f"Under the controls, {rho_text}{verdicts}.")
     return lines

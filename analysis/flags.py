@@ -62,8 +62,9 @@ def score_table(trace: Any) -> pl.DataFrame:
     layers = trace.layers().sort("layer_index")
     for index in layers["layer_index"].to_list():
         if f"importance_{index}" in samples.columns:
-            columns.append(pl.col(f"importance_{index}").cast(pl.Float64)
-                           .alias(f"importance_layer{index}"))
+            columns.append(
+                pl.col(f"importance_{index}").cast(pl.Float64).alias(f"importance_layer{index}")
+            )
     table = samples.select(*columns, *_info_columns(trace, samples))
     return table.join(_epoch_scores(trace), on="sample_id", how="left")
 
@@ -84,14 +85,17 @@ def _info_columns(trace: Any, samples: pl.DataFrame) -> list[pl.Expr]:
 def _epoch_scores(trace: Any) -> pl.DataFrame:
     per_epoch = trace.sample_epochs()
     epochs = sorted(per_epoch["epoch"].unique().to_list())
-    late = epochs[-max(1, math.ceil(LATE_FRACTION * len(epochs))):] if epochs else []
+    late = epochs[-max(1, math.ceil(LATE_FRACTION * len(epochs))) :] if epochs else []
     n = per_epoch.group_by("epoch", "layer_index").agg(pl.len().alias("_n"))
     ranked = per_epoch.join(n, on=["epoch", "layer_index"]).with_columns(
         # importance_rank counts from 0 = most important; turn it into a percentile.
-        (1.0 - pl.col("importance_rank") / pl.max_horizontal(pl.col("_n") - 1, 1))
-        .alias("_pct"))
+        (1.0 - pl.col("importance_rank") / pl.max_horizontal(pl.col("_n") - 1, 1)).alias("_pct")
+    )
     return ranked.group_by("sample_id").agg(
-        pl.col("importance").filter(pl.col("epoch").is_in(late)).sum().cast(pl.Float64)
+        pl.col("importance")
+        .filter(pl.col("epoch").is_in(late))
+        .sum()
+        .cast(pl.Float64)
         .alias("importance_late"),
         pl.col("_pct").mean().alias("importance_rank"),
     )
@@ -100,8 +104,9 @@ def _epoch_scores(trace: Any) -> pl.DataFrame:
 def score_names(trace: Any) -> list[str]:
     """The scores `score_table(trace)` offers, in its column order."""
     table = score_table(trace)
-    return [c for c in table.columns if c not in ("sample_id", "target")
-            and not c.startswith("info_")]
+    return [
+        c for c in table.columns if c not in ("sample_id", "target") and not c.startswith("info_")
+    ]
 
 
 def _budget_count(budget: float, n: int) -> int:
@@ -116,8 +121,9 @@ def _budget_count(budget: float, n: int) -> int:
     return min(n, int(budget))
 
 
-def flag(trace: Any, kind: str = "mislabeled", budget: float = 0.1,
-         score: str | None = None) -> pl.DataFrame:
+def flag(
+    trace: Any, kind: str = "mislabeled", budget: float = 0.1, score: str | None = None
+) -> pl.DataFrame:
     """Rank samples by how likely they are mislabeled (or redundant) and flag the worst.
 
     Args:
@@ -139,8 +145,9 @@ def flag(trace: Any, kind: str = "mislabeled", budget: float = 0.1,
         raise FlagError(msg)
     name = score or DEFAULT_SCORE[kind]
     table = score_table(trace)
-    names = [c for c in table.columns
-             if c not in ("sample_id", "target") and not c.startswith("info_")]
+    names = [
+        c for c in table.columns if c not in ("sample_id", "target") and not c.startswith("info_")
+    ]
     if name not in names:
         msg = f"unknown score {name!r}; choose one of {', '.join(names)}"
         raise FlagError(msg)
@@ -151,6 +158,9 @@ def flag(trace: Any, kind: str = "mislabeled", budget: float = 0.1,
     frame = table.select("sample_id", "target", pl.col(name).fill_nan(None).alias("score"))
     pct = (pl.col("score").rank("average") - 1) / max(table.height - 1, 1)
     frame = frame.with_columns((1.0 - pct if hard_first else pct).fill_null(0.5).alias(quality))
-    frame = frame.sort([quality, "sample_id"]).with_row_index("rank").with_columns(
-        pl.col("rank").cast(pl.Int64), (pl.col("rank") < count).alias("flagged"))
+    frame = (
+        frame.sort([quality, "sample_id"])
+        .with_row_index("rank")
+        .with_columns(pl.col("rank").cast(pl.Int64), (pl.col("rank") < count).alias("flagged"))
+    )
     return frame.select("sample_id", "target", quality, "score", "rank", "flagged")

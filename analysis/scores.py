@@ -26,8 +26,9 @@ def _imp(layer: int) -> str:
     return f"importance_{layer}"
 
 
-def prepare_visits(visits: pl.DataFrame, n_layers: int, early_epochs: int, *,
-                   layer_grad_sq: bool = False) -> pl.DataFrame:
+def prepare_visits(
+    visits: pl.DataFrame, n_layers: int, early_epochs: int, *, layer_grad_sq: bool = False
+) -> pl.DataFrame:
     """Add per-visit importance per layer and totals; order visits by step (shards interleave).
 
     Args:
@@ -42,8 +43,11 @@ def prepare_visits(visits: pl.DataFrame, n_layers: int, early_epochs: int, *,
     early = epochs.head(max(early_epochs, 1)).to_list()
     grad = pl.col("grad_sq").cast(pl.Array(pl.Float64, n_layers))
     scale_sq = pl.col("lr_scale") * pl.col("lr_scale")
-    per_layer = [grad.arr.get(layer).alias(f"grad_sq_{layer}") for layer in range(n_layers)
-                 ] if layer_grad_sq else []
+    per_layer = (
+        [grad.arr.get(layer).alias(f"grad_sq_{layer}") for layer in range(n_layers)]
+        if layer_grad_sq
+        else []
+    )
     # One select, dropping the array column: this frame is the peak of t.samples()' memory.
     return visits.select(
         pl.exclude("grad_sq"),
@@ -57,9 +61,11 @@ def prepare_visits(visits: pl.DataFrame, n_layers: int, early_epochs: int, *,
 
 
 def _share(layer: int) -> pl.Expr:
-    return (pl.when(pl.col("importance") > 0)
-            .then(pl.col(_imp(layer)) / pl.col("importance"))
-            .alias(f"share_{layer}"))
+    return (
+        pl.when(pl.col("importance") > 0)
+        .then(pl.col(_imp(layer)) / pl.col("importance"))
+        .alias(f"share_{layer}")
+    )
 
 
 def _when_outputs(expr: pl.Expr) -> pl.Expr:
@@ -78,7 +84,8 @@ def _visit_aggregates(n_layers: int) -> list[pl.Expr]:
         pl.col("loss").last().cast(pl.Float64).alias("final_loss"),
         pl.col("correct").last().alias("final_correct"),
         _when_outputs((pl.col("correct").shift(1) & ~pl.col("correct")).sum())
-        .cast(pl.Int64).alias("forgetting_events"),
+        .cast(pl.Int64)
+        .alias("forgetting_events"),
         pl.col("margin").cast(pl.Float64).mean().alias("aum"),
         (1.0 - pl.col("p_target").cast(pl.Float64)).filter(early).mean().alias("el2n_proxy"),
         pl.col("grad_sq_total").sqrt().filter(early).mean().alias("grand"),
@@ -101,8 +108,9 @@ def _cartography(visits: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def sample_scores(visits: pl.DataFrame, n_layers: int,
-                  sample_info: pl.DataFrame | None = None) -> pl.DataFrame:
+def sample_scores(
+    visits: pl.DataFrame, n_layers: int, sample_info: pl.DataFrame | None = None
+) -> pl.DataFrame:
     """One row per sample with every score (see docs/analysis.md, table `samples`).
 
     Args:
@@ -110,13 +118,17 @@ def sample_scores(visits: pl.DataFrame, n_layers: int,
         n_layers: number of layers.
         sample_info: the /sample_info table, left-joined on sample_id, if recorded.
     """
-    per_sample = (visits.group_by("sample_id").agg(_visit_aggregates(n_layers))
-                  .join(_cartography(visits), on="sample_id", how="left"))
+    per_sample = (
+        visits.group_by("sample_id")
+        .agg(_visit_aggregates(n_layers))
+        .join(_cartography(visits), on="sample_id", how="left")
+    )
     return finish_sample_scores(per_sample, n_layers, sample_info)
 
 
-def finish_sample_scores(per_sample: pl.DataFrame, n_layers: int,
-                         sample_info: pl.DataFrame | None = None) -> pl.DataFrame:
+def finish_sample_scores(
+    per_sample: pl.DataFrame, n_layers: int, sample_info: pl.DataFrame | None = None
+) -> pl.DataFrame:
     """Shares, when/where, difficulty ranks and sample_info from per-sample aggregates.
 
     Args:
@@ -130,26 +142,48 @@ def finish_sample_scores(per_sample: pl.DataFrame, n_layers: int,
     rank = (pl.col("final_loss").rank("ordinal") - 1).cast(pl.Int64)
     out = per_sample.with_columns(
         *[_share(layer) for layer in range(n_layers)],
-        (pl.when(pl.col("importance") > 0)
-         .then(pl.col("_when_num") / pl.col("importance"))).alias("when"),
-        (pl.when(pl.col("importance") > 0)
-         .then(pl.sum_horizontal(layer * pl.col(_imp(layer)) for layer in range(n_layers))
-               / pl.col("importance"))).alias("where"),
+        (pl.when(pl.col("importance") > 0).then(pl.col("_when_num") / pl.col("importance"))).alias(
+            "when"
+        ),
+        (
+            pl.when(pl.col("importance") > 0).then(
+                pl.sum_horizontal(layer * pl.col(_imp(layer)) for layer in range(n_layers))
+                / pl.col("importance")
+            )
+        ).alias("where"),
         rank.alias("difficulty_rank"),
         (rank * 10 // max(n, 1)).alias("difficulty_decile"),
     ).drop("_when_num")
-    order = ["sample_id", "target", "n_visits", "importance",
-             *[_imp(layer) for layer in range(n_layers)],
-             *[f"share_{layer}" for layer in range(n_layers)],
-             "when", "where", "final_loss", "final_correct", "difficulty_rank",
-             "difficulty_decile", "confidence", "variability", "correctness",
-             "forgetting_events", "aum", "el2n_proxy", "grand", "tracin_self",
-             "input_sq", "input_grad_sq"]
+    order = [
+        "sample_id",
+        "target",
+        "n_visits",
+        "importance",
+        *[_imp(layer) for layer in range(n_layers)],
+        *[f"share_{layer}" for layer in range(n_layers)],
+        "when",
+        "where",
+        "final_loss",
+        "final_correct",
+        "difficulty_rank",
+        "difficulty_decile",
+        "confidence",
+        "variability",
+        "correctness",
+        "forgetting_events",
+        "aum",
+        "el2n_proxy",
+        "grand",
+        "tracin_self",
+        "input_sq",
+        "input_grad_sq",
+    ]
     out = out.select(order)
     if sample_info is not None and sample_info.height:
         taken = set(out.columns)
-        info = sample_info.rename({c: f"info_{c}" for c in sample_info.columns
-                                   if c in taken and c != "sample_id"})
+        info = sample_info.rename(
+            {c: f"info_{c}" for c in sample_info.columns if c in taken and c != "sample_id"}
+        )
         out = out.join(info, on="sample_id", how="left")
     return out
 
@@ -162,30 +196,51 @@ def sample_epochs(visits: pl.DataFrame, layers: pl.DataFrame) -> pl.DataFrame:
         layers: the layers table (layer_index, layer, ...).
     """
     n_layers = layers.height
-    per_epoch = visits.group_by("sample_id", "epoch").agg(
-        *[pl.col(_imp(layer)).sum() for layer in range(n_layers)],
-        *[pl.col(f"grad_sq_{layer}").sum() for layer in range(n_layers)],
-    ).sort("epoch", "sample_id")
-    long = pl.concat([
-        per_epoch.select(
-            "sample_id", "epoch", pl.lit(layer, dtype=pl.Int64).alias("layer_index"),
-            pl.col(_imp(layer)).alias("importance"),
-            pl.col(f"grad_sq_{layer}").alias("grad_sq"),
-        ) for layer in range(n_layers)
-    ])
+    per_epoch = (
+        visits.group_by("sample_id", "epoch")
+        .agg(
+            *[pl.col(_imp(layer)).sum() for layer in range(n_layers)],
+            *[pl.col(f"grad_sq_{layer}").sum() for layer in range(n_layers)],
+        )
+        .sort("epoch", "sample_id")
+    )
+    long = pl.concat(
+        [
+            per_epoch.select(
+                "sample_id",
+                "epoch",
+                pl.lit(layer, dtype=pl.Int64).alias("layer_index"),
+                pl.col(_imp(layer)).alias("importance"),
+                pl.col(f"grad_sq_{layer}").alias("grad_sq"),
+            )
+            for layer in range(n_layers)
+        ]
+    )
     window = ("epoch", "layer_index")
     std = pl.col("importance").std(ddof=0).over(window)
     long = long.with_columns(
         (pl.col("importance").rank("ordinal", descending=True).over(window) - 1)
-        .cast(pl.Int64).alias("importance_rank"),
-        pl.when(std > 0).then((pl.col("importance") - pl.col("importance").mean().over(window))
-                              / std).alias("importance_z"),
+        .cast(pl.Int64)
+        .alias("importance_rank"),
+        pl.when(std > 0)
+        .then((pl.col("importance") - pl.col("importance").mean().over(window)) / std)
+        .alias("importance_z"),
     )
     names = layers.select("layer_index", "layer")
-    return (long.join(names, on="layer_index", how="left")
-            .select("sample_id", "epoch", "layer", "layer_index", "importance", "grad_sq",
-                    "importance_rank", "importance_z")
-            .sort("epoch", "layer_index", "sample_id"))
+    return (
+        long.join(names, on="layer_index", how="left")
+        .select(
+            "sample_id",
+            "epoch",
+            "layer",
+            "layer_index",
+            "importance",
+            "grad_sq",
+            "importance_rank",
+            "importance_z",
+        )
+        .sort("epoch", "layer_index", "sample_id")
+    )
 
 
 def _spearman(frame: pl.DataFrame, by: list[str]) -> pl.DataFrame:
@@ -206,23 +261,35 @@ def correlations(per_epoch: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame
     frame = per_epoch.join(loss, on="sample_id")
     by_layer = _spearman(frame, ["epoch", "layer_index"])
     all_layers = _spearman(
-        frame.group_by("sample_id", "epoch").agg(pl.col("importance").sum(),
-                                                 pl.col("final_loss").first()),
-        ["epoch"]).with_columns(pl.lit(None, dtype=pl.Int64).alias("layer_index"))
+        frame.group_by("sample_id", "epoch").agg(
+            pl.col("importance").sum(), pl.col("final_loss").first()
+        ),
+        ["epoch"],
+    ).with_columns(pl.lit(None, dtype=pl.Int64).alias("layer_index"))
     overall_layer = _spearman(
-        frame.group_by("sample_id", "layer_index").agg(pl.col("importance").sum(),
-                                                       pl.col("final_loss").first()),
-        ["layer_index"]).with_columns(pl.lit(None, dtype=pl.Int64).alias("epoch"))
-    overall = _spearman(samples.select("importance", "final_loss").with_columns(
-        pl.lit(0).alias("_")), ["_"]).drop("_").with_columns(
-        pl.lit(None, dtype=pl.Int64).alias("epoch"),
-        pl.lit(None, dtype=pl.Int64).alias("layer_index"))
+        frame.group_by("sample_id", "layer_index").agg(
+            pl.col("importance").sum(), pl.col("final_loss").first()
+        ),
+        ["layer_index"],
+    ).with_columns(pl.lit(None, dtype=pl.Int64).alias("epoch"))
+    overall = (
+        _spearman(
+            samples.select("importance", "final_loss").with_columns(pl.lit(0).alias("_")), ["_"]
+        )
+        .drop("_")
+        .with_columns(
+            pl.lit(None, dtype=pl.Int64).alias("epoch"),
+            pl.lit(None, dtype=pl.Int64).alias("layer_index"),
+        )
+    )
     cols = ["epoch", "layer_index", "n_samples", "spearman"]
-    names = (per_epoch.select("layer_index", "layer").unique())
-    return (pl.concat([t.select(cols) for t in (by_layer, all_layers, overall_layer, overall)])
-            .join(names, on="layer_index", how="left")
-            .select("epoch", "layer", "layer_index", "n_samples", "spearman")
-            .sort("epoch", "layer_index", nulls_last=True))
+    names = per_epoch.select("layer_index", "layer").unique()
+    return (
+        pl.concat([t.select(cols) for t in (by_layer, all_layers, overall_layer, overall)])
+        .join(names, on="layer_index", how="left")
+        .select("epoch", "layer", "layer_index", "n_samples", "spearman")
+        .sort("epoch", "layer_index", nulls_last=True)
+    )
 
 
 def groups(samples: pl.DataFrame, layers: pl.DataFrame) -> pl.DataFrame:
@@ -238,22 +305,37 @@ def groups(samples: pl.DataFrame, layers: pl.DataFrame) -> pl.DataFrame:
     m = max(-(-n // 10), 1)
     rank = samples.sort("sample_id")["importance"].rank("ordinal", descending=True) - 1
     labelled = samples.sort("sample_id").with_columns(
-        pl.when(rank < m).then(pl.lit("top10")).when(rank < 2 * m).then(pl.lit("next10"))
-        .otherwise(pl.lit("rest")).alias("group"))
+        pl.when(rank < m)
+        .then(pl.lit("top10"))
+        .when(rank < 2 * m)
+        .then(pl.lit("next10"))
+        .otherwise(pl.lit("rest"))
+        .alias("group")
+    )
     parts = []
-    for layer, column in [*((layer, _imp(layer)) for layer in range(n_layers)),
-                          (None, "importance")]:
+    for layer, column in [
+        *((layer, _imp(layer)) for layer in range(n_layers)),
+        (None, "importance"),
+    ]:
         total = labelled[column].sum()
         part = labelled.group_by("group").agg(
-            pl.len().cast(pl.Int64).alias("n_samples"), pl.col(column).sum().alias("importance"))
-        parts.append(part.with_columns(
-            pl.lit(layer, dtype=pl.Int64).alias("layer_index"),
-            (pl.col("importance") / total if total > 0 else pl.lit(None, dtype=pl.Float64))
-            .alias("share")))
+            pl.len().cast(pl.Int64).alias("n_samples"), pl.col(column).sum().alias("importance")
+        )
+        parts.append(
+            part.with_columns(
+                pl.lit(layer, dtype=pl.Int64).alias("layer_index"),
+                (
+                    pl.col("importance") / total if total > 0 else pl.lit(None, dtype=pl.Float64)
+                ).alias("share"),
+            )
+        )
     order = pl.Enum(GROUP_NAMES)
     names = layers.select("layer_index", "layer")
-    return (pl.concat(parts).join(names, on="layer_index", how="left")
-            .with_columns(pl.col("group").cast(order))
-            .sort("group", "layer_index", nulls_last=True)
-            .with_columns(pl.col("group").cast(pl.String))
-            .select("group", "layer", "layer_index", "n_samples", "importance", "share"))
+    return (
+        pl.concat(parts)
+        .join(names, on="layer_index", how="left")
+        .with_columns(pl.col("group").cast(order))
+        .sort("group", "layer_index", nulls_last=True)
+        .with_columns(pl.col("group").cast(pl.String))
+        .select("group", "layer", "layer_index", "n_samples", "importance", "share")
+    )

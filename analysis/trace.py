@@ -36,19 +36,43 @@ logger = logging.getLogger(__name__)
 
 TraceSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
-TABLES = ("layers", "steps", "visits", "importance", "samples", "sample_epochs",
-          "correlations", "groups", "clusters", "evals", "sample_info")
+TABLES = (
+    "layers",
+    "steps",
+    "visits",
+    "importance",
+    "samples",
+    "sample_epochs",
+    "correlations",
+    "groups",
+    "clusters",
+    "evals",
+    "sample_info",
+)
 _DERIVED = ("samples", "sample_epochs", "correlations", "groups", "clusters")
-_OPTIONAL_VISITS = ("target", "pred", "p_target", "margin", "input_sq", "input_grad_sq",
-                    "alignment")
+_OPTIONAL_VISITS = (
+    "target",
+    "pred",
+    "p_target",
+    "margin",
+    "input_sq",
+    "input_grad_sq",
+    "alignment",
+)
 # importance column -> the per-visit source columns it is computed from. The source is an
 # internal Arrow table (`_IMPORTANCE_SOURCE`) with one float32 column per layer (grad_sq_<l>,
 # alignment_<l>) and the per-visit factor scale_sq = (lr · s)², so each layer's slice of the
 # view scans contiguous columns instead of indexing a list column row by row.
 _IMPORTANCE_DEPS = {
-    "step": ("step",), "epoch": ("epoch",), "sample_id": ("sample_id",), "layer": (),
-    "layer_index": (), "grad_sq": ("grad_sq",), "importance": ("scale_sq", "grad_sq"),
-    "importance_per_param": ("scale_sq", "grad_sq"), "alignment": ("alignment",),
+    "step": ("step",),
+    "epoch": ("epoch",),
+    "sample_id": ("sample_id",),
+    "layer": (),
+    "layer_index": (),
+    "grad_sq": ("grad_sq",),
+    "importance": ("scale_sq", "grad_sq"),
+    "importance_per_param": ("scale_sq", "grad_sq"),
+    "alignment": ("alignment",),
 }
 _IMPORTANCE_SOURCE = "_samplescope_visit_layers"
 _NEW_SOURCE = "_samplescope_visit_layers_new"
@@ -106,8 +130,10 @@ class Trace:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Trace({', '.join(str(p) for p in self.paths)}: {len(self.steps_index)} steps, "
-                f"{self._data.n_visits} visits, {self._data.n_layers} layers)")
+        return (
+            f"Trace({', '.join(str(p) for p in self.paths)}: {len(self.steps_index)} steps, "
+            f"{self._data.n_visits} visits, {self._data.n_layers} layers)"
+        )
 
     # -- metadata -------------------------------------------------------------------
     @property
@@ -144,17 +170,23 @@ class Trace:
 
     def summary(self) -> pl.DataFrame:
         """`meta` as a two-column frame (key, value as text), for `samplescope info`."""
+
         def text(value: Any) -> str:
             return value if isinstance(value, str) else json.dumps(value)
+
         rows = [(k, text(v)) for k, v in self.meta.items() if k != "layers"]
         # One row per layer, input first, so `info` answers "what was recorded where".
         rows += [
-            (f"layer {r['layer_index']}", f"{r['layer']} ({r['kind']}, {r['n_params']:,} "
-             f"params, {r['method']})")
+            (
+                f"layer {r['layer_index']}",
+                f"{r['layer']} ({r['kind']}, {r['n_params']:,} params, {r['method']})",
+            )
             for r in self.layers().iter_rows(named=True)
         ]
-        return pl.DataFrame({"key": [k for k, _ in rows], "value": [v for _, v in rows]},
-                            schema={"key": pl.String, "value": pl.String})
+        return pl.DataFrame(
+            {"key": [k for k, _ in rows], "value": [v for _, v in rows]},
+            schema={"key": pl.String, "value": pl.String},
+        )
 
     @property
     def has_thumbnails(self) -> bool:
@@ -198,19 +230,33 @@ class Trace:
         if name == "layers":
             cols = data.group_table("layers")
             n = len(cols["name"])
-            return pl.DataFrame({
-                "layer_index": np.arange(n, dtype=np.int64),
-                "layer": cols["name"].astype(str).tolist(),
-                "kind": _strings(cols, "kind", n), "n_params": _ints(cols, "n_params", n),
-                "method": _strings(cols, "method", n),
-            }, schema={"layer_index": pl.Int64, "layer": pl.String, "kind": pl.String,
-                       "n_params": pl.Int64, "method": pl.String})
+            return pl.DataFrame(
+                {
+                    "layer_index": np.arange(n, dtype=np.int64),
+                    "layer": cols["name"].astype(str).tolist(),
+                    "kind": _strings(cols, "kind", n),
+                    "n_params": _ints(cols, "n_params", n),
+                    "method": _strings(cols, "method", n),
+                },
+                schema={
+                    "layer_index": pl.Int64,
+                    "layer": pl.String,
+                    "kind": pl.String,
+                    "n_params": pl.Int64,
+                    "method": pl.String,
+                },
+            )
         if name == "steps":
             cols = data.step_frame_arrays()
             return pl.DataFrame({k: _series(k, v) for k, v in cols.items()})
         if name == "evals":
-            schema = {"step": pl.Int64, "epoch": pl.Int64, "split": pl.String,
-                      "loss": pl.Float64, "accuracy": pl.Float64}
+            schema = {
+                "step": pl.Int64,
+                "epoch": pl.Int64,
+                "split": pl.String,
+                "loss": pl.Float64,
+                "accuracy": pl.Float64,
+            }
             cols = data.group_table("evals") if data.shards[0].has("evals") else {}
             frame = pl.DataFrame({k: _series(k, v) for k, v in cols.items()})
             for key, dtype in schema.items():
@@ -229,8 +275,10 @@ class Trace:
     def _frame(self, name: str) -> pl.DataFrame:
         if name not in self._frames:
             builders: dict[str, Callable[[], pl.DataFrame]] = {
-                "samples": self.samples, "sample_epochs": self.sample_epochs,
-                "correlations": self.correlations, "groups": self.groups,
+                "samples": self.samples,
+                "sample_epochs": self.sample_epochs,
+                "correlations": self.correlations,
+                "groups": self.groups,
                 "clusters": lambda: self.clusters(k=_DEFAULT_K),
             }
             if name in builders:
@@ -244,8 +292,9 @@ class Trace:
             return self._frame(table).get_column(column).to_arrow()
         return self._data.visit_column(column)
 
-    def _visits_frame(self, columns: Sequence[str],
-                      masks: list[np.ndarray] | None = None) -> pl.DataFrame:
+    def _visits_frame(
+        self, columns: Sequence[str], masks: list[np.ndarray] | None = None
+    ) -> pl.DataFrame:
         arrays = {c: self._data.visit_column(c, masks) for c in columns}
         return pl.from_arrow(pa.table(arrays))  # type: ignore[return-value]
 
@@ -256,11 +305,14 @@ class Trace:
 
     def _scan_visits(self) -> pl.LazyFrame:
         schema = self._visits_schema()
-        step_frames = [pl.DataFrame({"step": s.step, "epoch": s.epoch})
-                       for s in self._data.steps]
+        step_frames = [pl.DataFrame({"step": s.step, "epoch": s.epoch}) for s in self._data.steps]
 
-        def source(with_columns: list[str] | None, predicate: pl.Expr | None,
-                   n_rows: int | None, batch_size: int | None) -> Iterator[pl.DataFrame]:
+        def source(
+            with_columns: list[str] | None,
+            predicate: pl.Expr | None,
+            n_rows: int | None,
+            batch_size: int | None,
+        ) -> Iterator[pl.DataFrame]:
             del batch_size
             columns = list(with_columns or schema)
             needed = set(columns)
@@ -270,8 +322,10 @@ class Trace:
                 needed |= roots
                 if roots <= {"step", "epoch"}:
                     # Slice /visits by the steps the predicate keeps: read only their rows.
-                    masks = [f.select(predicate.fill_null(False)).to_series().to_numpy()
-                             for f in step_frames]
+                    masks = [
+                        f.select(predicate.fill_null(False)).to_series().to_numpy()
+                        for f in step_frames
+                    ]
             frame = self._visits_frame([c for c in schema if c in needed], masks)
             if predicate is not None:
                 frame = frame.filter(predicate)
@@ -306,22 +360,30 @@ class Trace:
             index = row["layer_index"]
             grad = pl.col("grad_sq").arr.get(index).cast(pl.Float64)
             scale_sq = pl.col("lr_scale") * pl.col("lr_scale")
-            parts.append(visits.select(
-                "step", "epoch", "sample_id",
-                pl.lit(row["layer"], dtype=pl.String).alias("layer"),
-                pl.lit(index, dtype=pl.Int64).alias("layer_index"),
-                grad.alias("grad_sq"), (scale_sq * grad).alias("importance"),
-                (scale_sq * grad / row["n_params"]).alias("importance_per_param"),
-                pl.col("alignment").arr.get(index).cast(pl.Float64).alias("alignment"),
-            ))
+            parts.append(
+                visits.select(
+                    "step",
+                    "epoch",
+                    "sample_id",
+                    pl.lit(row["layer"], dtype=pl.String).alias("layer"),
+                    pl.lit(index, dtype=pl.Int64).alias("layer_index"),
+                    grad.alias("grad_sq"),
+                    (scale_sq * grad).alias("importance"),
+                    (scale_sq * grad / row["n_params"]).alias("importance_per_param"),
+                    pl.col("alignment").arr.get(index).cast(pl.Float64).alias("alignment"),
+                )
+            )
         if not parts:
             msg = "this trace has no layers"
             raise EmptyTraceError(msg)
         return pl.concat(parts)
 
     # -- SQL ----------------------------------------------------------------------
-    def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None,
-            ) -> duckdb.DuckDBPyRelation:
+    def sql(
+        self,
+        query: str,
+        params: Sequence[Any] | dict[str, Any] | None = None,
+    ) -> duckdb.DuckDBPyRelation:
         """Run SQL over the trace's tables; returns a DuckDB relation (.pl(), .df(), ...).
 
         Args:
@@ -337,8 +399,11 @@ class Trace:
         except duckdb.Error as exc:
             raise QueryError(f"SQL error: {_one_line(exc)}") from None
 
-    def query(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None,
-              ) -> pl.DataFrame:
+    def query(
+        self,
+        query: str,
+        params: Sequence[Any] | dict[str, Any] | None = None,
+    ) -> pl.DataFrame:
         """Run SQL and return the whole result as a Polars frame (what `samplescope sql` does).
 
         Raises:
@@ -354,8 +419,9 @@ class Trace:
         names = query_names(query, set(self.table_names), self._con)
         for table in sorted(names.tables):
             if table == "importance":
-                wanted = set(_IMPORTANCE_DEPS) if names.star else names.columns & set(
-                    _IMPORTANCE_DEPS)
+                wanted = (
+                    set(_IMPORTANCE_DEPS) if names.star else names.columns & set(_IMPORTANCE_DEPS)
+                )
                 self._load_importance({d for c in wanted for d in _IMPORTANCE_DEPS[c]})
             elif table == "visits":
                 wanted = set(VISIT_COLUMNS) if names.star else names.columns
@@ -379,8 +445,9 @@ class Trace:
             # Copied into a DuckDB table (small: one row per sample at most) so joins with
             # importance get min/max statistics, as the importance source has.
             self._con.register("_samplescope_small", self._frame(table).to_arrow())
-            self._con.execute(f"CREATE OR REPLACE TABLE {table} AS "
-                              "SELECT * FROM _samplescope_small").fetchall()
+            self._con.execute(
+                f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _samplescope_small"
+            ).fetchall()
             self._con.unregister("_samplescope_small")
             self._registered.add(table)
 
@@ -411,12 +478,13 @@ class Trace:
         # ALTER TABLE ... ADD COLUMN + UPDATE by rowid is slower still and needs ~4× the memory,
         # and a view over a POSITIONAL JOIN loses the perfect-hash join (0.6 s vs 0.09 s).
         self._create_source(_NEW_SOURCE, columns)
-        self._con.execute(f"CREATE TABLE {_JOINED_SOURCE} AS SELECT * FROM {_IMPORTANCE_SOURCE} "
-                          f"POSITIONAL JOIN {_NEW_SOURCE}").fetchall()
+        self._con.execute(
+            f"CREATE TABLE {_JOINED_SOURCE} AS SELECT * FROM {_IMPORTANCE_SOURCE} "
+            f"POSITIONAL JOIN {_NEW_SOURCE}"
+        ).fetchall()
         self._con.execute(f"DROP TABLE {_IMPORTANCE_SOURCE}").fetchall()
         self._con.execute(f"DROP TABLE {_NEW_SOURCE}").fetchall()
-        self._con.execute(f"ALTER TABLE {_JOINED_SOURCE} RENAME TO {_IMPORTANCE_SOURCE}"
-                          ).fetchall()
+        self._con.execute(f"ALTER TABLE {_JOINED_SOURCE} RENAME TO {_IMPORTANCE_SOURCE}").fetchall()
 
     def _create_source(self, table: str, columns: list[str]) -> None:
         """A DuckDB table of `columns` of the importance source, filled from HDF5.
@@ -437,12 +505,14 @@ class Trace:
                 self._con.execute(f"CREATE TABLE {table} ({defs})").fetchall()
                 return
             reader = pa.RecordBatchReader.from_batches(
-                first.schema, itertools.chain([first], batches))
+                first.schema, itertools.chain([first], batches)
+            )
             select = ", ".join(f"CAST({c} AS {types[c]}) AS {c}" for c in first.schema.names)
             self._con.register("_samplescope_blocks", reader)
             try:
-                self._con.execute(f"CREATE TABLE {table} AS SELECT {select} "
-                                  "FROM _samplescope_blocks").fetchall()
+                self._con.execute(
+                    f"CREATE TABLE {table} AS SELECT {select} FROM _samplescope_blocks"
+                ).fetchall()
                 return
             except (duckdb.ConversionException, duckdb.OutOfRangeException):
                 if wide or "sample_id" not in types:
@@ -464,9 +534,10 @@ class Trace:
     def _register_importance(self, loaded: set[str]) -> None:
         columns = [c for c, deps in _IMPORTANCE_DEPS.items() if all(d in loaded for d in deps)]
         layers = self.layers()
-        parts = [_importance_select(columns, row["layer_index"], row["layer"],
-                                    row["n_params"])
-                 for row in layers.iter_rows(named=True)]
+        parts = [
+            _importance_select(columns, row["layer_index"], row["layer"], row["n_params"])
+            for row in layers.iter_rows(named=True)
+        ]
         if not parts:
             parts = [_importance_select(columns, None, None, None) + " WHERE false"]
         sql = " UNION ALL ".join(parts)
@@ -476,19 +547,48 @@ class Trace:
         self._con.execute(f"CREATE OR REPLACE VIEW importance AS {sql}").fetchall()
 
     # -- per-sample statistics ---------------------------------------------------------
-    def _prepared_visits(self, early_epochs: int, *, layer_grad_sq: bool = False,
-                         ) -> pl.DataFrame:
+    def _prepared_visits(
+        self,
+        early_epochs: int,
+        *,
+        layer_grad_sq: bool = False,
+    ) -> pl.DataFrame:
         if self._data.n_visits == 0 or self._data.n_layers == 0:
-            msg = (f"{self.paths[0]} has no recorded visits yet"
-                   if self._data.n_layers else f"{self.paths[0]} has no layers")
+            msg = (
+                f"{self.paths[0]} has no recorded visits yet"
+                if self._data.n_layers
+                else f"{self.paths[0]} has no layers"
+            )
             raise EmptyTraceError(msg)
-        columns = ["step", "epoch", "sample_id", "loss", "target", "correct", "p_target",
-                   "margin", "input_sq", "input_grad_sq", "lr_scale", "grad_sq"]
-        return scores.prepare_visits(self._visits_frame(columns), self._data.n_layers,
-                                     early_epochs, layer_grad_sq=layer_grad_sq)
+        columns = [
+            "step",
+            "epoch",
+            "sample_id",
+            "loss",
+            "target",
+            "correct",
+            "p_target",
+            "margin",
+            "input_sq",
+            "input_grad_sq",
+            "lr_scale",
+            "grad_sq",
+        ]
+        return scores.prepare_visits(
+            self._visits_frame(columns),
+            self._data.n_layers,
+            early_epochs,
+            layer_grad_sq=layer_grad_sq,
+        )
 
-    def samples(self, *, early_epochs: int = 1, sort: str | None = None,
-                descending: bool = True, top: int | None = None) -> pl.DataFrame:
+    def samples(
+        self,
+        *,
+        early_epochs: int = 1,
+        sort: str | None = None,
+        descending: bool = True,
+        top: int | None = None,
+    ) -> pl.DataFrame:
         """One row per sample with every score (docs/analysis.md, table `samples`).
 
         Args:
@@ -512,8 +612,7 @@ class Trace:
             if sort not in frame.columns:
                 msg = f"no column {sort!r} in samples; columns are: {', '.join(frame.columns)}"
                 raise QueryError(msg)
-            frame = frame.sort(sort, descending=descending, nulls_last=True,
-                               maintain_order=True)
+            frame = frame.sort(sort, descending=descending, nulls_last=True, maintain_order=True)
         return frame if top is None else frame.head(top)
 
     def _sample_scores(self, early_epochs: int, info: pl.DataFrame | None) -> pl.DataFrame:
@@ -536,8 +635,7 @@ class Trace:
     def correlations(self) -> pl.DataFrame:
         """Spearman(importance, final loss) per epoch and layer (NULL = all)."""
         if "correlations" not in self._frames:
-            self._frames["correlations"] = scores.correlations(self.sample_epochs(),
-                                                               self.samples())
+            self._frames["correlations"] = scores.correlations(self.sample_epochs(), self.samples())
         return self._frames["correlations"]
 
     def groups(self) -> pl.DataFrame:
@@ -563,30 +661,38 @@ class Trace:
                 raise QueryError(msg)
             visits = self._prepared_visits(1)
             self._frames[key] = cluster_samples(
-                self.sample_epochs(), visits, self.samples(), k=k, seed=seed)
+                self.sample_epochs(), visits, self.samples(), k=k, seed=seed
+            )
             if k == _DEFAULT_K and seed == 0:
                 self._frames["clusters"] = self._frames[key]
         return self._frames[key]
 
 
-def _importance_select(columns: list[str], index: int | None, name: str | None,
-                       n_params: int | None) -> str:
+def _importance_select(
+    columns: list[str], index: int | None, name: str | None, n_params: int | None
+) -> str:
     """One layer's slice of the importance view (all NULL layer columns when index is None)."""
     if index is None:
-        exprs = {"layer": "CAST(NULL AS VARCHAR)", "layer_index": "CAST(NULL AS BIGINT)",
-                 "grad_sq": "CAST(NULL AS DOUBLE)", "importance": "CAST(NULL AS DOUBLE)",
-                 "importance_per_param": "CAST(NULL AS DOUBLE)",
-                 "alignment": "CAST(NULL AS DOUBLE)"}
+        exprs = {
+            "layer": "CAST(NULL AS VARCHAR)",
+            "layer_index": "CAST(NULL AS BIGINT)",
+            "grad_sq": "CAST(NULL AS DOUBLE)",
+            "importance": "CAST(NULL AS DOUBLE)",
+            "importance_per_param": "CAST(NULL AS DOUBLE)",
+            "alignment": "CAST(NULL AS DOUBLE)",
+        }
     else:
         quoted = str(name).replace("'", "''")
         grad = f"grad_sq_{index}"
         # (lr·s)² · grad_sq, multiplied in the same order as before: DOUBLE × FLOAT.
-        exprs = {"layer": f"CAST('{quoted}' AS VARCHAR)",
-                 "layer_index": f"CAST({index} AS BIGINT)",
-                 "grad_sq": f"CAST({grad} AS DOUBLE)",
-                 "importance": f"scale_sq * {grad}",
-                 "importance_per_param": f"scale_sq * {grad} / CAST({n_params} AS BIGINT)",
-                 "alignment": f"CAST(alignment_{index} AS DOUBLE)"}
+        exprs = {
+            "layer": f"CAST('{quoted}' AS VARCHAR)",
+            "layer_index": f"CAST({index} AS BIGINT)",
+            "grad_sq": f"CAST({grad} AS DOUBLE)",
+            "importance": f"scale_sq * {grad}",
+            "importance_per_param": f"scale_sq * {grad} / CAST({n_params} AS BIGINT)",
+            "alignment": f"CAST(alignment_{index} AS DOUBLE)",
+        }
     # The source stores integers narrow (see `Trace._create_source`); the view shows BIGINT.
     exprs.update({c: f"CAST({c} AS BIGINT)" for c in ("step", "epoch", "sample_id")})
     select = ", ".join(f"{exprs.get(c, c)} AS {c}" for c in columns)

@@ -34,13 +34,13 @@ CHUNK = 8192
 
 QUERIES = {
     "by layer": "SELECT layer, sum(importance) AS importance FROM importance "
-                "GROUP BY layer ORDER BY 2 DESC",
+    "GROUP BY layer ORDER BY 2 DESC",
     "by epoch × decile": "SELECT i.epoch, s.difficulty_decile, sum(i.importance) AS importance "
-                         "FROM importance i JOIN samples s USING (sample_id) "
-                         "GROUP BY 1, 2 ORDER BY 1, 2",
+    "FROM importance i JOIN samples s USING (sample_id) "
+    "GROUP BY 1, 2 ORDER BY 1, 2",
     "top-100 late, layer 0": "SELECT sample_id, sum(importance) AS importance FROM importance "
-                             "WHERE layer_index = 0 AND epoch >= {late} "
-                             "GROUP BY 1 ORDER BY 2 DESC LIMIT 100",
+    "WHERE layer_index = 0 AND epoch >= {late} "
+    "GROUP BY 1 ORDER BY 2 DESC LIMIT 100",
 }
 # What t.samples() computes, as far as plain SQL on the Parquet copy goes (a subset).
 PARQUET_SAMPLES = """
@@ -62,9 +62,15 @@ FROM visits GROUP BY sample_id
 
 
 def _dataset(group: h5py.Group, name: str, data: np.ndarray) -> None:
-    group.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]),
-                         chunks=(min(CHUNK, max(len(data), 1)), *data.shape[1:]),
-                         compression="gzip", compression_opts=1, shuffle=True)
+    group.create_dataset(
+        name,
+        data=data,
+        maxshape=(None, *data.shape[1:]),
+        chunks=(min(CHUNK, max(len(data), 1)), *data.shape[1:]),
+        compression="gzip",
+        compression_opts=1,
+        shuffle=True,
+    )
 
 
 def write_synthetic(path: Path, n_samples: int, n_epochs: int, seed: int = 0) -> int:
@@ -80,43 +86,64 @@ def write_synthetic(path: Path, n_samples: int, n_epochs: int, seed: int = 0) ->
     decay = np.exp(-epoch_of_visit / (0.3 * n_epochs))
     loss = (difficulty[sample_id] * decay * rng.lognormal(0, 0.3, n_visits)).astype(np.float32)
     layer_scale = np.array([0.5, 1.0, 2.0, 4.0], dtype=np.float32)
-    grad_sq = (loss[:, None] * layer_scale * rng.lognormal(0, 0.5, (n_visits, N_LAYERS))
-               ).astype(np.float32)
+    grad_sq = (loss[:, None] * layer_scale * rng.lognormal(0, 0.5, (n_visits, N_LAYERS))).astype(
+        np.float32
+    )
     p_target = np.exp(-loss).astype(np.float32)
     target = target_of[sample_id]
     pred = np.where(p_target > 0.4, target, (target + 1) % 10)
     visits = {
-        "step": np.repeat(np.arange(n_steps), BATCH), "sample_id": sample_id,
-        "loss": loss, "grad_sq": grad_sq, "target": target, "pred": pred,
-        "p_target": p_target, "margin": (np.log(p_target + 1e-6) + 2).astype(np.float32),
+        "step": np.repeat(np.arange(n_steps), BATCH),
+        "sample_id": sample_id,
+        "loss": loss,
+        "grad_sq": grad_sq,
+        "target": target,
+        "pred": pred,
+        "p_target": p_target,
+        "margin": (np.log(p_target + 1e-6) + 2).astype(np.float32),
         "input_sq": rng.uniform(50, 150, n_visits).astype(np.float32),
     }
     steps = {
-        "step": np.arange(n_steps), "epoch": np.repeat(np.arange(n_epochs), steps_per_epoch),
-        "lr": np.full(n_steps, 0.1), "batch_size": np.full(n_steps, BATCH),
+        "step": np.arange(n_steps),
+        "epoch": np.repeat(np.arange(n_epochs), steps_per_epoch),
+        "lr": np.full(n_steps, 0.1),
+        "batch_size": np.full(n_steps, BATCH),
         "loss_mean": loss.reshape(n_steps, BATCH).mean(axis=1).astype(np.float64),
         "time": 1.7e9 + np.arange(n_steps, dtype=np.float64),
-        "visit_start": np.arange(n_steps) * BATCH, "n_nonfinite": np.zeros(n_steps, np.int64),
+        "visit_start": np.arange(n_steps) * BATCH,
+        "n_nonfinite": np.zeros(n_steps, np.int64),
         "grad_sq": grad_sq.reshape(n_steps, BATCH, N_LAYERS).sum(axis=1) / BATCH**2,
     }
     size = 0
     with h5py.File(path, "w", libver="latest") as f:
-        attrs = {"format": "samplescope-trace", "format_version": 1, "run_id": "bench",
-                 "rank": 0, "world_size": 1, "reduction": "mean", "optimizer": "SGD",
-                 "optimizer_hparams": '{"lr": 0.1}', "config": "{}", "model": "Synthetic",
-                 "options": "{}", "created": "", "samplescope_version": "bench",
-                 "torch_version": ""}
+        attrs = {
+            "format": "samplescope-trace",
+            "format_version": 1,
+            "run_id": "bench",
+            "rank": 0,
+            "world_size": 1,
+            "reduction": "mean",
+            "optimizer": "SGD",
+            "optimizer_hparams": '{"lr": 0.1}',
+            "config": "{}",
+            "model": "Synthetic",
+            "options": "{}",
+            "created": "",
+            "samplescope_version": "bench",
+            "torch_version": "",
+        }
         f.attrs.update(attrs)
         f["status/closed"] = np.array([1], np.int8)
         f["status/n_errors"] = np.array([0], np.int64)
         layers = f.create_group("layers")
         layers["name"] = np.array([f"layer{i}" for i in range(N_LAYERS)], dtype=object).astype(
-            h5py.string_dtype())
-        layers["kind"] = np.array(["Linear"] * N_LAYERS, dtype=object).astype(
-            h5py.string_dtype())
+            h5py.string_dtype()
+        )
+        layers["kind"] = np.array(["Linear"] * N_LAYERS, dtype=object).astype(h5py.string_dtype())
         layers["n_params"] = np.array([784 * 256, 256 * 128, 128 * 64, 64 * 10], np.int64)
         layers["method"] = np.array(["identity"] * N_LAYERS, dtype=object).astype(
-            h5py.string_dtype())
+            h5py.string_dtype()
+        )
         for name, columns in (("steps", steps), ("visits", visits)):
             group = f.create_group(name)
             for column, data in columns.items():
@@ -155,6 +182,7 @@ def _import_all() -> float:
     import pyarrow  # noqa: F401
 
     import samplescope.analysis  # noqa: F401
+
     return _rss_mb()
 
 
@@ -187,8 +215,10 @@ def run_parquet(folder: Path, late: int) -> dict[str, dict[str, float]]:
     def connect() -> duckdb.DuckDBPyConnection:
         con = duckdb.connect()
         for table in ("importance", "samples", "visits"):
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM "
-                        f"read_parquet('{folder / (table + '.parquet')}')").fetchall()
+            con.execute(
+                f"CREATE VIEW {table} AS SELECT * FROM "
+                f"read_parquet('{folder / (table + '.parquet')}')"
+            ).fetchall()
         return con
 
     con = _timed(results, "open", connect)
@@ -207,8 +237,10 @@ def write_parquet(trace: Path, folder: Path) -> None:
     with open_trace(trace) as t:
         t.samples().write_parquet(folder / "samples.parquet")
         for table in ("importance", "visits"):
-            t.sql(f"COPY (SELECT * FROM {table}) TO '{folder / (table + '.parquet')}' "
-                  "(FORMAT parquet)").fetchall()
+            t.sql(
+                f"COPY (SELECT * FROM {table}) TO '{folder / (table + '.parquet')}' "
+                "(FORMAT parquet)"
+            ).fetchall()
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -245,19 +277,34 @@ def main() -> None:
         trace = folder / "synthetic.h5"
         start = time.perf_counter()
         raw = write_synthetic(trace, n_samples, n_epochs)
-        print(f"wrote {trace.name}: {n_samples:,} samples × {n_epochs} epochs × {N_LAYERS} "
-              f"layers, {n_samples * n_epochs:,} visits, {trace.stat().st_size / 1e6:.0f} MB "
-              f"on disk, {raw / 1e6:.0f} MB uncompressed "
-              f"({time.perf_counter() - start:.1f} s)")
+        print(
+            f"wrote {trace.name}: {n_samples:,} samples × {n_epochs} epochs × {N_LAYERS} "
+            f"layers, {n_samples * n_epochs:,} visits, {trace.stat().st_size / 1e6:.0f} MB "
+            f"on disk, {raw / 1e6:.0f} MB uncompressed "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
         write_parquet(trace, folder)
         parquet_mb = sum(p.stat().st_size for p in folder.glob("*.parquet")) / 1e6
         print(f"wrote the Parquet copy: {parquet_mb:.0f} MB")
         runs = {}
         for child in ("samplescope", "parquet"):
             out = subprocess.run(
-                [sys.executable, __file__, "--child", child, "--trace", str(trace),
-                 "--folder", str(folder), "--late", str(late)],
-                check=True, capture_output=True, text=True).stdout
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    child,
+                    "--trace",
+                    str(trace),
+                    "--folder",
+                    str(folder),
+                    "--late",
+                    str(late),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             runs[child] = json.loads(out.strip().splitlines()[-1])
     _print_table(runs, raw)
 
@@ -265,23 +312,33 @@ def main() -> None:
 def _print_table(runs: dict[str, dict[str, dict[str, float]]], raw: int) -> None:
     ours, theirs = runs["samplescope"], runs["parquet"]
     bases = ours.pop("_baseline")["peak_mb"], theirs.pop("_baseline")["peak_mb"]
-    header = (f"{'step':<30} {'samplescope s':>13} {'parquet s':>10} {'ratio':>7} "
-              f"{'peak MB':>8} {'parquet MB':>11}")
+    header = (
+        f"{'step':<30} {'samplescope s':>13} {'parquet s':>10} {'ratio':>7} "
+        f"{'peak MB':>8} {'parquet MB':>11}"
+    )
     print(header)
     print("-" * len(header))
     for name in ours:
         a, b = ours[name]["seconds"], theirs[name]["seconds"]
         ratio = a / b if b > 0 else float("inf")
-        print(f"{name:<30} {a:>13.3f} {b:>10.3f} {ratio:>6.1f}× "
-              f"{ours[name]['peak_mb']:>8.0f} {theirs[name]['peak_mb']:>11.0f}")
-    print(f"peak MB = peak resident memory (VmHWM) so far, minus the process's resident memory "
-          f"after importing every library (samplescope {bases[0]:.0f} MB, parquet "
-          f"{bases[1]:.0f} MB)")
-    print(f"uncompressed trace data: {raw / 1e6:.0f} MB; peak of the samplescope process above "
-          f"its imports: {max(r['peak_mb'] for r in ours.values()):.0f} MB "
-          f"(target: under {raw / 1e6:.0f} MB)")
-    print("samples on the parquet side is a SQL subset of t.samples() (no ranks, cartography "
-          "per epoch, forgetting, GraNd/EL2N windows, sample_info).")
+        print(
+            f"{name:<30} {a:>13.3f} {b:>10.3f} {ratio:>6.1f}× "
+            f"{ours[name]['peak_mb']:>8.0f} {theirs[name]['peak_mb']:>11.0f}"
+        )
+    print(
+        f"peak MB = peak resident memory (VmHWM) so far, minus the process's resident memory "
+        f"after importing every library (samplescope {bases[0]:.0f} MB, parquet "
+        f"{bases[1]:.0f} MB)"
+    )
+    print(
+        f"uncompressed trace data: {raw / 1e6:.0f} MB; peak of the samplescope process above "
+        f"its imports: {max(r['peak_mb'] for r in ours.values()):.0f} MB "
+        f"(target: under {raw / 1e6:.0f} MB)"
+    )
+    print(
+        "samples on the parquet side is a SQL subset of t.samples() (no ranks, cartography "
+        "per epoch, forgetting, GraNd/EL2N windows, sample_info)."
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,13 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out-dir", default="bench_out/paper_findings")
     args = parser.parse_args()
-    setting = Setting(dataset=args.dataset, epochs=args.epochs, subset=args.subset,
-                      data_dir=args.data_dir, preset="paper")
+    setting = Setting(
+        dataset=args.dataset,
+        epochs=args.epochs,
+        subset=args.subset,
+        data_dir=args.data_dir,
+        preset="paper",
+    )
     run = run_findings(setting, args.out_dir, time_plain=True)
     print(setting.describe())
     with pl.Config(tbl_rows=20, fmt_str_lengths=200, tbl_width_chars=200):
@@ -38,8 +43,10 @@ def main() -> None:
         print("-", line)
     ratio = run.recorded_seconds / run.plain_seconds if run.plain_seconds else float("nan")
     print(f"test accuracy {run.test_accuracy:.4f}")
-    print(f"training: {run.recorded_seconds:.1f} s recorded, {run.plain_seconds:.1f} s plain "
-          f"(ratio {ratio:.2f})")
+    print(
+        f"training: {run.recorded_seconds:.1f} s recorded, {run.plain_seconds:.1f} s plain "
+        f"(ratio {ratio:.2f})"
+    )
 
 
 if __name__ == "__main__":

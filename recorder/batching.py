@@ -57,9 +57,13 @@ class FixedBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-def fixed_batches(strategy: str, ids: Sequence[int] | np.ndarray, batch_size: int,
-                  scores: Sequence[float] | np.ndarray | None = None,
-                  seed: int = 0) -> list[np.ndarray]:
+def fixed_batches(
+    strategy: str,
+    ids: Sequence[int] | np.ndarray,
+    batch_size: int,
+    scores: Sequence[float] | np.ndarray | None = None,
+    seed: int = 0,
+) -> list[np.ndarray]:
     """The batches of one of the paper's seven strategies, as arrays of ids.
 
     Args:
@@ -104,9 +108,13 @@ def _blocks(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def fixed_batch_sampler(strategy: str, ids: Sequence[int] | np.ndarray, batch_size: int,
-                        scores: Sequence[float] | np.ndarray | None = None,
-                        seed: int = 0) -> FixedBatchSampler:
+def fixed_batch_sampler(
+    strategy: str,
+    ids: Sequence[int] | np.ndarray,
+    batch_size: int,
+    scores: Sequence[float] | np.ndarray | None = None,
+    seed: int = 0,
+) -> FixedBatchSampler:
     """`fixed_batches` wrapped as a sampler for ``DataLoader(batch_sampler=...)``."""
     return FixedBatchSampler(fixed_batches(strategy, ids, batch_size, scores, seed))
 
@@ -127,8 +135,13 @@ class OnlineBatchSampler(Sampler[list[int]]):
         seed: the generator of the draws.
     """
 
-    def __init__(self, ids: Sequence[int] | np.ndarray, batch_size: int,
-                 selection_pressure: float = 100.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        ids: Sequence[int] | np.ndarray,
+        batch_size: int,
+        selection_pressure: float = 100.0,
+        seed: int = 0,
+    ) -> None:
         if selection_pressure <= 1:
             msg = f"selection_pressure must exceed 1, not {selection_pressure}"
             raise ValueError(msg)
@@ -160,8 +173,9 @@ class OnlineBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(len(self)):
-            chosen = self._rng.choice(len(self.ids), size=self.batch_size, replace=False,
-                                      p=self.probabilities())
+            chosen = self._rng.choice(
+                len(self.ids), size=self.batch_size, replace=False, p=self.probabilities()
+            )
             yield self.ids[chosen].tolist()
 
     def __len__(self) -> int:

@@ -1,7 +1,7 @@
 """Reports: a multi-page PDF of a trace, read only through `samplescope.analysis`.
 
-    from samplescope.reports import render_report
-    render_report("run.h5", "report.pdf")
+from samplescope.reports import render_report
+render_report("run.h5", "report.pdf")
 """
 
 from __future__ import annotations

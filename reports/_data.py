@@ -71,8 +71,11 @@ class ReportData:
     @cached_property
     def layers(self) -> pl.DataFrame:
         """layer_index, layer, kind, n_params; row 0 nearest the input."""
-        return self.trace.layers().select("layer_index", "layer", "kind", "n_params").sort(
-            "layer_index")
+        return (
+            self.trace.layers()
+            .select("layer_index", "layer", "kind", "n_params")
+            .sort("layer_index")
+        )
 
     @cached_property
     def layer_names(self) -> list[str]:
@@ -101,8 +104,14 @@ class ReportData:
         """epoch, split, loss, accuracy of every logged evaluation (may be empty)."""
         evals = self.trace.evals()
         if evals is None or evals.height == 0:
-            return pl.DataFrame(schema={"epoch": pl.Int64, "split": pl.String,
-                                        "loss": pl.Float64, "accuracy": pl.Float64})
+            return pl.DataFrame(
+                schema={
+                    "epoch": pl.Int64,
+                    "split": pl.String,
+                    "loss": pl.Float64,
+                    "accuracy": pl.Float64,
+                }
+            )
         return evals.select("epoch", "split", "loss", "accuracy")
 
     @cached_property
@@ -117,9 +126,12 @@ class ReportData:
     def correlations(self) -> pl.DataFrame:
         """epoch, layer_index, spearman (importance in the epoch vs final loss)."""
         # The analysis table also holds whole-run rows (epoch NULL) and all-layer rows.
-        return (self.trace.correlations()
-                .filter(pl.col("epoch").is_not_null() & pl.col("layer_index").is_not_null())
-                .select("epoch", "layer_index", "spearman").sort("epoch", "layer_index"))
+        return (
+            self.trace.correlations()
+            .filter(pl.col("epoch").is_not_null() & pl.col("layer_index").is_not_null())
+            .select("epoch", "layer_index", "spearman")
+            .sort("epoch", "layer_index")
+        )
 
     # -- per sample ----------------------------------------------------------------------
     @cached_property
@@ -139,9 +151,12 @@ class ReportData:
         """layer_index, group (0 = top 10% of samples by total importance, 1 = next 10%,
         2 = the rest), share of the layer's importance in [0, 1]."""
         order = {"top10": 0, "next10": 1, "rest": 2}
-        return (self.trace.groups().filter(pl.col("layer_index").is_not_null())
-                .with_columns(pl.col("group").replace_strict(order, return_dtype=pl.Int64))
-                .select("layer_index", "group", "share"))
+        return (
+            self.trace.groups()
+            .filter(pl.col("layer_index").is_not_null())
+            .with_columns(pl.col("group").replace_strict(order, return_dtype=pl.Int64))
+            .select("layer_index", "group", "share")
+        )
 
     @cached_property
     def class_layer(self) -> pl.DataFrame:
@@ -161,8 +176,9 @@ class ReportData:
         """(layer_index, bin, epoch, importance mean) with samples binned by difficulty rank,
         and the number of bins (0 = easiest)."""
         n_bins = min(MAX_HEATMAP_ROWS, max(self.n_samples, 1))
-        return self._binned_epoch(f"(difficulty_rank * {n_bins}) // {max(self.n_samples, 1)}",
-                                  mean=True), n_bins
+        return self._binned_epoch(
+            f"(difficulty_rank * {n_bins}) // {max(self.n_samples, 1)}", mean=True
+        ), n_bins
 
     def _binned_epoch(self, key: str, *, mean: bool = False) -> pl.DataFrame:
         frame = self.trace.sql(
@@ -174,9 +190,13 @@ class ReportData:
             # Divide by the bin's size, not its visit count: a sample not visited in an
             # epoch contributed zero importance to it.
             sizes = self.trace.sql(
-                f"SELECT {key} AS bin, count(*) AS n FROM samples GROUP BY 1").pl()
-            frame = frame.join(sizes, on="bin").with_columns(
-                importance=pl.col("importance") / pl.col("n")).drop("n")
+                f"SELECT {key} AS bin, count(*) AS n FROM samples GROUP BY 1"
+            ).pl()
+            frame = (
+                frame.join(sizes, on="bin")
+                .with_columns(importance=pl.col("importance") / pl.col("n"))
+                .drop("n")
+            )
         return frame.with_columns(pl.col("bin").cast(pl.Int64)).sort("layer_index", "bin", "epoch")
 
     def grid(self, frame: pl.DataFrame, layer_index: int, n_bins: int) -> np.ndarray:

@@ -54,18 +54,26 @@ def new_page(title: str, *, caption_lines: int = 3) -> Figure:
     with mpl.rc_context(_STYLE):
         fig = Figure(figsize=PAGE_SIZE)
     fig.set_layout_engine(None)
-    fig.suptitle(title, x=0.04, y=0.965, ha="left", fontsize=_STYLE["figure.titlesize"],
-                 fontweight="bold")
-    fig.subplots_adjust(left=0.07, right=0.97, top=0.88, bottom=0.12 + 0.025 * caption_lines,
-                        wspace=0.3, hspace=0.45)
+    fig.suptitle(
+        title, x=0.04, y=0.965, ha="left", fontsize=_STYLE["figure.titlesize"], fontweight="bold"
+    )
+    fig.subplots_adjust(
+        left=0.07,
+        right=0.97,
+        top=0.88,
+        bottom=0.12 + 0.025 * caption_lines,
+        wspace=0.3,
+        hspace=0.45,
+    )
     return fig
 
 
 def add_caption(fig: Figure, text: str) -> None:
     """Write `text` under the figure: what to read from it, in a sentence or three."""
     wrapped = "\n".join(textwrap.wrap(" ".join(text.split()), _CAPTION_WIDTH))
-    fig.text(0.04, 0.035, wrapped, ha="left", va="bottom", fontsize=9, color="0.15",
-             linespacing=1.4)
+    fig.text(
+        0.04, 0.035, wrapped, ha="left", va="bottom", fontsize=9, color="0.15", linespacing=1.4
+    )
 
 
 def note(fig: Figure, text: str, y: float = 0.5) -> None:
@@ -73,16 +81,28 @@ def note(fig: Figure, text: str, y: float = 0.5) -> None:
     fig.text(0.5, y, text, ha="center", va="center", fontsize=12, color="0.3")
 
 
-def draw_table(ax: Any, header: Sequence[str], rows: Sequence[Sequence[str]], *,
-               col_widths: Sequence[float] | None = None, fontsize: float = 8.5) -> None:
+def draw_table(
+    ax: Any,
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    col_widths: Sequence[float] | None = None,
+    fontsize: float = 8.5,
+) -> None:
     """A plain table filling `ax`: bold header, light rules, right-aligned numbers."""
     ax.axis("off")
     if not rows:
         ax.text(0.5, 0.5, "(none)", ha="center", va="center", color="0.4")
         return
-    table = ax.table(cellText=[list(r) for r in rows], colLabels=list(header),
-                     colWidths=col_widths, loc="upper center", cellLoc="right",
-                     colLoc="right", edges="horizontal")
+    table = ax.table(
+        cellText=[list(r) for r in rows],
+        colLabels=list(header),
+        colWidths=col_widths,
+        loc="upper center",
+        cellLoc="right",
+        colLoc="right",
+        edges="horizontal",
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(fontsize)
     table.scale(1, 1.25)

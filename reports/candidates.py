@@ -41,25 +41,43 @@ def candidate_tables(data: ReportData, top: int = TOP) -> tuple[pl.DataFrame, pl
     importance and importance_pct (the sample's share of all importance, in %).
     """
     total = float(data.samples["importance"].sum()) or 1.0
-    frame = (data.samples
-             .join(data.final_pred, on="sample_id", how="left")
-             .with_columns(importance_pct=100 * pl.col("importance") / total))
-    mislabeled = (frame.with_columns(
-        score=(_pct_rank("aum", descending=True) + _pct_rank("confidence", descending=True)
-               + _pct_rank("importance")) / 3)
-        .sort("score", descending=True).head(top))
-    redundant = (frame.filter(pl.col("final_correct") & (pl.col("forgetting_events") == 0))
-                 .with_columns(score=_pct_rank("importance", descending=True))
-                 .sort("score", "sample_id", descending=[True, False]).head(top))
+    frame = data.samples.join(data.final_pred, on="sample_id", how="left").with_columns(
+        importance_pct=100 * pl.col("importance") / total
+    )
+    mislabeled = (
+        frame.with_columns(
+            score=(
+                _pct_rank("aum", descending=True)
+                + _pct_rank("confidence", descending=True)
+                + _pct_rank("importance")
+            )
+            / 3
+        )
+        .sort("score", descending=True)
+        .head(top)
+    )
+    redundant = (
+        frame.filter(pl.col("final_correct") & (pl.col("forgetting_events") == 0))
+        .with_columns(score=_pct_rank("importance", descending=True))
+        .sort("score", "sample_id", descending=[True, False])
+        .head(top)
+    )
     return mislabeled, redundant
 
 
 def _rows(frame: pl.DataFrame) -> list[tuple[str, ...]]:
     return [
-        (str(i), str(r["sample_id"]), str(r["target"]),
-         "–" if r["pred"] is None else str(r["pred"]), f"{r['score']:.3f}",
-         f"{r['aum']:.2f}", f"{r['confidence']:.2f}", str(r["forgetting_events"]),
-         f"{r['importance_pct']:.3f}")
+        (
+            str(i),
+            str(r["sample_id"]),
+            str(r["target"]),
+            "–" if r["pred"] is None else str(r["pred"]),
+            f"{r['score']:.3f}",
+            f"{r['aum']:.2f}",
+            f"{r['confidence']:.2f}",
+            str(r["forgetting_events"]),
+            f"{r['importance_pct']:.3f}",
+        )
         for i, r in enumerate(frame.iter_rows(named=True), 1)
     ]
 
@@ -75,19 +93,21 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     left.set_title("Most likely mislabeled", loc="left", fontweight="bold")
     draw_table(left, _HEADER, _rows(mislabeled), col_widths=_WIDTHS)
     right = fig.add_axes((0.53, 0.22, 0.44, 0.62))
-    right.set_title("Most redundant (learned, never forgotten)", loc="left",
-                    fontweight="bold")
+    right.set_title("Most redundant (learned, never forgotten)", loc="left", fontweight="bold")
     draw_table(right, _HEADER, _rows(redundant), col_widths=_WIDTHS)
-    add_caption(fig, (
-        "Mislabeled score: mean of the percentile ranks of low AUM (area under the margin: "
-        "mean of label logit minus the largest other logit; negative = the model kept "
-        "preferring another class), low confidence (mean probability of the label) and high "
-        "total importance. Redundant score: percentile rank of low total importance among "
-        "samples predicted right at the end that were never forgotten. 'pred' is the "
-        "prediction at the sample's last visit; 'imp. %' its share of all importance. "
-        "Candidates are for inspection, not automatic removal: rare but correct samples "
-        "also score as 'mislabeled'."
-    ))
+    add_caption(
+        fig,
+        (
+            "Mislabeled score: mean of the percentile ranks of low AUM (area under the margin: "
+            "mean of label logit minus the largest other logit; negative = the model kept "
+            "preferring another class), low confidence (mean probability of the label) and high "
+            "total importance. Redundant score: percentile rank of low total importance among "
+            "samples predicted right at the end that were never forgotten. 'pred' is the "
+            "prediction at the sample's last visit; 'imp. %' its share of all importance. "
+            "Candidates are for inspection, not automatic removal: rare but correct samples "
+            "also score as 'mislabeled'."
+        ),
+    )
     yield fig
     if data.has_thumbnails:
         yield _gallery(data, mislabeled.head(GALLERY), redundant.head(GALLERY))
@@ -99,8 +119,9 @@ def _gallery(data: ReportData, mislabeled: pl.DataFrame, redundant: pl.DataFrame
     fig = new_page("Candidates: thumbnails of the inputs", caption_lines=2)
     per_row = 8
     outer = fig.add_gridspec(2, 1, hspace=0.35, top=0.86, bottom=0.14)
-    for block, (frame, title) in enumerate(((mislabeled, "Most likely mislabeled"),
-                                            (redundant, "Most redundant"))):
+    for block, (frame, title) in enumerate(
+        ((mislabeled, "Most likely mislabeled"), (redundant, "Most redundant"))
+    ):
         rows = max(1, -(-frame.height // per_row))
         inner = outer[block].subgridspec(rows, per_row, hspace=0.5, wspace=0.15)
         for i, r in enumerate(frame.iter_rows(named=True)):
@@ -115,16 +136,27 @@ def _gallery(data: ReportData, mislabeled: pl.DataFrame, redundant: pl.DataFrame
             pred = "–" if r["pred"] is None else r["pred"]
             ax.set_title(f"#{r['sample_id']}  label {r['target']}\npred {pred}", fontsize=7.5)
             if i == 0:
-                ax.set_ylabel(title, fontsize=9, fontweight="bold", rotation=0, ha="left",
-                              va="bottom", labelpad=0)
+                ax.set_ylabel(
+                    title,
+                    fontsize=9,
+                    fontweight="bold",
+                    rotation=0,
+                    ha="left",
+                    va="bottom",
+                    labelpad=0,
+                )
                 ax.yaxis.set_label_coords(0, 1.45)
-    add_caption(fig, (
-        "The stored thumbnail of each candidate above (min–max scaled, dark = high input "
-        "value), ranked left to right, top to bottom. Check whether the label under each "
-        "image is what you see: a wrong label confirms a mislabeled candidate."
-    ))
+    add_caption(
+        fig,
+        (
+            "The stored thumbnail of each candidate above (min–max scaled, dark = high input "
+            "value), ranked left to right, top to bottom. Check whether the label under each "
+            "image is what you see: a wrong label confirms a mislabeled candidate."
+        ),
+    )
     return fig
 
 
-SECTION = Section("candidates", "Candidates: likely mislabeled and redundant samples", _pages,
-                  needs_outputs=True)
+SECTION = Section(
+    "candidates", "Candidates: likely mislabeled and redundant samples", _pages, needs_outputs=True
+)

@@ -21,38 +21,45 @@ MAX_ANNOTATED = 20
 def _pages(data: ReportData) -> Iterator[Figure]:
     samples = data.samples.drop_nulls("target")
     n = max(data.n_samples - 1, 1)
-    per_class = (samples.group_by("target").agg(
-        n=pl.len(),
-        importance=pl.col("importance").sum(),
-        accuracy=pl.col("final_correct").cast(pl.Float64).mean(),
-        hard=(pl.col("difficulty_decile") == 9).cast(pl.Float64).mean(),
-    ).sort("target"))
+    per_class = (
+        samples.group_by("target")
+        .agg(
+            n=pl.len(),
+            importance=pl.col("importance").sum(),
+            accuracy=pl.col("final_correct").cast(pl.Float64).mean(),
+            hard=(pl.col("difficulty_decile") == 9).cast(pl.Float64).mean(),
+        )
+        .sort("target")
+    )
     classes = per_class["target"].to_list()
     fig = new_page("Per-class breakdown of importance and difficulty", caption_lines=4)
     grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.1], right=0.93)
     _shares(fig.add_subplot(grid[0, 0]), per_class)
     _difficulty(fig.add_subplot(grid[0, 1]), samples, classes, n)
     _layer_heatmap(fig, fig.add_subplot(grid[1, :]), data, classes)
-    add_caption(fig, (
-        "Top left: each class's share of the training samples (light) and of all importance "
-        "(dark); a class whose dark bar is much taller is harder or noisier than its size "
-        "suggests. Top right: each class's difficulty — the distribution of its samples' "
-        "rank by final loss (box: quartiles, whiskers: 5–95%; 0 = easiest), with the share "
-        "of its samples still wrong at the end written above. Bottom: per layer, the "
-        "percentage of the layer's importance carried by each class (each row sums to 100%)."
-    ))
+    add_caption(
+        fig,
+        (
+            "Top left: each class's share of the training samples (light) and of all importance "
+            "(dark); a class whose dark bar is much taller is harder or noisier than its size "
+            "suggests. Top right: each class's difficulty — the distribution of its samples' "
+            "rank by final loss (box: quartiles, whiskers: 5–95%; 0 = easiest), with the share "
+            "of its samples still wrong at the end written above. Bottom: per layer, the "
+            "percentage of the layer's importance carried by each class (each row sums to 100%)."
+        ),
+    )
     yield fig
 
 
 def _shares(ax, per_class: pl.DataFrame) -> None:
     x = np.arange(per_class.height)
     sample_share = 100 * per_class["n"].to_numpy() / max(per_class["n"].sum(), 1)
-    imp_share = 100 * per_class["importance"].to_numpy() / max(per_class["importance"].sum(),
-                                                                1e-300)
+    imp_share = (
+        100 * per_class["importance"].to_numpy() / max(per_class["importance"].sum(), 1e-300)
+    )
     ax.bar(x - 0.2, sample_share, width=0.4, color="0.75", label="share of samples")
     ax.bar(x + 0.2, imp_share, width=0.4, color="0.2", label="share of importance")
-    ax.set_xticks(x, [str(c) for c in per_class["target"]],
-                  fontsize=8 if len(x) <= 20 else 6)
+    ax.set_xticks(x, [str(c) for c in per_class["target"]], fontsize=8 if len(x) <= 20 else 6)
     ax.set_xlabel("class (label)")
     ax.set_ylabel("% of all samples / importance")
     ax.set_title("Importance vs size, per class", loc="left")
@@ -60,19 +67,30 @@ def _shares(ax, per_class: pl.DataFrame) -> None:
 
 
 def _difficulty(ax, samples: pl.DataFrame, classes: list[int], n: int) -> None:
-    groups = [100 * samples.filter(pl.col("target") == c)["difficulty_rank"].to_numpy() / n
-              for c in classes]
-    ax.boxplot(groups, positions=np.arange(len(classes)), widths=0.6, whis=(5, 95),
-               showfliers=False, patch_artist=True,
-               boxprops={"facecolor": "0.85", "edgecolor": "0.2"},
-               medianprops={"color": "black"})
-    wrong = [100 * (1 - samples.filter(pl.col("target") == c)["final_correct"]
-                    .cast(pl.Float64).mean()) for c in classes]
+    groups = [
+        100 * samples.filter(pl.col("target") == c)["difficulty_rank"].to_numpy() / n
+        for c in classes
+    ]
+    ax.boxplot(
+        groups,
+        positions=np.arange(len(classes)),
+        widths=0.6,
+        whis=(5, 95),
+        showfliers=False,
+        patch_artist=True,
+        boxprops={"facecolor": "0.85", "edgecolor": "0.2"},
+        medianprops={"color": "black"},
+    )
+    wrong = [
+        100 * (1 - samples.filter(pl.col("target") == c)["final_correct"].cast(pl.Float64).mean())
+        for c in classes
+    ]
     for i, w in enumerate(wrong):
         ax.text(i, 103, f"{w:.0f}%", ha="center", va="bottom", fontsize=7, color="0.3")
     ax.set_ylim(0, 112)
-    ax.set_xticks(np.arange(len(classes)), [str(c) for c in classes],
-                  fontsize=8 if len(classes) <= 20 else 6)
+    ax.set_xticks(
+        np.arange(len(classes)), [str(c) for c in classes], fontsize=8 if len(classes) <= 20 else 6
+    )
     ax.set_xlabel("class (label); above: % wrong at the end")
     ax.set_ylabel("difficulty rank percentile\n(0 = easiest)")
     ax.set_title("Difficulty per class", loc="left")
@@ -90,12 +108,19 @@ def _layer_heatmap(fig: Figure, ax, data: ReportData, classes: list[int]) -> Non
     image = ax.imshow(grid, aspect="auto", cmap=CMAP, vmin=0)
     if len(classes) <= MAX_ANNOTATED:
         for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
-                    color="black" if image.norm(value) > 0.6 else "white")
-    ax.set_xticks(np.arange(len(classes)), [str(c) for c in classes],
-                  fontsize=8 if len(classes) <= 20 else 6)
-    ax.set_yticks(np.arange(n_layers), [f"L{i} {name}" for i, name
-                                        in enumerate(data.layer_names)])
+            ax.text(
+                j,
+                i,
+                f"{value:.0f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if image.norm(value) > 0.6 else "white",
+            )
+    ax.set_xticks(
+        np.arange(len(classes)), [str(c) for c in classes], fontsize=8 if len(classes) <= 20 else 6
+    )
+    ax.set_yticks(np.arange(n_layers), [f"L{i} {name}" for i, name in enumerate(data.layer_names)])
     ax.set_xlabel("class (label)")
     ax.set_title("Share of each layer's importance by class (%)", loc="left")
     fig.colorbar(image, ax=ax, label="% of the layer's importance", fraction=0.03, pad=0.01)

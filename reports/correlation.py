@@ -17,30 +17,38 @@ __all__ = ["SECTION"]
 
 
 def _pages(data: ReportData) -> Iterator[Figure]:
-    fig = new_page("Does importance track difficulty? Correlation with final loss",
-                   caption_lines=4)
+    fig = new_page("Does importance track difficulty? Correlation with final loss", caption_lines=4)
     grid = fig.add_gridspec(1, 2, width_ratios=[1.6, 1])
     _correlation(fig.add_subplot(grid[0, 0]), data)
     _concentration(fig.add_subplot(grid[0, 1]), data)
-    add_caption(fig, (
-        "Left: for each epoch and layer, the Spearman rank correlation across samples between "
-        "the importance a sample had in that epoch and its final training loss. Near +1: the "
-        "samples that move the layer are the ones that end up hard; near 0: importance says "
-        "nothing about final difficulty; negative: easy samples dominate. The paper reports "
-        "a correlation that grows over training. Right: how concentrated each layer's "
-        "importance is — the share carried by the 10% most important samples, the next 10%, "
-        "and the remaining 80% (the paper's grouping). Even spread would be 10/10/80."
-    ))
+    add_caption(
+        fig,
+        (
+            "Left: for each epoch and layer, the Spearman rank correlation across samples between "
+            "the importance a sample had in that epoch and its final training loss. Near +1: the "
+            "samples that move the layer are the ones that end up hard; near 0: importance says "
+            "nothing about final difficulty; negative: easy samples dominate. The paper reports "
+            "a correlation that grows over training. Right: how concentrated each layer's "
+            "importance is — the share carried by the 10% most important samples, the next 10%, "
+            "and the remaining 80% (the paper's grouping). Even spread would be 10/10/80."
+        ),
+    )
     yield fig
 
 
 def _correlation(ax, data: ReportData) -> None:
     corr = data.correlations
-    for row, color in zip(data.layers.iter_rows(named=True), layer_colors(data.layers.height),
-                          strict=True):
+    for row, color in zip(
+        data.layers.iter_rows(named=True), layer_colors(data.layers.height), strict=True
+    ):
         part = corr.filter(pl.col("layer_index") == row["layer_index"])
-        ax.plot(part["epoch"], part["spearman"], marker=".", color=color,
-                label=layer_label(row["layer_index"], row["layer"], row["kind"]))
+        ax.plot(
+            part["epoch"],
+            part["spearman"],
+            marker=".",
+            color=color,
+            label=layer_label(row["layer_index"], row["layer"], row["kind"]),
+        )
     ax.axhline(0, color="0.6", linewidth=0.8)
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("epoch")
@@ -62,8 +70,15 @@ def _concentration(ax, data: ReportData) -> None:
         ax.barh(y, values, left=left, color=shade, label=label, edgecolor="white")
         for yi, (x0, width) in enumerate(zip(left, values, strict=True)):
             if width >= 6:
-                ax.text(x0 + width / 2, yi, f"{width:.0f}", ha="center", va="center",
-                        fontsize=8, color="white" if shade != "0.82" else "black")
+                ax.text(
+                    x0 + width / 2,
+                    yi,
+                    f"{width:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if shade != "0.82" else "black",
+                )
         left += values
     ax.set_yticks(y, [f"L{i}" for i in y])
     ax.set_ylabel("layer (L0 nearest the input)")
@@ -71,8 +86,14 @@ def _concentration(ax, data: ReportData) -> None:
     ax.set_xlim(0, 100)
     ax.set_xlabel("% of the layer's importance")
     ax.set_title("Concentration of importance", loc="left", pad=22)
-    ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=3,
-              borderaxespad=0.2, handlelength=1.2)
+    ax.legend(
+        frameon=False,
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0),
+        ncols=3,
+        borderaxespad=0.2,
+        handlelength=1.2,
+    )
 
 
 SECTION = Section("correlation", "Correlation of importance with final loss", _pages)

@@ -23,15 +23,18 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     _share(fig, fig.add_subplot(grid[0, :]), data, deciles)
     _mean_epoch(fig.add_subplot(grid[1, 0]), data, deciles)
     _mean_depth(fig.add_subplot(grid[1, 1]), data, deciles)
-    add_caption(fig, (
-        "Top: each row is a layer (L0 nearest the input); a cell is the percentage of that "
-        "layer's total importance carried by one difficulty decile (0 = easiest 10% of "
-        "samples by final loss). Rows sum to 100%; an even spread reads 10%. Bottom left: "
-        "when each decile mattered — the epoch averaged with importance as weight. A rising "
-        "line means hard samples matter later in training. Bottom right: where each decile "
-        "mattered — the layer position averaged with importance as weight, from 0 (input) to "
-        "1 (output)."
-    ))
+    add_caption(
+        fig,
+        (
+            "Top: each row is a layer (L0 nearest the input); a cell is the percentage of that "
+            "layer's total importance carried by one difficulty decile (0 = easiest 10% of "
+            "samples by final loss). Rows sum to 100%; an even spread reads 10%. Bottom left: "
+            "when each decile mattered — the epoch averaged with importance as weight. A rising "
+            "line means hard samples matter later in training. Bottom right: where each decile "
+            "mattered — the layer position averaged with importance as weight, from 0 (input) to "
+            "1 (output)."
+        ),
+    )
     yield fig
 
 
@@ -45,10 +48,19 @@ def _share(fig: Figure, ax, data: ReportData, deciles: pl.DataFrame) -> None:
     image = ax.imshow(share, aspect="auto", cmap=CMAP, vmin=0, origin="upper")
     for (i, j), value in np.ndenumerate(share):
         bright = image.norm(value) > 0.6
-        ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7 if n_layers > 6 else 8,
-                color="black" if bright else "white")
-    labels = [layer_label(r["layer_index"], r["layer"], r["kind"])
-              for r in data.layers.iter_rows(named=True)]
+        ax.text(
+            j,
+            i,
+            f"{value:.0f}",
+            ha="center",
+            va="center",
+            fontsize=7 if n_layers > 6 else 8,
+            color="black" if bright else "white",
+        )
+    labels = [
+        layer_label(r["layer_index"], r["layer"], r["kind"])
+        for r in data.layers.iter_rows(named=True)
+    ]
     ax.set_yticks(range(n_layers), labels)
     ax.set_xticks(range(10))
     ax.set_xlabel("difficulty decile (0 = easiest)")
@@ -57,10 +69,15 @@ def _share(fig: Figure, ax, data: ReportData, deciles: pl.DataFrame) -> None:
 
 
 def _mean_epoch(ax, data: ReportData, deciles: pl.DataFrame) -> None:
-    when = (deciles.group_by("layer_index", "bin")
-            .agg(((pl.col("importance") * pl.col("epoch")).sum() / pl.col("importance").sum())
-                 .alias("epoch"))
-            .sort("layer_index", "bin"))
+    when = (
+        deciles.group_by("layer_index", "bin")
+        .agg(
+            ((pl.col("importance") * pl.col("epoch")).sum() / pl.col("importance").sum()).alias(
+                "epoch"
+            )
+        )
+        .sort("layer_index", "bin")
+    )
     _lines(ax, data, when, "epoch")
     ax.set_ylabel("importance-weighted mean epoch")
     ax.set_title("When each decile mattered", loc="left")
@@ -68,10 +85,17 @@ def _mean_epoch(ax, data: ReportData, deciles: pl.DataFrame) -> None:
 
 def _mean_depth(ax, data: ReportData, deciles: pl.DataFrame) -> None:
     span = max(data.layers.height - 1, 1)
-    where = (deciles.group_by("bin")
-             .agg(((pl.col("importance") * pl.col("layer_index")).sum()
-                   / pl.col("importance").sum() / span).alias("depth"))
-             .sort("bin"))
+    where = (
+        deciles.group_by("bin")
+        .agg(
+            (
+                (pl.col("importance") * pl.col("layer_index")).sum()
+                / pl.col("importance").sum()
+                / span
+            ).alias("depth")
+        )
+        .sort("bin")
+    )
     ax.plot(where["bin"], where["depth"], marker="o", color="0.15")
     ax.set_xticks(range(10))
     ax.set_xlabel("difficulty decile (0 = easiest)")
@@ -83,11 +107,18 @@ def _mean_depth(ax, data: ReportData, deciles: pl.DataFrame) -> None:
 
 
 def _lines(ax, data: ReportData, frame: pl.DataFrame, column: str) -> None:
-    for row, color in zip(data.layers.iter_rows(named=True), layer_colors(data.layers.height),
-                          strict=True):
+    for row, color in zip(
+        data.layers.iter_rows(named=True), layer_colors(data.layers.height), strict=True
+    ):
         part = frame.filter(pl.col("layer_index") == row["layer_index"])
-        ax.plot(part["bin"], part[column], marker="o", markersize=3, color=color,
-                label=layer_label(row["layer_index"], row["layer"], row["kind"]))
+        ax.plot(
+            part["bin"],
+            part[column],
+            marker="o",
+            markersize=3,
+            color=color,
+            label=layer_label(row["layer_index"], row["layer"], row["kind"]),
+        )
     ax.set_xticks(range(10))
     ax.set_xlabel("difficulty decile (0 = easiest)")
     ax.legend(frameon=False, fontsize=7, ncols=2 if data.layers.height > 4 else 1)

@@ -20,8 +20,11 @@ __all__ = ["SECTION", "run_findings"]
 logger = logging.getLogger(__name__)
 
 _MARK = {True: "passed", False: "failed", None: "n/a"}
-_CONTROLS = (("per_param", "per parameter"), ("same_period", "same epoch"),
-             ("input_norm", "input norm"))
+_CONTROLS = (
+    ("per_param", "per parameter"),
+    ("same_period", "same epoch"),
+    ("input_norm", "input norm"),
+)
 
 
 def run_findings(trace: Any) -> tuple[list[Any], list[str]] | None:
@@ -48,13 +51,16 @@ def _pages(data: ReportData) -> Iterator[Figure]:
         return
     results, headlines = found
     _draw_blocks(fig, _blocks(results, headlines), top=0.87, bottom=0.16)
-    add_caption(fig, (
-        "Each claim of Gao & Jojic is tested on raw importance sums, then under controls: "
-        "per parameter (importance divided by the layer's size), same epoch (compared within "
-        "each epoch, since gradients shrink over training) and input norm (input-layer "
-        "importance divided by ‖x‖²+1). 'supported' holds raw and under every control that "
-        "applies; 'raw sums only' fails a control; 'inconclusive' means too little data."
-    ))
+    add_caption(
+        fig,
+        (
+            "Each claim of Gao & Jojic is tested on raw importance sums, then under controls: "
+            "per parameter (importance divided by the layer's size), same epoch (compared within "
+            "each epoch, since gradients shrink over training) and input norm (input-layer "
+            "importance divided by ‖x‖²+1). 'supported' holds raw and under every control that "
+            "applies; 'raw sums only' fails a control; 'inconclusive' means too little data."
+        ),
+    )
     yield fig
 
 
@@ -75,20 +81,31 @@ class _Block:
 
 
 def _blocks(results: list[Any], headlines: list[str]) -> list[_Block]:
-    blocks = [_Block(0.05, "•  " + "\n   ".join(textwrap.wrap(line, 125)), 10.5, 0.012)
-              for line in headlines]
+    blocks = [
+        _Block(0.05, "•  " + "\n   ".join(textwrap.wrap(line, 125)), 10.5, 0.012)
+        for line in headlines
+    ]
     if blocks:
         blocks[-1].gap = 0.035
     for result in results:
-        controls = ", ".join(f"{label}: {_MARK[result.controls.get(key)]}"
-                             for key, label in _CONTROLS)
+        controls = ", ".join(
+            f"{label}: {_MARK[result.controls.get(key)]}" for key, label in _CONTROLS
+        )
         detail = f"{result.explanation}  Controls — {controls}."
         colour = "black" if result.verdict == "supported" else "0.35"
-        blocks.append(_Block(0.18, "\n".join(textwrap.wrap(result.statement, 125)), 10, 0.005,
-                             side=result.verdict.upper(),
-                             style={"side_color": colour}))
-        blocks.append(_Block(0.18, "\n".join(textwrap.wrap(detail, 140)), 8.5, 0.022,
-                             style={"color": "0.3"}))
+        blocks.append(
+            _Block(
+                0.18,
+                "\n".join(textwrap.wrap(result.statement, 125)),
+                10,
+                0.005,
+                side=result.verdict.upper(),
+                style={"side_color": colour},
+            )
+        )
+        blocks.append(
+            _Block(0.18, "\n".join(textwrap.wrap(detail, 140)), 8.5, 0.022, style={"color": "0.3"})
+        )
     return blocks
 
 
@@ -101,10 +118,26 @@ def _draw_blocks(fig: Figure, blocks: list[_Block], top: float, bottom: float) -
     for block in blocks:
         size = block.fontsize * scale
         if block.side:
-            fig.text(0.05, y, block.side, ha="left", va="top", fontsize=size,
-                     fontweight="bold", color=block.style.get("side_color", "black"))
-        fig.text(block.x, y, block.text, ha="left", va="top", fontsize=size,
-                 color=block.style.get("color", "black"), linespacing=1.3)
+            fig.text(
+                0.05,
+                y,
+                block.side,
+                ha="left",
+                va="top",
+                fontsize=size,
+                fontweight="bold",
+                color=block.style.get("side_color", "black"),
+            )
+        fig.text(
+            block.x,
+            y,
+            block.text,
+            ha="left",
+            va="top",
+            fontsize=size,
+            color=block.style.get("color", "black"),
+            linespacing=1.3,
+        )
         y -= (block.lines * block.fontsize * line_height + block.gap) * scale
 
 

@@ -28,8 +28,9 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     deciles = data.decile_epoch()
     rows = list(data.layers.iter_rows(named=True))
     raw = {r["layer_index"]: data.grid(ranks, r["layer_index"], n_bins) for r in rows}
-    share = {r["layer_index"]: _column_share(data.grid(deciles, r["layer_index"], 10))
-             for r in rows}
+    share = {
+        r["layer_index"]: _column_share(data.grid(deciles, r["layer_index"], 10)) for r in rows
+    }
     positive = np.concatenate([g[g > 0] for g in raw.values()] or [np.ones(1)])
     if positive.size == 0:
         positive = np.ones(1)
@@ -41,8 +42,9 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     pages = [rows[i : i + LAYERS_PER_PAGE] for i in range(0, len(rows), LAYERS_PER_PAGE)]
     for number, page_rows in enumerate(pages, 1):
         suffix = f" ({number}/{len(pages)})" if len(pages) > 1 else ""
-        fig = new_page(f"Importance by sample difficulty and epoch, per layer{suffix}",
-                       caption_lines=4)
+        fig = new_page(
+            f"Importance by sample difficulty and epoch, per layer{suffix}", caption_lines=4
+        )
         grid = fig.add_gridspec(2, LAYERS_PER_PAGE, left=0.07, right=0.9)
         for col, row in enumerate(page_rows):
             index = row["layer_index"]
@@ -56,20 +58,28 @@ def _pages(data: ReportData) -> Iterator[Figure]:
             bottom.set_ylabel("difficulty decile\n(0 = easiest)" if col == 0 else "")
             bottom.set_xlabel("epoch")
         top_pos, bottom_pos = grid[0, -1].get_position(fig), grid[1, -1].get_position(fig)
-        fig.colorbar(image_top, cax=fig.add_axes((0.92, top_pos.y0, 0.012, top_pos.height)),
-                     label="mean importance per sample")
-        fig.colorbar(image_bottom,
-                     cax=fig.add_axes((0.92, bottom_pos.y0, 0.012, bottom_pos.height)),
-                     label="share of the epoch's importance (%)")
-        add_caption(fig, (
-            "Columns are layers from the input (left) to the output (right). Top: every "
-            "sample, sorted by its final training loss (easiest at the bottom), its importance "
-            "in each epoch on a log colour scale; training usually makes everything darker to "
-            "the right. Bottom: the same per difficulty decile, each epoch's column "
-            "normalised to 100%, so a uniform layer reads 10% everywhere. The paper's pattern "
-            "is bright bottom-left near the output (easy samples early) and bright top-right "
-            "near the input (hard samples late); its absence is a finding too."
-        ))
+        fig.colorbar(
+            image_top,
+            cax=fig.add_axes((0.92, top_pos.y0, 0.012, top_pos.height)),
+            label="mean importance per sample",
+        )
+        fig.colorbar(
+            image_bottom,
+            cax=fig.add_axes((0.92, bottom_pos.y0, 0.012, bottom_pos.height)),
+            label="share of the epoch's importance (%)",
+        )
+        add_caption(
+            fig,
+            (
+                "Columns are layers from the input (left) to the output (right). Top: every "
+                "sample, sorted by its final training loss (easiest at the bottom), its importance "
+                "in each epoch on a log colour scale; training usually makes everything darker to "
+                "the right. Bottom: the same per difficulty decile, each epoch's column "
+                "normalised to 100%, so a uniform layer reads 10% everywhere. The paper's pattern "
+                "is bright bottom-left near the output (easy samples early) and bright top-right "
+                "near the input (hard samples late); its absence is a finding too."
+            ),
+        )
         yield fig
 
 
@@ -80,11 +90,21 @@ def _column_share(grid: np.ndarray) -> np.ndarray:
 
 
 def _heatmap(ax, values: np.ndarray, epochs: list[int], norm, n_rows: int):
-    masked = np.ma.masked_where(~np.isfinite(values) | (values <= 0), values) \
-        if isinstance(norm, LogNorm) else np.ma.masked_invalid(values)
+    masked = (
+        np.ma.masked_where(~np.isfinite(values) | (values <= 0), values)
+        if isinstance(norm, LogNorm)
+        else np.ma.masked_invalid(values)
+    )
     extent = (epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, n_rows - 0.5) if epochs else None
-    image = ax.imshow(masked, aspect="auto", origin="lower", cmap=CMAP, norm=norm,
-                      interpolation="nearest", extent=extent)
+    image = ax.imshow(
+        masked,
+        aspect="auto",
+        origin="lower",
+        cmap=CMAP,
+        norm=norm,
+        interpolation="nearest",
+        extent=extent,
+    )
     if n_rows > 10:
         ticks = np.linspace(-0.5, n_rows - 0.5, 5)
         ax.set_yticks(ticks, [f"{p:.0f}" for p in np.linspace(0, 100, 5)])

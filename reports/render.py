@@ -63,8 +63,11 @@ def select_sections(pages: str | Sequence[str] | None) -> list[Section]:
     known = {s.id for s in SECTIONS}
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        msg = (f"unknown report section {', '.join(map(repr, unknown))}; " if unknown
-               else "no report section given; ")
+        msg = (
+            f"unknown report section {', '.join(map(repr, unknown))}; "
+            if unknown
+            else "no report section given; "
+        )
         msg += f"choose from {', '.join(s.id for s in SECTIONS)}"
         raise UnknownSectionError(msg)
     return [s for s in SECTIONS if s.id in names]
@@ -113,15 +116,23 @@ def render_report(
             data.trace.close()
 
 
-def _render(data: ReportData, sections: Sequence[Section], out: Path, title: str | None,
-            fmt: str, progress: bool) -> Path:
-    data.report_title = title or (f"samplescope report: {data.path.name}" if data.path
-                                  else "samplescope report")
+def _render(
+    data: ReportData,
+    sections: Sequence[Section],
+    out: Path,
+    title: str | None,
+    fmt: str,
+    progress: bool,
+) -> Path:
+    data.report_title = title or (
+        f"samplescope report: {data.path.name}" if data.path else "samplescope report"
+    )
     chosen = []
     for section in sections:
         if section.needs_outputs and not data.has_outputs:
-            data.omitted.append((section.id, section.title,
-                                 "needs logits/targets, which this trace did not record"))
+            data.omitted.append(
+                (section.id, section.title, "needs logits/targets, which this trace did not record")
+            )
         else:
             chosen.append(section)
     data.included = [(s.id, s.title) for s in chosen]
@@ -156,8 +167,9 @@ def _check_output(out: Path, fmt: str) -> Path:
     return out
 
 
-def _figures(sections: Sequence[Section], data: ReportData,
-             progress: bool) -> Iterable[tuple[str, Figure]]:
+def _figures(
+    sections: Sequence[Section], data: ReportData, progress: bool
+) -> Iterable[tuple[str, Figure]]:
     bar = tqdm(sections, desc="report", unit="section", disable=not progress, leave=False)
     for section in bar:
         bar.set_postfix_str(section.id)
@@ -166,8 +178,9 @@ def _figures(sections: Sequence[Section], data: ReportData,
 
 
 def _footer(fig: Figure, title: str, number: int) -> None:
-    fig.text(0.97, 0.012, f"{title} · page {number}", ha="right", va="bottom", fontsize=7,
-             color="0.5")
+    fig.text(
+        0.97, 0.012, f"{title} · page {number}", ha="right", va="bottom", fontsize=7, color="0.5"
+    )
 
 
 def _write_pdf(out: Path, figures: Iterable[tuple[str, Figure]], data: ReportData) -> Path:

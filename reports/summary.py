@@ -57,8 +57,7 @@ def _config(meta: dict[str, Any], width: int = 50) -> str | None:
             return None
     if not isinstance(raw, dict) or not raw:
         return None
-    text = ", ".join(f"{k}={_fmt(v)}" for k, v in raw.items()
-                     if v is not None and k not in _SHOWN)
+    text = ", ".join(f"{k}={_fmt(v)}" for k, v in raw.items() if v is not None and k not in _SHOWN)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -81,8 +80,12 @@ def _run_rows(data: ReportData) -> list[tuple[str, str]]:
     size = data.trace_bytes
     paths = meta.get("paths") or ([str(data.path)] if data.path else [])
     rows = [
-        ("trace", _short(paths[0]) + (f" (+{len(paths) - 1} shards)" if len(paths) > 1 else "")
-         if paths else "–"),
+        (
+            "trace",
+            _short(paths[0]) + (f" (+{len(paths) - 1} shards)" if len(paths) > 1 else "")
+            if paths
+            else "–",
+        ),
         ("model", str(meta.get("model", "–"))),
         ("optimizer", f"{meta.get('optimizer') or '–'} ({_hparams(meta)})"),
         ("loss reduction", str(meta.get("reduction", "–"))),
@@ -104,7 +107,7 @@ def _run_rows(data: ReportData) -> list[tuple[str, str]]:
 
 
 def _short(path: str, width: int = 60) -> str:
-    return path if len(path) <= width else "…" + path[-(width - 1):]
+    return path if len(path) <= width else "…" + path[-(width - 1) :]
 
 
 def _recorded(data: ReportData) -> str:
@@ -126,27 +129,46 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     right = fig.add_axes((0.53, 0.56, 0.44, 0.30))
     right.set_title("Recorded layers (L0 nearest the input)", loc="left", fontweight="bold")
     total = int(data.layers["n_params"].sum())
-    rows = [(f"L{r['layer_index']}", r["layer"], r["kind"], f"{r['n_params']:,}")
-            for r in data.layers.iter_rows(named=True)]
+    rows = [
+        (f"L{r['layer_index']}", r["layer"], r["kind"], f"{r['n_params']:,}")
+        for r in data.layers.iter_rows(named=True)
+    ]
     rows.append(("", "total", "", f"{total:,}"))
-    draw_table(right, ["#", "module", "kind", "parameters"], rows,
-               col_widths=[0.1, 0.4, 0.25, 0.25])
+    draw_table(
+        right, ["#", "module", "kind", "parameters"], rows, col_widths=[0.1, 0.4, 0.25, 0.25]
+    )
 
     contents = fig.add_axes((0.53, 0.14, 0.44, 0.36))
     contents.axis("off")
     contents.set_title("In this report", loc="left", fontweight="bold")
     lines = [f"•  {title}  [{sid}]" for sid, title in data.included]
     lines += [f"–  left out: {title} [{sid}] — {why}" for sid, title, why in data.omitted]
-    contents.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", fontsize=9, linespacing=1.6,
-                  transform=contents.transAxes, wrap=True)
-    add_caption(fig, (
-        "Importance of a sample for a layer is the squared size of the parameter change the "
-        "sample caused in that layer under SGD, (lr·s)²·‖g‖², with s = 1/batch size for a "
-        "mean-reduced loss (Gao & Jojic). Difficulty is the rank of a sample's final training "
-        "loss: decile 0 holds the easiest 10% of samples, decile 9 the hardest. "
-        + ("" if data.has_outputs else "This trace has no logits/targets, so the sections "
-           "that need predictions, confidences or labels are left out (listed above).")
-    ))
+    contents.text(
+        0.0,
+        1.0,
+        "\n".join(lines),
+        va="top",
+        ha="left",
+        fontsize=9,
+        linespacing=1.6,
+        transform=contents.transAxes,
+        wrap=True,
+    )
+    add_caption(
+        fig,
+        (
+            "Importance of a sample for a layer is the squared size of the parameter change the "
+            "sample caused in that layer under SGD, (lr·s)²·‖g‖², with s = 1/batch size for a "
+            "mean-reduced loss (Gao & Jojic). Difficulty is the rank of a sample's final training "
+            "loss: decile 0 holds the easiest 10% of samples, decile 9 the hardest. "
+            + (
+                ""
+                if data.has_outputs
+                else "This trace has no logits/targets, so the sections "
+                "that need predictions, confidences or labels are left out (listed above)."
+            )
+        ),
+    )
     yield fig
 
 

@@ -77,5 +77,3 @@ def default_registry() -> LayerRegistry:
 def _conv_observer(name: str, module: nn.Module, session: Session) -> Observer:
     # A fresh ConvNorms per layer: its per-shape method choice belongs to this layer.
     return HookObserver(name, module, session, ConvNorms())
-
-

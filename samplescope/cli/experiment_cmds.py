@@ -33,27 +33,60 @@ def register(group: click.Group) -> None:
 
 def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--dataset", type=click.Choice(_DATASETS), default="digits",
-                     show_default=True, help="Named dataset (read from disk, never downloaded)."),
-        click.option("--model", type=click.Choice(("mlp", "cnn")), default="mlp",
-                     show_default=True),
-        click.option("--epochs", type=click.IntRange(min=1), default=None,
-                     help="Epochs [default: 5, or the preset's]."),
+        click.option(
+            "--dataset",
+            type=click.Choice(_DATASETS),
+            default="digits",
+            show_default=True,
+            help="Named dataset (read from disk, never downloaded).",
+        ),
+        click.option(
+            "--model", type=click.Choice(("mlp", "cnn")), default="mlp", show_default=True
+        ),
+        click.option(
+            "--epochs",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Epochs [default: 5, or the preset's].",
+        ),
         click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1,
-                     show_default=True),
-        click.option("--hidden", type=click.IntRange(min=1), default=512, show_default=True,
-                     help="MLP hidden width."),
-        click.option("--depth", type=click.IntRange(min=1), default=3, show_default=True,
-                     help="MLP hidden layers."),
-        click.option("--subset", type=click.IntRange(min=1), default=None,
-                     help="Train on a fixed random subset of N training samples."),
-        click.option("--preset", type=click.Choice(("paper",)), default=None,
-                     help="The paper's protocol (3x512 MLP, batch 100, SGD 0.1, wd 1e-5, "
-                          "50 epochs); options given explicitly win over it."),
-        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                     help="Where the dataset's files are (fashion-mnist defaults to "
-                          "/usr/share/datasets/fashion-mnist)."),
+        click.option(
+            "--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True
+        ),
+        click.option(
+            "--hidden",
+            type=click.IntRange(min=1),
+            default=512,
+            show_default=True,
+            help="MLP hidden width.",
+        ),
+        click.option(
+            "--depth",
+            type=click.IntRange(min=1),
+            default=3,
+            show_default=True,
+            help="MLP hidden layers.",
+        ),
+        click.option(
+            "--subset",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Train on a fixed random subset of N training samples.",
+        ),
+        click.option(
+            "--preset",
+            type=click.Choice(("paper",)),
+            default=None,
+            help="The paper's protocol (3x512 MLP, batch 100, SGD 0.1, wd 1e-5, "
+            "50 epochs); options given explicitly win over it.",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Where the dataset's files are (fashion-mnist defaults to "
+            "/usr/share/datasets/fashion-mnist).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -68,8 +101,9 @@ def _setting(seeds: int = 1, **kwargs: Any) -> Any:
     if epochs is None:
         epochs = 50 if preset == "paper" else 5
     fields = {f.name for f in dataclasses.fields(Setting)}
-    setting = Setting(**{k: v for k, v in kwargs.items() if k in fields}, seeds=seeds,
-                      epochs=epochs)
+    setting = Setting(
+        **{k: v for k, v in kwargs.items() if k in fields}, seeds=seeds, epochs=epochs
+    )
     # The preset sets model size, batch, lr and weight decay; options given on the command
     # line win over it, as a user typing them expects.
     ctx = click.get_current_context(silent=True)
@@ -83,8 +117,9 @@ def _setting(seeds: int = 1, **kwargs: Any) -> Any:
 @click.command()
 @_training_options
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), required=True,
-              help="The trace to write (.h5).")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), required=True, help="The trace to write (.h5)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing trace.")
 @frame_output
 def train(seed: int, out: str, overwrite: bool, **kwargs: Any) -> pl.DataFrame:
@@ -96,12 +131,23 @@ def train(seed: int, out: str, overwrite: bool, **kwargs: Any) -> pl.DataFrame:
 
     setting = _setting(**kwargs)
     data = setting.load()
-    result = train_run(setting.config(seed), out, data=data, train_indices=setting.train_ids(data),
-                       overwrite=overwrite, progress=False)
-    return pl.DataFrame({
-        "trace": [str(out)], "epochs": [setting.epochs],
-        "test_accuracy": [result.test_accuracy[-1]], "test_loss": [result.test_loss[-1]],
-        "seconds": [round(result.seconds, 2)]})
+    result = train_run(
+        setting.config(seed),
+        out,
+        data=data,
+        train_indices=setting.train_ids(data),
+        overwrite=overwrite,
+        progress=False,
+    )
+    return pl.DataFrame(
+        {
+            "trace": [str(out)],
+            "epochs": [setting.epochs],
+            "test_accuracy": [result.test_accuracy[-1]],
+            "test_loss": [result.test_loss[-1]],
+            "seconds": [round(result.seconds, 2)],
+        }
+    )
 
 
 @click.command()
@@ -138,17 +184,28 @@ def _budget(text: str) -> float | int:
 
 @click.command()
 @click.argument("trace", nargs=-1, required=True)
-@click.option("--kind", type=click.Choice(("mislabeled", "redundant")), default="mislabeled",
-              show_default=True)
-@click.option("--budget", default="0.1", show_default=True,
-              help="How many to flag: a fraction (0.1) or a count (50).")
-@click.option("--score", default=None,
-              help="Rank by this score [default: confidence for mislabeled, importance for "
-                   "redundant].")
+@click.option(
+    "--kind",
+    type=click.Choice(("mislabeled", "redundant")),
+    default="mislabeled",
+    show_default=True,
+)
+@click.option(
+    "--budget",
+    default="0.1",
+    show_default=True,
+    help="How many to flag: a fraction (0.1) or a count (50).",
+)
+@click.option(
+    "--score",
+    default=None,
+    help="Rank by this score [default: confidence for mislabeled, importance for redundant].",
+)
 @click.option("--top", type=click.IntRange(min=0), default=None, help="Print the first N rows.")
 @frame_output
-def flag(trace: tuple[str, ...], kind: str, budget: str, score: str | None,
-         top: int | None) -> pl.DataFrame:
+def flag(
+    trace: tuple[str, ...], kind: str, budget: str, score: str | None, top: int | None
+) -> pl.DataFrame:
     """Rank samples by how likely they are mislabeled or redundant; flag the budget's worth.
 
     Lower label_quality / informativeness = flagged first (cleanlab's direction).
@@ -169,8 +226,13 @@ def experiment() -> None:
 
 
 def _experiment_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    func = click.option("--out-dir", type=click.Path(file_okay=False), default="experiments",
-                        show_default=True, help="Where traces, CSV tables and figures go.")(func)
+    func = click.option(
+        "--out-dir",
+        type=click.Path(file_okay=False),
+        default="experiments",
+        show_default=True,
+        help="Where traces, CSV tables and figures go.",
+    )(func)
     func = click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)(func)
     return _training_options(func)
 
@@ -198,8 +260,11 @@ def experiment_findings(out_dir: str, time_plain: bool, **kwargs: Any) -> pl.Dat
     for line in run.headlines:
         click.echo(line, err=True)
     plain = "" if run.plain_seconds is None else f", {run.plain_seconds:.1f} s without"
-    click.echo(f"test accuracy {run.test_accuracy:.4f}; trained in {run.recorded_seconds:.1f} s "
-               f"with recording{plain}", err=True)
+    click.echo(
+        f"test accuracy {run.test_accuracy:.4f}; trained in {run.recorded_seconds:.1f} s "
+        f"with recording{plain}",
+        err=True,
+    )
     return run.table
 
 
@@ -221,8 +286,13 @@ def experiment_batches(out_dir: str, **kwargs: Any) -> pl.DataFrame:
 
 @experiment.command("noise")
 @_experiment_options
-@click.option("--noise", "noise", default="0.1,0.2", show_default=True,
-              help="Fractions of training labels to flip.")
+@click.option(
+    "--noise",
+    "noise",
+    default="0.1,0.2",
+    show_default=True,
+    help="Fractions of training labels to flip.",
+)
 @frame_output
 def experiment_noise(out_dir: str, noise: str, **kwargs: Any) -> pl.DataFrame:
     """Flip labels, record, and report every score's AUROC and AP at finding them.
@@ -236,11 +306,18 @@ def experiment_noise(out_dir: str, noise: str, **kwargs: Any) -> pl.DataFrame:
 
 @experiment.command("prune")
 @_experiment_options
-@click.option("--keep", default="0.5,0.7,0.9", show_default=True,
-              help="Fractions of the training set to keep.")
-@click.option("--scores", default=None,
-              help="Comma-separated scores to prune by [default: random, importance-based "
-                   "and every baseline].")
+@click.option(
+    "--keep",
+    default="0.5,0.7,0.9",
+    show_default=True,
+    help="Fractions of the training set to keep.",
+)
+@click.option(
+    "--scores",
+    default=None,
+    help="Comma-separated scores to prune by [default: random, importance-based "
+    "and every baseline].",
+)
 @frame_output
 def experiment_prune(out_dir: str, keep: str, scores: str | None, **kwargs: Any) -> pl.DataFrame:
     """Retrain on the subsets each score keeps (hardest first) and at random.

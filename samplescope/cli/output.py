@@ -55,8 +55,10 @@ def format_table(frame: pl.DataFrame) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def line(values: list[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w)
-                 for v, w, num in zip(values, widths, numeric, strict=True)]
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
         return "  ".join(parts).rstrip()
 
     rows = [line(headers), "  ".join("-" * w for w in widths)]
@@ -101,10 +103,21 @@ def write_frame(frame: pl.DataFrame, fmt: str, output: str | None) -> None:
 def frame_output(func: F) -> F:
     """Decorate a click command body that returns a `pl.DataFrame`."""
 
-    @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table",
-                  show_default=True, help="Output format.")
-    @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
-                  help="Write to this file instead of standard output.")
+    @click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default="table",
+        show_default=True,
+        help="Output format.",
+    )
+    @click.option(
+        "--output",
+        "-o",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Write to this file instead of standard output.",
+    )
     @functools.wraps(func)
     def wrapper(*args: Any, fmt: str, output: str | None, **kwargs: Any) -> None:
         if fmt == "parquet" and output is None:

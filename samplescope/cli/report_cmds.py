@@ -18,17 +18,33 @@ def register(group: click.Group) -> None:
 
 @click.command()
 @click.argument("trace", nargs=-1, required=True)
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="PDF file to write (a folder for --format png).")
-@click.option("--pages", default=None,
-              help="Comma-separated sections to include (default: all): summary, findings, "
-                   "curves, heatmaps, deciles, correlation, datamap, candidates, classes.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="PDF file to write (a folder for --format png).",
+)
+@click.option(
+    "--pages",
+    default=None,
+    help="Comma-separated sections to include (default: all): summary, findings, "
+    "curves, heatmaps, deciles, correlation, datamap, candidates, classes.",
+)
 @click.option("--title", default=None, help="Title on the first page.")
-@click.option("--format", "fmt", type=click.Choice(["pdf", "png"]), default="pdf",
-              show_default=True, help="One PDF, or one PNG per page in a folder.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["pdf", "png"]),
+    default="pdf",
+    show_default=True,
+    help="One PDF, or one PNG per page in a folder.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def report(trace: tuple[str, ...], out: Path, pages: str | None, title: str | None, fmt: str,
-           quiet: bool) -> None:
+def report(
+    trace: tuple[str, ...], out: Path, pages: str | None, title: str | None, fmt: str, quiet: bool
+) -> None:
     """Render a trace's report: run summary, training curves, importance by difficulty and
     epoch per layer, deciles, correlation with final loss, data map, mislabeled and
     redundant candidates, per-class breakdown.
@@ -51,12 +67,24 @@ def report(trace: tuple[str, ...], out: Path, pages: str | None, title: str | No
 
 
 @click.command()
-@click.option("--out", "out", default="samplescope-demo", show_default=True,
-              type=click.Path(path_type=Path), help="Folder for trace.h5 and report.pdf.")
-@click.option("--epochs", type=int, default=None,
-              help="Training epochs [default: 50, the paper's protocol].")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for the split, initialisation and batch order.")
+@click.option(
+    "--out",
+    "out",
+    default="samplescope-demo",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for trace.h5 and report.pdf.",
+)
+@click.option(
+    "--epochs", type=int, default=None, help="Training epochs [default: 50, the paper's protocol]."
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for the split, initialisation and batch order.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(out: Path, epochs: int | None, seed: int, quiet: bool) -> None:
     """Train the paper's MLP (3 hidden ReLU layers of 512) on scikit-learn's handwritten
@@ -68,8 +96,7 @@ def demo(out: Path, epochs: int | None, seed: int, quiet: bool) -> None:
     """
     from samplescope.experiments.demo import DEFAULT_EPOCHS, run_demo
 
-    result = run_demo(out, DEFAULT_EPOCHS if epochs is None else epochs, seed,
-                      progress=not quiet)
+    result = run_demo(out, DEFAULT_EPOCHS if epochs is None else epochs, seed, progress=not quiet)
     size = result.trace.stat().st_size / 1e6
     click.echo(
         f"Trained an MLP (3×512 ReLU) on digits ({result.n_train:,} train / "

@@ -45,8 +45,13 @@ def info(trace: tuple[str, ...]) -> pl.DataFrame:
 @click.command()
 @click.argument("trace", nargs=-1, required=True)
 @click.argument("query")
-@click.option("--param", "-p", "params", multiple=True,
-              help="Value for the next ? placeholder (JSON, else text); repeatable.")
+@click.option(
+    "--param",
+    "-p",
+    "params",
+    multiple=True,
+    help="Value for the next ? placeholder (JSON, else text); repeatable.",
+)
 @frame_output
 def sql(trace: tuple[str, ...], query: str, params: tuple[str, ...]) -> pl.DataFrame:
     """Run a DuckDB SQL query over a trace's tables (see docs/analysis.md).
@@ -66,19 +71,24 @@ def sql(trace: tuple[str, ...], query: str, params: tuple[str, ...]) -> pl.DataF
 @click.option("--sort", "sort", default=None, help="Column to sort by (descending).")
 @click.option("--ascending", is_flag=True, help="Sort ascending instead.")
 @click.option("--top", type=click.IntRange(min=0), default=None, help="Keep the first N rows.")
-@click.option("--early-epochs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="First recorded epochs used by grand and el2n_proxy.")
+@click.option(
+    "--early-epochs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="First recorded epochs used by grand and el2n_proxy.",
+)
 @frame_output
-def samples(trace: tuple[str, ...], sort: str | None, ascending: bool, top: int | None,
-            early_epochs: int) -> pl.DataFrame:
+def samples(
+    trace: tuple[str, ...], sort: str | None, ascending: bool, top: int | None, early_epochs: int
+) -> pl.DataFrame:
     """One row per sample with every score: importance and its share per layer, when and
     where it mattered, difficulty, cartography, forgetting, AUM, EL2N proxy, GraNd, TracIn.
 
     Example: samplescope samples runs/exp1.h5 --sort importance --top 20
     """
     with open_trace(list(trace)) as t:
-        return t.samples(early_epochs=early_epochs, sort=sort, descending=not ascending,
-                         top=top)
+        return t.samples(early_epochs=early_epochs, sort=sort, descending=not ascending, top=top)
 
 
 @click.command()

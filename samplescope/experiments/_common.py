@@ -73,23 +73,35 @@ class Setting:
         return np.sort(np.random.default_rng(0).permutation(n)[: self.subset])
 
     def config(self, seed: int) -> RunConfig:
-        return RunConfig(dataset=self.dataset, model=self.model, epochs=self.epochs,
-                         batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                         hidden=self.hidden, depth=self.depth, seed=seed, preset=self.preset)
+        return RunConfig(
+            dataset=self.dataset,
+            model=self.model,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            hidden=self.hidden,
+            depth=self.depth,
+            seed=seed,
+            preset=self.preset,
+        )
 
     def describe(self) -> str:
         subset = "all" if self.subset is None else str(self.subset)
-        return (f"{self.dataset}, {self.model} (hidden {self.hidden} x {self.depth}), "
-                f"{self.epochs} epochs, batch {self.batch_size}, SGD lr {self.lr}, "
-                f"weight decay {self.weight_decay}, training samples: {subset}, "
-                f"seeds: {self.seeds}")
+        return (
+            f"{self.dataset}, {self.model} (hidden {self.hidden} x {self.depth}), "
+            f"{self.epochs} epochs, batch {self.batch_size}, SGD lr {self.lr}, "
+            f"weight decay {self.weight_decay}, training samples: {subset}, "
+            f"seeds: {self.seeds}"
+        )
 
 
 def initial_state(setting: Setting, data: Dataset, seed: int) -> dict[str, Tensor]:
     """The initialisation of seed ``seed``, shared by every strategy or subset of that seed."""
     torch.manual_seed(seed)
-    model = make_model(setting.model, data.input_shape, data.n_classes, setting.hidden,
-                       setting.depth)
+    model = make_model(
+        setting.model, data.input_shape, data.n_classes, setting.hidden, setting.depth
+    )
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -97,21 +109,27 @@ def initial_state(setting: Setting, data: Dataset, seed: int) -> dict[str, Tenso
 Feedback = Callable[[np.ndarray, Tensor, Tensor, Tensor | None], None]
 
 
-def plain_train(setting: Setting, data: Dataset, seed: int,
-                batches: Callable[[int], Iterable[Any]],
-                targets: Tensor | None = None, feedback: Feedback | None = None,
-                ) -> dict[str, list[float]]:
+def plain_train(
+    setting: Setting,
+    data: Dataset,
+    seed: int,
+    batches: Callable[[int], Iterable[Any]],
+    targets: Tensor | None = None,
+    feedback: Feedback | None = None,
+) -> dict[str, list[float]]:
     """Train without recording; return test accuracy and loss after every epoch.
 
     ``feedback`` also gets the input of the last linear layer (for output-layer gradient
     norms), captured by a forward hook that is removed on exit.
     """
-    model = make_model(setting.model, data.input_shape, data.n_classes, setting.hidden,
-                       setting.depth)
+    model = make_model(
+        setting.model, data.input_shape, data.n_classes, setting.hidden, setting.depth
+    )
     model.load_state_dict(initial_state(setting, data, seed))
     torch.manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=setting.lr,
-                                weight_decay=setting.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=setting.lr, weight_decay=setting.weight_decay
+    )
     y_all = data.y_train if targets is None else targets
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     seen: dict[str, Tensor] = {}
@@ -146,8 +164,15 @@ def reference_run(setting: Setting, out_dir: Path) -> tuple[Dataset, np.ndarray,
     data = setting.load()
     ids = setting.train_ids(data)
     reference = out_dir / "reference.h5"
-    train_run(setting.config(seed=0), reference, data=data, train_indices=ids,
-              thumbnails=False, overwrite=True, progress=False)
+    train_run(
+        setting.config(seed=0),
+        reference,
+        data=data,
+        train_indices=ids,
+        thumbnails=False,
+        overwrite=True,
+        progress=False,
+    )
     return data, ids, reference_scores(reference, ids)
 
 

@@ -33,10 +33,26 @@ __all__ = ["STRATEGIES", "output_layer_grad_sq", "run_batches"]
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("shuffle", "rand", "nlo", "rnlo", "nlm", "sio", "rsio", "sim",
-              "online-loss", "online-importance")
-_SCORE_OF = {"nlo": "final_loss", "rnlo": "final_loss", "nlm": "final_loss",
-             "sio": "importance", "rsio": "importance", "sim": "importance"}
+STRATEGIES = (
+    "shuffle",
+    "rand",
+    "nlo",
+    "rnlo",
+    "nlm",
+    "sio",
+    "rsio",
+    "sim",
+    "online-loss",
+    "online-importance",
+)
+_SCORE_OF = {
+    "nlo": "final_loss",
+    "rnlo": "final_loss",
+    "nlm": "final_loss",
+    "sio": "importance",
+    "rsio": "importance",
+    "sim": "importance",
+}
 
 
 def output_layer_grad_sq(logits: Tensor, targets: Tensor, h: Tensor | None) -> Tensor:
@@ -47,16 +63,24 @@ def output_layer_grad_sq(logits: Tensor, targets: Tensor, h: Tensor | None) -> T
     return delta.square().sum(1) * (h_sq + 1.0)
 
 
-def _batches(strategy: str, ids: np.ndarray, scores: pl.DataFrame, setting: Setting, seed: int,
-             targets: Tensor) -> tuple[Any, Any]:
+def _batches(
+    strategy: str,
+    ids: np.ndarray,
+    scores: pl.DataFrame,
+    setting: Setting,
+    seed: int,
+    targets: Tensor,
+) -> tuple[Any, Any]:
     """(batches(epoch), feedback) for one strategy."""
     if strategy == "shuffle":
         rng = np.random.default_rng(seed)
 
         def shuffled(epoch: int) -> list[np.ndarray]:
             order = rng.permutation(ids)
-            return [order[i:i + setting.batch_size] for i in range(0, len(order),
-                                                                    setting.batch_size)]
+            return [
+                order[i : i + setting.batch_size] for i in range(0, len(order), setting.batch_size)
+            ]
+
         return shuffled, None
     if strategy.startswith("online"):
         sampler = OnlineBatchSampler(ids, setting.batch_size, seed=seed)
@@ -66,6 +90,7 @@ def _batches(strategy: str, ids: np.ndarray, scores: pl.DataFrame, setting: Sett
             index = torch.as_tensor(batch)
             values = losses if by_loss else output_layer_grad_sq(logits, targets[index], h)
             sampler.update(batch, values.numpy())
+
         return (lambda epoch: iter(sampler)), feedback
     column = _SCORE_OF.get(strategy)
     values = None if column is None else scores[column].fill_null(0.0).to_numpy()
@@ -73,8 +98,9 @@ def _batches(strategy: str, ids: np.ndarray, scores: pl.DataFrame, setting: Sett
     return (lambda epoch: fixed), None
 
 
-def run_batches(setting: Setting, out_dir: str | Path,
-                strategies: tuple[str, ...] = STRATEGIES) -> tuple[pl.DataFrame, pl.DataFrame]:
+def run_batches(
+    setting: Setting, out_dir: str | Path, strategies: tuple[str, ...] = STRATEGIES
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Train every strategy over ``setting.seeds`` seeds; write tables and a PDF figure.
 
     Args:
@@ -94,12 +120,21 @@ def run_batches(setting: Setting, out_dir: str | Path,
         for strategy in strategies:
             batches, feedback = _batches(strategy, ids, scores, setting, seed, data.y_train)
             history = plain_train(setting, data, seed, batches, feedback=feedback)
-            logger.info("%s seed %d: test accuracy %.4f", strategy, seed,
-                        history["test_accuracy"][-1])
-            rows += [{"strategy": strategy, "seed": seed, "epoch": epoch,
-                      "test_accuracy": acc, "test_loss": loss}
-                     for epoch, (acc, loss) in enumerate(zip(history["test_accuracy"],
-                                                             history["test_loss"], strict=True))]
+            logger.info(
+                "%s seed %d: test accuracy %.4f", strategy, seed, history["test_accuracy"][-1]
+            )
+            rows += [
+                {
+                    "strategy": strategy,
+                    "seed": seed,
+                    "epoch": epoch,
+                    "test_accuracy": acc,
+                    "test_loss": loss,
+                }
+                for epoch, (acc, loss) in enumerate(
+                    zip(history["test_accuracy"], history["test_loss"], strict=True)
+                )
+            ]
     per_epoch = pl.DataFrame(rows)
     summary = _summary(per_epoch, strategies, setting.epochs - 1)
     summary.write_csv(out / "batches.csv")
@@ -115,8 +150,16 @@ def _summary(per_epoch: pl.DataFrame, strategies: tuple[str, ...], last: int) ->
         part = final.filter(pl.col("strategy") == strategy)
         acc, acc_std = mean_std(part["test_accuracy"].to_list())
         loss, loss_std = mean_std(part["test_loss"].to_list())
-        rows.append({"strategy": strategy, "seeds": part.height, "test_accuracy": acc,
-                     "test_accuracy_std": acc_std, "test_loss": loss, "test_loss_std": loss_std})
+        rows.append(
+            {
+                "strategy": strategy,
+                "seeds": part.height,
+                "test_accuracy": acc,
+                "test_accuracy_std": acc_std,
+                "test_loss": loss,
+                "test_loss_std": loss_std,
+            }
+        )
     return pl.DataFrame(rows)
 
 
@@ -127,10 +170,14 @@ def plot_batches(per_epoch: pl.DataFrame, path: str | Path, title: str) -> Path:
     mpl.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = (per_epoch.group_by("strategy", "epoch")
-             .agg(pl.col("test_accuracy").mean().alias("mean"),
-                  pl.col("test_accuracy").std(ddof=1).fill_null(0.0).alias("std"))
-             .sort("strategy", "epoch"))
+    stats = (
+        per_epoch.group_by("strategy", "epoch")
+        .agg(
+            pl.col("test_accuracy").mean().alias("mean"),
+            pl.col("test_accuracy").std(ddof=1).fill_null(0.0).alias("std"),
+        )
+        .sort("strategy", "epoch")
+    )
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for strategy in per_epoch["strategy"].unique(maintain_order=True).to_list():
         part = stats.filter(pl.col("strategy") == strategy)

@@ -59,8 +59,13 @@ class DemoResult:
     report_seconds: float = 0.0
 
 
-def run_demo(out_dir: str | os.PathLike[str] = "samplescope-demo", epochs: int = DEFAULT_EPOCHS,
-             seed: int = 0, *, progress: bool = True) -> DemoResult:
+def run_demo(
+    out_dir: str | os.PathLike[str] = "samplescope-demo",
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = 0,
+    *,
+    progress: bool = True,
+) -> DemoResult:
     """Train, record and report the demo run into `out_dir`.
 
     Args:
@@ -84,15 +89,30 @@ def run_demo(out_dir: str | os.PathLike[str] = "samplescope-demo", epochs: int =
         raise DemoError(msg)
     out = _prepare(Path(out_dir))
     data = load_dataset("digits", seed=seed)
-    config = RunConfig(**{**PRESETS["paper"], "dataset": "digits", "epochs": epochs,
-                          "seed": seed, "preset": "paper"})
+    config = RunConfig(
+        **{
+            **PRESETS["paper"],
+            "dataset": "digits",
+            "epochs": epochs,
+            "seed": seed,
+            "preset": "paper",
+        }
+    )
     trace_path = out / "trace.h5"
-    run = train_run(config, trace_path, data=data, thumbnails=True, overwrite=True,
-                    progress=progress)
-    result = DemoResult(out_dir=out, trace=trace_path, report=out / "report.pdf",
-                        test_accuracy=run.test_accuracy[-1],
-                        train_accuracy=run.train_accuracy[-1], n_train=len(data.y_train),
-                        n_test=len(data.y_test), epochs=epochs, train_seconds=run.seconds)
+    run = train_run(
+        config, trace_path, data=data, thumbnails=True, overwrite=True, progress=progress
+    )
+    result = DemoResult(
+        out_dir=out,
+        trace=trace_path,
+        report=out / "report.pdf",
+        test_accuracy=run.test_accuracy[-1],
+        train_accuracy=run.train_accuracy[-1],
+        n_train=len(data.y_train),
+        n_test=len(data.y_test),
+        epochs=epochs,
+        train_seconds=run.seconds,
+    )
     from samplescope.analysis import open_trace
 
     start = time.perf_counter()

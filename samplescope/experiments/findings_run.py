@@ -30,8 +30,9 @@ class FindingsRun:
     test_accuracy: float
 
 
-def run_findings(setting: Setting, out_dir: str | Path, *, time_plain: bool = False,
-                 seed: int = 0) -> FindingsRun:
+def run_findings(
+    setting: Setting, out_dir: str | Path, *, time_plain: bool = False, seed: int = 0
+) -> FindingsRun:
     """Train ``setting`` with recording, check the paper's claims, write findings.csv.
 
     Args:
@@ -50,25 +51,48 @@ def run_findings(setting: Setting, out_dir: str | Path, *, time_plain: bool = Fa
     ids = setting.train_ids(data)
     trace_path = out / "findings.h5"
     config = setting.config(seed)
-    recorded = train_run(config, trace_path, data=data, train_indices=ids, thumbnails=False,
-                         overwrite=True, progress=False)
-    plain = (train_run(config, None, data=data, train_indices=ids, progress=False)
-             if time_plain else None)
+    recorded = train_run(
+        config,
+        trace_path,
+        data=data,
+        train_indices=ids,
+        thumbnails=False,
+        overwrite=True,
+        progress=False,
+    )
+    plain = (
+        train_run(config, None, data=data, train_indices=ids, progress=False)
+        if time_plain
+        else None
+    )
     with open_trace(trace_path) as trace:
         results = findings(trace)
         lines = headlines(trace, results)
     table = findings_frame(results)
     numbers = pl.DataFrame(
-        [{"claim": f.claim, "name": k, "value": float(v)} for f in results
-         for k, v in f.numbers.items()],
-        schema={"claim": pl.String, "name": pl.String, "value": pl.Float64})
+        [
+            {"claim": f.claim, "name": k, "value": float(v)}
+            for f in results
+            for k, v in f.numbers.items()
+        ],
+        schema={"claim": pl.String, "name": pl.String, "value": pl.Float64},
+    )
     table.write_csv(out / "findings.csv")
     numbers.write_csv(out / "findings_numbers.csv")
     (out / "headlines.txt").write_text("\n".join(lines) + "\n")
-    timing = {"setting": setting.describe(), "recorded_seconds": recorded.seconds,
-              "plain_seconds": None if plain is None else plain.seconds,
-              "test_accuracy": recorded.test_accuracy}
+    timing = {
+        "setting": setting.describe(),
+        "recorded_seconds": recorded.seconds,
+        "plain_seconds": None if plain is None else plain.seconds,
+        "test_accuracy": recorded.test_accuracy,
+    }
     (out / "run.json").write_text(json.dumps(timing, indent=1) + "\n")
-    return FindingsRun(trace_path, table, numbers, lines, recorded.seconds,
-                       None if plain is None else plain.seconds,
-                       recorded.test_accuracy[-1] if recorded.test_accuracy else float("nan"))
+    return FindingsRun(
+        trace_path,
+        table,
+        numbers,
+        lines,
+        recorded.seconds,
+        None if plain is None else plain.seconds,
+        recorded.test_accuracy[-1] if recorded.test_accuracy else float("nan"),
+    )

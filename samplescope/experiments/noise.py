@@ -26,8 +26,9 @@ __all__ = ["flip_labels", "run_noise"]
 logger = logging.getLogger(__name__)
 
 
-def flip_labels(targets: np.ndarray, ids: np.ndarray, fraction: float, n_classes: int,
-                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def flip_labels(
+    targets: np.ndarray, ids: np.ndarray, fraction: float, n_classes: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Flip ``fraction`` of the labels at ``ids`` to a different class chosen uniformly.
 
     Returns:
@@ -46,8 +47,9 @@ def flip_labels(targets: np.ndarray, ids: np.ndarray, fraction: float, n_classes
     return noisy, flipped
 
 
-def run_noise(setting: Setting, out_dir: str | Path,
-              fractions: Sequence[float] = (0.1, 0.2)) -> pl.DataFrame:
+def run_noise(
+    setting: Setting, out_dir: str | Path, fractions: Sequence[float] = (0.1, 0.2)
+) -> pl.DataFrame:
     """For each noise fraction (and seed), train with recording and score every detector.
 
     Returns:
@@ -68,28 +70,53 @@ def run_noise(setting: Setting, out_dir: str | Path,
             noisy, flipped = flip_labels(clean, ids, fraction, data.n_classes, seed=seed)
             info = {"sample_id": ids, "flipped": flipped, "original_target": clean[ids]}
             path = out / f"noise{fraction:g}_seed{seed}.h5"
-            train_run(setting.config(seed), path, data=data, train_indices=ids,
-                      train_targets=torch.as_tensor(noisy), sample_info=info,
-                      thumbnails=False, overwrite=True, progress=False)
+            train_run(
+                setting.config(seed),
+                path,
+                data=data,
+                train_indices=ids,
+                train_targets=torch.as_tensor(noisy),
+                sample_info=info,
+                thumbnails=False,
+                overwrite=True,
+                progress=False,
+            )
             with open_trace(path) as trace:
                 table = score_table(trace)
             truth = table["info_flipped"].cast(pl.Boolean).to_numpy()
-            names = [c for c in table.columns
-                     if c not in ("sample_id", "target") and not c.startswith("info_")]
+            names = [
+                c
+                for c in table.columns
+                if c not in ("sample_id", "target") and not c.startswith("info_")
+            ]
             for name in names:
                 score = table[name].fill_null(np.nan).to_numpy().astype(np.float64)
-                score = np.nan_to_num(score, nan=np.nanmin(score) if np.isfinite(score).any()
-                                      else 0.0)
-                rows.append({"noise": fraction, "seed": seed, "score": name,
-                             "auroc": _metric(roc_auc_score, truth, score),
-                             "ap": _metric(average_precision_score, truth, score),
-                             "base_rate": float(truth.mean())})
+                score = np.nan_to_num(
+                    score, nan=np.nanmin(score) if np.isfinite(score).any() else 0.0
+                )
+                rows.append(
+                    {
+                        "noise": fraction,
+                        "seed": seed,
+                        "score": name,
+                        "auroc": _metric(roc_auc_score, truth, score),
+                        "ap": _metric(average_precision_score, truth, score),
+                        "base_rate": float(truth.mean()),
+                    }
+                )
     frame = pl.DataFrame(rows)
-    summary = (frame.group_by("noise", "score", maintain_order=True).agg(
-        pl.col("auroc").mean(), pl.col("auroc").std(ddof=1).fill_null(0.0).alias("auroc_std"),
-        pl.col("ap").mean(), pl.col("ap").std(ddof=1).fill_null(0.0).alias("ap_std"),
-        pl.col("base_rate").mean(), pl.len().alias("seeds"))
-        .sort(["noise", "auroc"], descending=[False, True]))
+    summary = (
+        frame.group_by("noise", "score", maintain_order=True)
+        .agg(
+            pl.col("auroc").mean(),
+            pl.col("auroc").std(ddof=1).fill_null(0.0).alias("auroc_std"),
+            pl.col("ap").mean(),
+            pl.col("ap").std(ddof=1).fill_null(0.0).alias("ap_std"),
+            pl.col("base_rate").mean(),
+            pl.len().alias("seeds"),
+        )
+        .sort(["noise", "auroc"], descending=[False, True])
+    )
     summary.write_csv(out / "noise.csv")
     return summary
 

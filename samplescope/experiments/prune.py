@@ -29,15 +29,36 @@ __all__ = ["DEFAULT_PRUNE_SCORES", "run_prune"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PRUNE_SCORES = ("random", "importance", "importance_late", "importance_rank",
-                        "importance_layer0", "final_loss", "aum", "forgetting", "confidence",
-                        "el2n", "grand", "tracin_self")
-_KNOWN = ("importance", "importance_late", "importance_rank", "final_loss", "aum",
-          "forgetting", "confidence", "variability", "el2n", "grand", "tracin_self")
+DEFAULT_PRUNE_SCORES = (
+    "random",
+    "importance",
+    "importance_late",
+    "importance_rank",
+    "importance_layer0",
+    "final_loss",
+    "aum",
+    "forgetting",
+    "confidence",
+    "el2n",
+    "grand",
+    "tracin_self",
+)
+_KNOWN = (
+    "importance",
+    "importance_late",
+    "importance_rank",
+    "final_loss",
+    "aum",
+    "forgetting",
+    "confidence",
+    "variability",
+    "el2n",
+    "grand",
+    "tracin_self",
+)
 
 
-def _kept(ids: np.ndarray, scores: pl.DataFrame, name: str, keep: float,
-          seed: int) -> np.ndarray:
+def _kept(ids: np.ndarray, scores: pl.DataFrame, name: str, keep: float, seed: int) -> np.ndarray:
     count = max(1, round(keep * len(ids)))
     if name == "random":
         return np.sort(np.random.default_rng(1000 + seed).permutation(ids)[:count])
@@ -47,8 +68,12 @@ def _kept(ids: np.ndarray, scores: pl.DataFrame, name: str, keep: float,
     return np.sort(ids[order[:count]])
 
 
-def run_prune(setting: Setting, out_dir: str | Path, keeps: Sequence[float] = (0.5, 0.7, 0.9),
-              scores: Sequence[str] = DEFAULT_PRUNE_SCORES) -> pl.DataFrame:
+def run_prune(
+    setting: Setting,
+    out_dir: str | Path,
+    keeps: Sequence[float] = (0.5, 0.7, 0.9),
+    scores: Sequence[str] = DEFAULT_PRUNE_SCORES,
+) -> pl.DataFrame:
     """Retrain on the subset kept by each score (and at random) at each keep fraction.
 
     Returns:
@@ -62,15 +87,19 @@ def run_prune(setting: Setting, out_dir: str | Path, keeps: Sequence[float] = (0
     known = re.compile(r"random|importance_layer\d+|" + "|".join(_KNOWN))
     unknown = [s for s in scores if not known.fullmatch(s)]
     if unknown:
-        msg = f"unknown scores {', '.join(unknown)}; choose from {', '.join(_KNOWN)}, random " \
-              "or importance_layer<index>"
+        msg = (
+            f"unknown scores {', '.join(unknown)}; choose from {', '.join(_KNOWN)}, random "
+            "or importance_layer<index>"
+        )
         raise ExperimentError(msg)
     out = Path(out_dir)
     data, ids, table = reference_run(setting, out)
     unknown = [s for s in scores if s != "random" and s not in table.columns]
     if unknown:
-        msg = f"unknown scores {', '.join(unknown)}; the reference trace offers " \
-              f"{', '.join(c for c in table.columns if c not in ('sample_id', 'target'))}"
+        msg = (
+            f"unknown scores {', '.join(unknown)}; the reference trace offers "
+            f"{', '.join(c for c in table.columns if c not in ('sample_id', 'target'))}"
+        )
         raise ExperimentError(msg)
     plan = [(1.0, "all")] + [(k, s) for k in keeps for s in scores]
     rows = []
@@ -80,20 +109,31 @@ def run_prune(setting: Setting, out_dir: str | Path, keeps: Sequence[float] = (0
             kept = ids if name == "all" else _kept(ids, table, name, keep, seed)
             rng = np.random.default_rng(seed)
 
-            def batches(epoch: int, kept: np.ndarray = kept,
-                        rng: np.random.Generator = rng) -> list[np.ndarray]:
+            def batches(
+                epoch: int, kept: np.ndarray = kept, rng: np.random.Generator = rng
+            ) -> list[np.ndarray]:
                 order = rng.permutation(kept)
-                return [order[i:i + setting.batch_size]
-                        for i in range(0, len(order), setting.batch_size)]
+                return [
+                    order[i : i + setting.batch_size]
+                    for i in range(0, len(order), setting.batch_size)
+                ]
 
             history = plain_train(setting, data, seed, batches)
             results.append((history["test_accuracy"][-1], history["test_loss"][-1]))
         acc, acc_std = mean_std([r[0] for r in results])
         loss, loss_std = mean_std([r[1] for r in results])
         logger.info("keep %.2f by %s: test accuracy %.4f", keep, name, acc)
-        rows.append({"keep": keep, "score": name, "seeds": setting.seeds,
-                     "test_accuracy": acc, "test_accuracy_std": acc_std,
-                     "test_loss": loss, "test_loss_std": loss_std})
+        rows.append(
+            {
+                "keep": keep,
+                "score": name,
+                "seeds": setting.seeds,
+                "test_accuracy": acc,
+                "test_accuracy_std": acc_std,
+                "test_loss": loss,
+                "test_loss_std": loss_std,
+            }
+        )
     frame = pl.DataFrame(rows)
     frame.write_csv(out / "prune.csv")
     return frame

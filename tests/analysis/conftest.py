@@ -11,10 +11,14 @@ from samplescope.analysis import Trace, open_trace
 
 @pytest.fixture
 def tiny_path(tmp_path: Path) -> Path:
-    return write_tiny_trace(tmp_path / "tiny.h5",
-                            sample_info={"sample_id": [0, 1, 2, 3],
-                                         "flipped": [False, True, False, False],
-                                         "target": [0, 1, 0, 1]})
+    return write_tiny_trace(
+        tmp_path / "tiny.h5",
+        sample_info={
+            "sample_id": [0, 1, 2, 3],
+            "flipped": [False, True, False, False],
+            "target": [0, 1, 0, 1],
+        },
+    )
 
 
 @pytest.fixture

@@ -100,11 +100,14 @@ def test_wrong_source_type() -> None:
         open_trace(3)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("query", "expected"), [
-    ("SELEC 1", "syntax error"),
-    ("SELECT * FROM nonsense", "nonsense"),
-    ("SELECT no_such_column FROM visits", "no_such_column"),
-])
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("SELEC 1", "syntax error"),
+        ("SELECT * FROM nonsense", "nonsense"),
+        ("SELECT no_such_column FROM visits", "no_such_column"),
+    ],
+)
 def test_sql_errors(tiny: Trace, query: str, expected: str) -> None:
     with pytest.raises(QueryError) as excinfo:
         tiny.query(query)
@@ -127,10 +130,13 @@ def test_sort_by_unknown_column(tiny: Trace) -> None:
 
 
 def _empty(path: Path) -> Path:
-    return write_trace(path, layers=["a"],
-                       steps={"step": [], "epoch": [], "lr": [], "batch_size": []},
-                       visits={"step": [], "sample_id": [], "loss": [],
-                               "grad_sq": np.zeros((0, 1))}, closed=False)
+    return write_trace(
+        path,
+        layers=["a"],
+        steps={"step": [], "epoch": [], "lr": [], "batch_size": []},
+        visits={"step": [], "sample_id": [], "loss": [], "grad_sq": np.zeros((0, 1))},
+        closed=False,
+    )
 
 
 def test_empty_trace_opens_but_has_no_statistics(tmp_path: Path) -> None:

@@ -35,13 +35,25 @@ def _two_kinds(path: Path, *, scale_b: float = 1.0, reverse: bool = False) -> Pa
         grad = 1.0 / grad
     loss = np.where(early, np.array([1.0, 0.2, 0.05])[epoch], np.array([1.0, 0.9, 0.8])[epoch])
     return write_trace(
-        path, layers=["only"],
-        steps={"step": np.arange(epochs), "epoch": np.arange(epochs), "lr": [1.0] * epochs,
-               "batch_size": [n] * epochs},
-        visits={"step": epoch, "sample_id": sample_id, "loss": loss,
-                "grad_sq": grad[:, None], "target": np.zeros(n * epochs, dtype=np.int64),
-                "pred": np.zeros(n * epochs, dtype=np.int64),
-                "p_target": np.full(n * epochs, 0.5), "margin": np.zeros(n * epochs)})
+        path,
+        layers=["only"],
+        steps={
+            "step": np.arange(epochs),
+            "epoch": np.arange(epochs),
+            "lr": [1.0] * epochs,
+            "batch_size": [n] * epochs,
+        },
+        visits={
+            "step": epoch,
+            "sample_id": sample_id,
+            "loss": loss,
+            "grad_sq": grad[:, None],
+            "target": np.zeros(n * epochs, dtype=np.int64),
+            "pred": np.zeros(n * epochs, dtype=np.int64),
+            "p_target": np.full(n * epochs, 0.5),
+            "margin": np.zeros(n * epochs),
+        },
+    )
 
 
 def test_clusters_separate_and_label_by_loss_speed(tmp_path: Path) -> None:
@@ -68,8 +80,15 @@ def test_compare_identical_scaled_and_reversed_runs(tmp_path: Path) -> None:
     b = _two_kinds(tmp_path / "b.h5", scale_b=1.0)
     c = _two_kinds(tmp_path / "c.h5", reverse=True)
     table = compare_traces([a, b, c])
-    assert table.columns == ["run_a", "run_b", "trace_a", "trace_b", "epoch", "n_samples",
-                             "spearman"]
+    assert table.columns == [
+        "run_a",
+        "run_b",
+        "trace_a",
+        "trace_b",
+        "epoch",
+        "n_samples",
+        "spearman",
+    ]
     ab = table.filter((pl.col("run_a") == 0) & (pl.col("run_b") == 1))
     assert ab["spearman"].to_list() == pytest.approx([1.0, 1.0, 1.0, 1.0])
     assert ab["epoch"].to_list() == [0, 1, 2, None]

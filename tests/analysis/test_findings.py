@@ -22,9 +22,20 @@ GradFn = Callable[[int, int, int], float]
 
 def _write(path: Path, grad: GradFn, input_sq: Callable[[int], float] = lambda i: 1.0) -> Path:
     steps: dict[str, list] = {"step": [], "epoch": [], "lr": [], "batch_size": []}
-    visits: dict[str, list] = {k: [] for k in (
-        "step", "sample_id", "loss", "grad_sq", "target", "pred", "p_target", "margin",
-        "input_sq")}
+    visits: dict[str, list] = {
+        k: []
+        for k in (
+            "step",
+            "sample_id",
+            "loss",
+            "grad_sq",
+            "target",
+            "pred",
+            "p_target",
+            "margin",
+            "input_sq",
+        )
+    }
     step = 0
     for epoch in range(EPOCHS):
         for start in range(0, N, BATCH):
@@ -44,8 +55,12 @@ def _write(path: Path, grad: GradFn, input_sq: Callable[[int], float] = lambda i
                 visits["margin"].append(1.0 - loss)
                 visits["input_sq"].append(input_sq(i))
             step += 1
-    return write_trace(path, layers={"name": ["fc1", "fc2"], "n_params": [50, 50]},
-                       steps=steps, visits={k: np.asarray(v) for k, v in visits.items()})
+    return write_trace(
+        path,
+        layers={"name": ["fc1", "fc2"], "n_params": [50, 50]},
+        steps=steps,
+        visits={k: np.asarray(v) for k, v in visits.items()},
+    )
 
 
 def _paper_world(i: int, layer: int, epoch: int) -> float:
@@ -134,11 +149,21 @@ def test_importance_unrelated_to_loss_is_not_supported(tmp_path: Path) -> None:
 
 
 def test_too_few_samples_is_inconclusive(tmp_path: Path) -> None:
-    path = write_trace(tmp_path / "t.h5", layers=["fc1", "fc2"],
-                       steps={"step": [0], "epoch": [0], "lr": [0.1], "batch_size": [2]},
-                       visits={"step": [0, 0], "sample_id": [0, 1], "loss": [0.1, 0.9],
-                               "grad_sq": [[1.0, 2.0], [3.0, 4.0]], "target": [0, 1],
-                               "pred": [0, 0], "p_target": [0.9, 0.4], "margin": [1.0, -1.0]})
+    path = write_trace(
+        tmp_path / "t.h5",
+        layers=["fc1", "fc2"],
+        steps={"step": [0], "epoch": [0], "lr": [0.1], "batch_size": [2]},
+        visits={
+            "step": [0, 0],
+            "sample_id": [0, 1],
+            "loss": [0.1, 0.9],
+            "grad_sq": [[1.0, 2.0], [3.0, 4.0]],
+            "target": [0, 1],
+            "pred": [0, 0],
+            "p_target": [0.9, 0.4],
+            "margin": [1.0, -1.0],
+        },
+    )
     with open_trace(path) as trace:
         results = findings(trace)
         lines = headlines(trace, results)

@@ -22,12 +22,21 @@ def trace_path(tmp_path: Path) -> Path:
     ids = np.tile(np.arange(N), 2)
     p = 0.95 - 0.09 * ids
     return write_trace(
-        tmp_path / "t.h5", layers=["fc1", "fc2"],
+        tmp_path / "t.h5",
+        layers=["fc1", "fc2"],
         steps={"step": [0, 1], "epoch": [0, 1], "lr": [0.1, 0.1], "batch_size": [N, N]},
-        visits={"step": np.repeat([0, 1], N), "sample_id": ids, "loss": -np.log(p),
-                "grad_sq": np.stack([ids + 1.0, 2 * (ids + 1.0)], 1),
-                "target": ids % 2, "pred": ids % 2, "p_target": p, "margin": p - 0.5},
-        sample_info={"sample_id": np.arange(N), "flipped": np.arange(N) >= 8})
+        visits={
+            "step": np.repeat([0, 1], N),
+            "sample_id": ids,
+            "loss": -np.log(p),
+            "grad_sq": np.stack([ids + 1.0, 2 * (ids + 1.0)], 1),
+            "target": ids % 2,
+            "pred": ids % 2,
+            "p_target": p,
+            "margin": p - 0.5,
+        },
+        sample_info={"sample_id": np.arange(N), "flipped": np.arange(N) >= 8},
+    )
 
 
 def test_mislabeled_ranks_least_confident_first(trace_path: Path) -> None:
@@ -53,18 +62,30 @@ def test_score_table_orientation(trace_path: Path) -> None:
     with open_trace(trace_path) as trace:
         names = score_names(trace)
         frame = flag(trace, kind="mislabeled", budget=1, score="aum")
-    assert {"importance", "importance_late", "importance_rank", "importance_layer0",
-            "final_loss", "aum", "confidence", "el2n", "tracin_self"} <= set(names)
+    assert {
+        "importance",
+        "importance_late",
+        "importance_rank",
+        "importance_layer0",
+        "final_loss",
+        "aum",
+        "confidence",
+        "el2n",
+        "tracin_self",
+    } <= set(names)
     assert frame["sample_id"][0] == N - 1  # lowest margin = most suspect
     assert frame.schema["flagged"] == pl.Boolean
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"kind": "noisy"}, "kind must be one of"),
-    ({"score": "nope"}, "unknown score"),
-    ({"budget": 0}, "budget must be"),
-    ({"budget": 2.5}, "must be whole"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "noisy"}, "kind must be one of"),
+        ({"score": "nope"}, "unknown score"),
+        ({"budget": 0}, "budget must be"),
+        ({"budget": 2.5}, "must be whole"),
+    ],
+)
 def test_bad_arguments(trace_path: Path, kwargs: dict, message: str) -> None:
     with open_trace(trace_path) as trace, pytest.raises(FlagError, match=message):
         flag(trace, **kwargs)

@@ -80,8 +80,16 @@ def test_visits_free_trace_gives_null_output_scores(tmp_path: Path) -> None:
     with open_trace(write_tiny_trace(tmp_path / "t.h5", outputs=False)) as trace:
         samples = trace.samples().sort("sample_id")
         assert trace.meta["has_outputs"] is False
-    for column in ("target", "final_correct", "confidence", "variability", "correctness",
-                   "forgetting_events", "aum", "el2n_proxy"):
+    for column in (
+        "target",
+        "final_correct",
+        "confidence",
+        "variability",
+        "correctness",
+        "forgetting_events",
+        "aum",
+        "el2n_proxy",
+    ):
         assert samples[column].null_count() == 4, column
     np.testing.assert_allclose(samples["importance"].to_list(), EXPECTED["importance"])
     np.testing.assert_allclose(samples["final_loss"].to_list(), EXPECTED["final_loss"])
@@ -95,31 +103,40 @@ def test_sample_epochs_rank_and_zscore(tiny: Trace) -> None:
     np.testing.assert_allclose(enc0["importance"].to_list(), values)
     np.testing.assert_allclose(enc0["grad_sq"].to_list(), [4, 1, 0, 2])
     assert enc0["importance_rank"].to_list() == [0, 2, 3, 1]
-    np.testing.assert_allclose(enc0["importance_z"].to_list(),
-                               (values - values.mean()) / values.std())
+    np.testing.assert_allclose(
+        enc0["importance_z"].to_list(), (values - values.mean()) / values.std()
+    )
 
 
 def test_correlations_match_scipy(tiny: Trace) -> None:
     table = tiny.correlations()
     final = np.array(EXPECTED["final_loss"])
-    per_epoch_layer = {(0, 0): [0.25, 1 / 16, 0, 1 / 8], (0, 1): [0, 1 / 16, 0.25, 7 / 16],
-                       (1, 0): [0, 1 / 16, 0.25, 1 / 8], (1, 1): [0, 1 / 16, 0, 0]}
+    per_epoch_layer = {
+        (0, 0): [0.25, 1 / 16, 0, 1 / 8],
+        (0, 1): [0, 1 / 16, 0.25, 7 / 16],
+        (1, 0): [0, 1 / 16, 0.25, 1 / 8],
+        (1, 1): [0, 1 / 16, 0, 0],
+    }
     for (epoch, layer), importance in per_epoch_layer.items():
         row = table.filter((pl.col("epoch") == epoch) & (pl.col("layer_index") == layer))
         assert row["n_samples"].item() == 4
         assert row["spearman"].item() == pytest.approx(spearmanr(importance, final)[0])
     overall = table.filter(pl.col("epoch").is_null() & pl.col("layer_index").is_null())
-    assert overall["spearman"].item() == pytest.approx(
-        spearmanr(EXPECTED["importance"], final)[0])
+    assert overall["spearman"].item() == pytest.approx(spearmanr(EXPECTED["importance"], final)[0])
 
 
 def test_groups_shares(tiny: Trace) -> None:
     table = tiny.groups()
+
     # ranks by total importance: s3 top10, s2 next10, s0 and s1 rest (m = ceil(4/10) = 1).
     def share(group: str, layer: int | None) -> float:
-        cond = (pl.col("layer_index") == layer) if layer is not None else pl.col(
-            "layer_index").is_null()
+        cond = (
+            (pl.col("layer_index") == layer)
+            if layer is not None
+            else pl.col("layer_index").is_null()
+        )
         return table.filter((pl.col("group") == group) & cond)["share"].item()
+
     assert share("top10", 0) == pytest.approx(2 / 7)
     assert share("top10", 1) == pytest.approx(7 / 13)
     assert share("next10", 1) == pytest.approx(4 / 13)
@@ -129,11 +146,20 @@ def test_groups_shares(tiny: Trace) -> None:
 
 
 def test_evals_and_layers(tiny: Trace) -> None:
-    assert tiny.evals().to_dicts()[1] == {"step": 4, "epoch": 1, "split": "test",
-                                         "loss": 0.9, "accuracy": 0.75}
-    assert tiny.layers().to_dicts()[1] == {"layer_index": 1, "layer": "head",
-                                          "kind": "Linear", "n_params": 2,
-                                          "method": "identity"}
+    assert tiny.evals().to_dicts()[1] == {
+        "step": 4,
+        "epoch": 1,
+        "split": "test",
+        "loss": 0.9,
+        "accuracy": 0.75,
+    }
+    assert tiny.layers().to_dicts()[1] == {
+        "layer_index": 1,
+        "layer": "head",
+        "kind": "Linear",
+        "n_params": 2,
+        "method": "identity",
+    }
 
 
 def test_meta(tiny: Trace) -> None:

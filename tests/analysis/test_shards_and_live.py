@@ -16,10 +16,19 @@ from samplescope.analysis import TraceFormatError, open_trace
 
 def _shard(path: Path, rank: int, sample_ids: list[int], grad: list[list[float]]) -> Path:
     return write_trace(
-        path, layers=["a", "b"], rank=rank, world_size=2, run_id="run1",
+        path,
+        layers=["a", "b"],
+        rank=rank,
+        world_size=2,
+        run_id="run1",
         steps={"step": [0, 1], "epoch": [0, 1], "lr": [0.4, 0.4], "batch_size": [2, 2]},
-        visits={"step": [0, 0, 1, 1], "sample_id": sample_ids, "loss": [1.0, 2.0, 0.5, 1.5],
-                "grad_sq": grad})
+        visits={
+            "step": [0, 0, 1, 1],
+            "sample_id": sample_ids,
+            "loss": [1.0, 2.0, 0.5, 1.5],
+            "grad_sq": grad,
+        },
+    )
 
 
 def test_shards_concatenate_visits_and_keep_one_copy_of_each_step(tmp_path: Path) -> None:
@@ -34,8 +43,7 @@ def test_shards_concatenate_visits_and_keep_one_copy_of_each_step(tmp_path: Path
             assert trace.query("SELECT count(*) AS n FROM steps")["n"].item() == 2
             # s = 1 / (batch_size · world_size) = 1/4, lr·s = 0.1
             samples = trace.samples().sort("sample_id")
-            np.testing.assert_allclose(samples["importance"].to_list(),
-                                       [0.02, 0.02, 0.04, 0.04])
+            np.testing.assert_allclose(samples["importance"].to_list(), [0.02, 0.02, 0.04, 0.04])
             ranks = trace.query("SELECT DISTINCT rank FROM visits ORDER BY 1")["rank"]
             assert ranks.to_list() == [0, 1]
 
@@ -79,8 +87,12 @@ f.close()
 
 def test_reading_while_another_process_writes(tmp_path: Path) -> None:
     path = write_tiny_trace(tmp_path / "swmr.h5", closed=False)
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert writer.stdout is not None
         assert writer.stdout.readline().strip() == "ready"

@@ -21,30 +21,41 @@ IMPORTANCE = LR_SCALE[:, None] ** 2 * GRAD  # [visits, layers]
 
 
 def test_importance_view_by_layer(tiny: Trace) -> None:
-    rows = tiny.sql("SELECT layer_index, sum(importance), sum(grad_sq), "
-                    "sum(importance_per_param) FROM importance GROUP BY 1 ORDER BY 1"
-                    ).fetchall()
+    rows = tiny.sql(
+        "SELECT layer_index, sum(importance), sum(grad_sq), "
+        "sum(importance_per_param) FROM importance GROUP BY 1 ORDER BY 1"
+    ).fetchall()
     np.testing.assert_allclose([r[1] for r in rows], IMPORTANCE.sum(axis=0))
     np.testing.assert_allclose([r[2] for r in rows], GRAD.sum(axis=0))
     np.testing.assert_allclose([r[3] for r in rows], IMPORTANCE.sum(axis=0) / [4, 2])
 
 
 def test_importance_view_by_epoch_and_names(tiny: Trace) -> None:
-    frame = tiny.query("SELECT epoch, layer, sum(importance) AS imp FROM importance "
-                       "WHERE epoch = ? GROUP BY ALL ORDER BY layer", [1])
+    frame = tiny.query(
+        "SELECT epoch, layer, sum(importance) AS imp FROM importance "
+        "WHERE epoch = ? GROUP BY ALL ORDER BY layer",
+        [1],
+    )
     assert frame["layer"].to_list() == ["enc", "head"]
     np.testing.assert_allclose(frame["imp"].to_list(), IMPORTANCE[EPOCH == 1].sum(axis=0))
     assert tiny.sql("SELECT count(*) FROM importance").fetchall() == [(16,)]
 
 
 def test_importance_polars_matches_sql(tiny: Trace) -> None:
-    lazy = (tiny.table("importance").group_by("sample_id").agg(pl.col("importance").sum())
-            .sort("sample_id").collect())
-    sql = tiny.query("SELECT sample_id, sum(importance) AS importance FROM importance "
-                     "GROUP BY 1 ORDER BY 1")
+    lazy = (
+        tiny.table("importance")
+        .group_by("sample_id")
+        .agg(pl.col("importance").sum())
+        .sort("sample_id")
+        .collect()
+    )
+    sql = tiny.query(
+        "SELECT sample_id, sum(importance) AS importance FROM importance GROUP BY 1 ORDER BY 1"
+    )
     np.testing.assert_allclose(lazy["importance"].to_list(), sql["importance"].to_list())
-    np.testing.assert_allclose(sql["importance"].to_list(),
-                               tiny.samples().sort("sample_id")["importance"].to_list())
+    np.testing.assert_allclose(
+        sql["importance"].to_list(), tiny.samples().sort("sample_id")["importance"].to_list()
+    )
 
 
 def test_visits_and_steps_views(tiny: Trace) -> None:
@@ -70,8 +81,9 @@ def test_derived_tables_agree_between_sql_and_polars(tiny: Trace) -> None:
 
 
 def test_sql_params_and_relation(tiny: Trace) -> None:
-    relation = tiny.sql("SELECT sample_id FROM samples WHERE importance > ? ORDER BY 1",
-                        params=[0.3])
+    relation = tiny.sql(
+        "SELECT sample_id FROM samples WHERE importance > ? ORDER BY 1", params=[0.3]
+    )
     assert relation.pl()["sample_id"].to_list() == [2, 3]
 
 
@@ -80,8 +92,9 @@ class _Reads:
         self.calls: list[tuple[str, str, int, int | None]] = []
         original = hdf5.Shard.read
 
-        def read(shard: hdf5.Shard, group: str, column: str, start: int = 0,
-                 stop: int | None = None) -> np.ndarray:
+        def read(
+            shard: hdf5.Shard, group: str, column: str, start: int = 0, stop: int | None = None
+        ) -> np.ndarray:
             self.calls.append((group, column, start, stop))
             return original(shard, group, column, start, stop)
 
@@ -91,8 +104,9 @@ class _Reads:
         return {(c, a, b) for g, c, a, b in self.calls if g == "visits"}
 
 
-def test_epoch_filter_reads_only_that_epochs_rows(tiny_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_epoch_filter_reads_only_that_epochs_rows(
+    tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reads = _Reads(monkeypatch)
     with open_trace(tiny_path) as trace:
         frame = trace.table("visits").filter(pl.col("epoch") == 1).select("loss").collect()
@@ -110,16 +124,20 @@ def test_sql_reads_only_named_columns(tiny_path: Path, monkeypatch: pytest.Monke
         assert {c for c, _, _ in reads.visits()} == {"step", "loss", "grad_sq"}
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     n_layers=st.integers(1, 3),
     batches=st.lists(st.integers(1, 4), min_size=1, max_size=6),
     reduction=st.sampled_from(["mean", "sum"]),
     seed=st.integers(0, 2**16),
 )
-def test_random_traces_agree_with_numpy(tmp_path: Path, n_layers: int, batches: list[int],
-                                        reduction: str, seed: int) -> None:
+def test_random_traces_agree_with_numpy(
+    tmp_path: Path, n_layers: int, batches: list[int], reduction: str, seed: int
+) -> None:
     rng = np.random.default_rng(seed)
     n_steps = len(batches)
     n_visits = sum(batches)
@@ -129,24 +147,31 @@ def test_random_traces_agree_with_numpy(tmp_path: Path, n_layers: int, batches: 
     grad = rng.uniform(0, 10, (n_visits, n_layers)).astype(np.float32)
     sample_id = rng.integers(0, 5, n_visits)
     path = write_trace(
-        tmp_path / f"r{seed}.h5", layers=[f"l{i}" for i in range(n_layers)],
+        tmp_path / f"r{seed}.h5",
+        layers=[f"l{i}" for i in range(n_layers)],
         steps={"step": np.arange(n_steps), "epoch": epoch, "lr": lr, "batch_size": batches},
-        visits={"step": step_of_visit, "sample_id": sample_id,
-                "loss": rng.uniform(0, 3, n_visits), "grad_sq": grad},
-        reduction=reduction)
+        visits={
+            "step": step_of_visit,
+            "sample_id": sample_id,
+            "loss": rng.uniform(0, 3, n_visits),
+            "grad_sq": grad,
+        },
+        reduction=reduction,
+    )
     scale = lr if reduction == "sum" else lr / np.asarray(batches)
     importance = (scale[step_of_visit, None] ** 2) * grad.astype(np.float64)
     with open_trace(path) as trace:
-        by_layer = trace.sql("SELECT layer_index, sum(importance) FROM importance "
-                             "GROUP BY 1 ORDER BY 1").fetchall()
-        np.testing.assert_allclose([r[1] for r in by_layer], importance.sum(axis=0),
-                                   rtol=1e-6)
+        by_layer = trace.sql(
+            "SELECT layer_index, sum(importance) FROM importance GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        np.testing.assert_allclose([r[1] for r in by_layer], importance.sum(axis=0), rtol=1e-6)
         samples = trace.samples().sort("sample_id")
         expected = [importance[sample_id == s].sum() for s in samples["sample_id"]]
         np.testing.assert_allclose(samples["importance"].to_list(), expected, rtol=1e-6)
         shares = samples.select(pl.sum_horizontal(pl.col("^share_.*$"))).to_series()
         assert all(abs(x - 1) < 1e-9 for x in shares.drop_nulls())
-        by_epoch = trace.query("SELECT epoch, sum(importance) AS s FROM importance "
-                               "GROUP BY 1 ORDER BY 1")
+        by_epoch = trace.query(
+            "SELECT epoch, sum(importance) AS s FROM importance GROUP BY 1 ORDER BY 1"
+        )
         for e, s in by_epoch.iter_rows():
             assert s == pytest.approx(importance[epoch[step_of_visit] == e].sum(), rel=1e-6)

@@ -41,9 +41,16 @@ def _column(group: h5py.Group, name: str, values: Any) -> None:
             data = data.astype(object)
     maxshape = (None, *data.shape[1:])
     chunks = (max(1, min(len(data), 1024)), *data.shape[1:]) if len(data) else True
-    group.create_dataset(name, data=data.astype(dtype) if dtype is not object else data,
-                         dtype=dtype, maxshape=maxshape, chunks=chunks,
-                         compression="gzip", compression_opts=1, shuffle=True)
+    group.create_dataset(
+        name,
+        data=data.astype(dtype) if dtype is not object else data,
+        dtype=dtype,
+        maxshape=maxshape,
+        chunks=chunks,
+        compression="gzip",
+        compression_opts=1,
+        shuffle=True,
+    )
 
 
 def write_trace(
@@ -94,24 +101,40 @@ def write_trace(
     visit_cols = {k: np.asarray(v) for k, v in visits.items()}
     n_steps = len(step_cols["step"])
     batch = step_cols["batch_size"].astype(np.int64)
-    step_cols.setdefault("visit_start", np.concatenate([[0], np.cumsum(batch)[:-1]]).astype(
-        np.int64) if n_steps else np.zeros(0, np.int64))
+    step_cols.setdefault(
+        "visit_start",
+        np.concatenate([[0], np.cumsum(batch)[:-1]]).astype(np.int64)
+        if n_steps
+        else np.zeros(0, np.int64),
+    )
     if "loss_mean" not in step_cols:
         loss = visit_cols["loss"].astype(np.float64)
         step_cols["loss_mean"] = np.array(
-            [loss[s:s + b].mean() if b else np.nan
-             for s, b in zip(step_cols["visit_start"], batch, strict=True)], dtype=np.float64)
+            [
+                loss[s : s + b].mean() if b else np.nan
+                for s, b in zip(step_cols["visit_start"], batch, strict=True)
+            ],
+            dtype=np.float64,
+        )
     step_cols.setdefault("time", 1.7e9 + np.arange(n_steps, dtype=np.float64))
     step_cols.setdefault("n_nonfinite", np.zeros(n_steps, dtype=np.int64))
     step_cols.setdefault("grad_sq", np.zeros((n_steps, n_layers), dtype=np.float32))
     root = {
-        "format": "samplescope-trace", "format_version": 1,
-        "created": "2025-01-01T00:00:00Z", "samplescope_version": "0.1.0",
-        "torch_version": "2.13.0", "run_id": run_id, "rank": rank, "world_size": world_size,
-        "reduction": reduction, "optimizer": "SGD",
-        "optimizer_hparams": json.dumps({"lr": float(step_cols["lr"][0]) if n_steps else 0.1,
-                                         "momentum": 0.0}),
-        "config": json.dumps({"seed": 0}), "model": "TinyNet",
+        "format": "samplescope-trace",
+        "format_version": 1,
+        "created": "2025-01-01T00:00:00Z",
+        "samplescope_version": "0.1.0",
+        "torch_version": "2.13.0",
+        "run_id": run_id,
+        "rank": rank,
+        "world_size": world_size,
+        "reduction": reduction,
+        "optimizer": "SGD",
+        "optimizer_hparams": json.dumps(
+            {"lr": float(step_cols["lr"][0]) if n_steps else 0.1, "momentum": 0.0}
+        ),
+        "config": json.dumps({"seed": 0}),
+        "model": "TinyNet",
         "options": json.dumps({"alignment": "alignment" in visit_cols}),
     }
     root.update(attrs or {})
@@ -121,9 +144,13 @@ def write_trace(
         status = f.create_group("status")
         status["closed"] = np.array([1 if closed else 0], dtype=np.int8)
         status["n_errors"] = np.array([0], dtype=np.int64)
-        for name, cols in (("layers", layer_cols), ("steps", step_cols),
-                           ("visits", visit_cols), ("evals", evals),
-                           ("sample_info", sample_info)):
+        for name, cols in (
+            ("layers", layer_cols),
+            ("steps", step_cols),
+            ("visits", visit_cols),
+            ("evals", evals),
+            ("sample_info", sample_info),
+        ):
             if cols is None:
                 continue
             group = f.create_group(name)
@@ -135,10 +162,18 @@ def write_trace(
 # The tiny trace every hand-computed test uses (docs in tests/analysis/test_scores.py):
 # 2 layers (n_params 4 and 2), 4 samples, 2 epochs of 2 steps of batch 2, reduction mean,
 # lr 0.5 in epoch 0 and 0.25 in epoch 1, so lr·s = 0.25 then 0.125.
-TINY_LAYERS = {"name": ["enc", "head"], "kind": ["Linear", "Linear"], "n_params": [4, 2],
-               "method": ["identity", "identity"]}
-TINY_STEPS = {"step": [0, 1, 2, 3], "epoch": [0, 0, 1, 1], "lr": [0.5, 0.5, 0.25, 0.25],
-              "batch_size": [2, 2, 2, 2]}
+TINY_LAYERS = {
+    "name": ["enc", "head"],
+    "kind": ["Linear", "Linear"],
+    "n_params": [4, 2],
+    "method": ["identity", "identity"],
+}
+TINY_STEPS = {
+    "step": [0, 1, 2, 3],
+    "epoch": [0, 0, 1, 1],
+    "lr": [0.5, 0.5, 0.25, 0.25],
+    "batch_size": [2, 2, 2, 2],
+}
 TINY_VISITS = {
     "step": [0, 0, 1, 1, 2, 2, 3, 3],
     "sample_id": [0, 1, 2, 3, 3, 0, 1, 2],
@@ -156,6 +191,14 @@ OUTPUT_COLUMNS = ("target", "pred", "p_target", "margin")
 def write_tiny_trace(path: str | Path, *, outputs: bool = True, **kwargs: Any) -> Path:
     """The tiny hand-computed trace; `outputs=False` drops target/pred/p_target/margin."""
     visits = {k: v for k, v in TINY_VISITS.items() if outputs or k not in OUTPUT_COLUMNS}
-    kwargs.setdefault("evals", {"step": [2, 4], "epoch": [0, 1], "split": ["test", "test"],
-                                "loss": [1.5, 0.9], "accuracy": [0.5, 0.75]})
+    kwargs.setdefault(
+        "evals",
+        {
+            "step": [2, 4],
+            "epoch": [0, 1],
+            "split": ["test", "test"],
+            "loss": [1.5, 0.9],
+            "accuracy": [0.5, 0.75],
+        },
+    )
     return write_trace(path, layers=TINY_LAYERS, steps=TINY_STEPS, visits=visits, **kwargs)

@@ -14,8 +14,18 @@ from samplescope.cli import main
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--dataset", "digits", "--epochs", "2", "--hidden", "32", "--batch-size", "50",
-         "--subset", "200"]
+SMALL = [
+    "--dataset",
+    "digits",
+    "--epochs",
+    "2",
+    "--hidden",
+    "32",
+    "--batch-size",
+    "50",
+    "--subset",
+    "200",
+]
 
 
 def _run(*args: str) -> str:
@@ -47,8 +57,9 @@ def test_findings_command(trace: Path) -> None:
 
 
 def test_flag_command(trace: Path) -> None:
-    rows = _csv(_run("flag", str(trace), "--kind", "redundant", "--budget", "20",
-                     "--format", "csv"))
+    rows = _csv(
+        _run("flag", str(trace), "--kind", "redundant", "--budget", "20", "--format", "csv")
+    )
     assert len(rows) == 200
     assert [r["rank"] for r in rows[:3]] == ["0", "1", "2"]
     assert sum(r["flagged"] == "true" for r in rows) == 20
@@ -57,42 +68,95 @@ def test_flag_command(trace: Path) -> None:
 def test_flag_bad_budget_is_one_line(trace: Path) -> None:
     result = CliRunner().invoke(main, ["flag", str(trace), "--budget", "lots"])
     assert result.exit_code == 2
-    assert result.output == ("Error: --budget must be a fraction like 0.1 or a count like 50, "
-                             "not 'lots'\n")
+    assert result.output == (
+        "Error: --budget must be a fraction like 0.1 or a count like 50, not 'lots'\n"
+    )
 
 
 def test_missing_dataset_is_one_line(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["train", "--dataset", "fashion-mnist", "--data-dir",
-                                       str(tmp_path), "--out", str(tmp_path / "x.h5")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x.h5"),
+        ],
+    )
     assert result.exit_code == 2
     assert result.output.startswith("Error: fashion-mnist IDX files not found in")
     assert len(result.output.splitlines()) == 1
 
 
 def test_experiment_findings(tmp_path: Path) -> None:
-    rows = _csv(_run("experiment", "findings", *SMALL, "--out-dir", str(tmp_path),
-                     "--format", "csv"))
+    rows = _csv(
+        _run("experiment", "findings", *SMALL, "--out-dir", str(tmp_path), "--format", "csv")
+    )
     assert [r["claim"] for r in rows] == list(CLAIMS)
     assert (tmp_path / "findings.csv").exists()
     assert (tmp_path / "findings_numbers.csv").exists()
 
 
 def test_experiment_batches(tmp_path: Path) -> None:
-    rows = _csv(_run("experiment", "batches", *SMALL, "--seeds", "2", "--out-dir",
-                     str(tmp_path), "--format", "csv"))
-    assert [r["strategy"] for r in rows] == ["shuffle", "rand", "nlo", "rnlo", "nlm", "sio",
-                                             "rsio", "sim", "online-loss", "online-importance"]
+    rows = _csv(
+        _run(
+            "experiment",
+            "batches",
+            *SMALL,
+            "--seeds",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+            "--format",
+            "csv",
+        )
+    )
+    assert [r["strategy"] for r in rows] == [
+        "shuffle",
+        "rand",
+        "nlo",
+        "rnlo",
+        "nlm",
+        "sio",
+        "rsio",
+        "sim",
+        "online-loss",
+        "online-importance",
+    ]
     assert all(r["seeds"] == "2" for r in rows)
     assert (tmp_path / "batches.pdf").read_bytes().startswith(b"%PDF")
     assert len(_csv((tmp_path / "batches_epochs.csv").read_text())) == 10 * 2 * 2
 
 
 def test_experiment_noise(tmp_path: Path) -> None:
-    rows = _csv(_run("experiment", "noise", *SMALL, "--noise", "0.2", "--out-dir",
-                     str(tmp_path), "--format", "csv"))
+    rows = _csv(
+        _run(
+            "experiment",
+            "noise",
+            *SMALL,
+            "--noise",
+            "0.2",
+            "--out-dir",
+            str(tmp_path),
+            "--format",
+            "csv",
+        )
+    )
     scores = {r["score"] for r in rows}
-    assert {"importance", "importance_late", "importance_layer0", "final_loss", "aum",
-            "forgetting", "confidence", "el2n", "tracin_self"} <= scores
+    assert {
+        "importance",
+        "importance_late",
+        "importance_layer0",
+        "final_loss",
+        "aum",
+        "forgetting",
+        "confidence",
+        "el2n",
+        "tracin_self",
+    } <= scores
     assert all(0 <= float(r["auroc"]) <= 1 for r in rows)
     assert all(float(r["base_rate"]) == pytest.approx(0.2) for r in rows)
     # A label flipped on purpose is the easiest thing for final loss to find.
@@ -101,16 +165,33 @@ def test_experiment_noise(tmp_path: Path) -> None:
 
 
 def test_experiment_prune(tmp_path: Path) -> None:
-    rows = _csv(_run("experiment", "prune", *SMALL, "--keep", "0.5",
-                     "--scores", "random,importance,el2n", "--out-dir", str(tmp_path),
-                     "--format", "csv"))
-    assert [(r["keep"], r["score"]) for r in rows] == [("1.0", "all"), ("0.5", "random"),
-                                                      ("0.5", "importance"), ("0.5", "el2n")]
+    rows = _csv(
+        _run(
+            "experiment",
+            "prune",
+            *SMALL,
+            "--keep",
+            "0.5",
+            "--scores",
+            "random,importance,el2n",
+            "--out-dir",
+            str(tmp_path),
+            "--format",
+            "csv",
+        )
+    )
+    assert [(r["keep"], r["score"]) for r in rows] == [
+        ("1.0", "all"),
+        ("0.5", "random"),
+        ("0.5", "importance"),
+        ("0.5", "el2n"),
+    ]
 
 
 def test_experiment_prune_unknown_score(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["experiment", "prune", *SMALL, "--scores", "magic",
-                                       "--out-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        main, ["experiment", "prune", *SMALL, "--scores", "magic", "--out-dir", str(tmp_path)]
+    )
     assert result.exit_code == 2
     assert result.output.startswith("Error: unknown scores magic;")
 
@@ -119,8 +200,21 @@ def test_explicit_options_win_over_the_preset(tmp_path: Path) -> None:
     from samplescope.analysis import open_trace
 
     out = tmp_path / "p.h5"
-    _run("train", "--dataset", "digits", "--preset", "paper", "--epochs", "1", "--lr", "0.05",
-         "--hidden", "16", "--out", str(out))
+    _run(
+        "train",
+        "--dataset",
+        "digits",
+        "--preset",
+        "paper",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.05",
+        "--hidden",
+        "16",
+        "--out",
+        str(out),
+    )
     with open_trace(out) as t:
         config = t.meta["config"]
     assert config["lr"] == 0.05  # given on the command line

@@ -32,8 +32,10 @@ def _error_line(result) -> str:
 
 def test_report_pdf_subset(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.pdf"
-    result = CliRunner().invoke(main, ["report", str(tiny), "-o", str(out), "-q",
-                                       "--pages", "summary,curves", "--title", "Tiny"])
+    result = CliRunner().invoke(
+        main,
+        ["report", str(tiny), "-o", str(out), "-q", "--pages", "summary,curves", "--title", "Tiny"],
+    )
     assert result.exit_code == 0, result.output
     assert result.output == f"Wrote {out}\n"
     reader = PdfReader(out)
@@ -43,8 +45,9 @@ def test_report_pdf_subset(tiny: Path, tmp_path: Path) -> None:
 
 def test_report_png(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "pages"
-    result = CliRunner().invoke(main, ["report", str(tiny), "-o", str(out), "-q",
-                                       "--pages", "summary", "--format", "png"])
+    result = CliRunner().invoke(
+        main, ["report", str(tiny), "-o", str(out), "-q", "--pages", "summary", "--format", "png"]
+    )
     assert result.exit_code == 0, result.output
     assert result.output == f"Wrote 1 page images to {out}/\n"
     assert [p.name for p in out.iterdir()] == ["01-summary.png"]
@@ -53,28 +56,36 @@ def test_report_png(tiny: Path, tmp_path: Path) -> None:
 def test_report_not_a_trace(tmp_path: Path) -> None:
     bogus = tmp_path / "notes.h5"
     bogus.write_text("not hdf5")
-    line = _error_line(CliRunner().invoke(main, ["report", str(bogus), "-o",
-                                                 str(tmp_path / "r.pdf")]))
+    line = _error_line(
+        CliRunner().invoke(main, ["report", str(bogus), "-o", str(tmp_path / "r.pdf")])
+    )
     assert "not an HDF5 file" in line
 
 
 def test_report_missing_file(tmp_path: Path) -> None:
-    line = _error_line(CliRunner().invoke(main, ["report", str(tmp_path / "none.h5"), "-o",
-                                                 str(tmp_path / "r.pdf")]))
+    line = _error_line(
+        CliRunner().invoke(
+            main, ["report", str(tmp_path / "none.h5"), "-o", str(tmp_path / "r.pdf")]
+        )
+    )
     assert "no such trace file" in line
 
 
 def test_report_unknown_section(tiny: Path, tmp_path: Path) -> None:
-    line = _error_line(CliRunner().invoke(main, ["report", str(tiny), "-o",
-                                                 str(tmp_path / "r.pdf"), "--pages", "graphs"]))
+    line = _error_line(
+        CliRunner().invoke(
+            main, ["report", str(tiny), "-o", str(tmp_path / "r.pdf"), "--pages", "graphs"]
+        )
+    )
     assert line.startswith("Error: unknown report section 'graphs'; choose from summary,")
 
 
 def test_report_unwritable_output(tiny: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    line = _error_line(CliRunner().invoke(main, ["report", str(tiny), "-o",
-                                                 str(blocker / "r.pdf")]))
+    line = _error_line(
+        CliRunner().invoke(main, ["report", str(tiny), "-o", str(blocker / "r.pdf")])
+    )
     assert line.startswith(f"Error: cannot create {blocker}")
 
 
@@ -83,8 +94,9 @@ def test_demo_refuses_a_file_as_output_folder(tmp_path: Path) -> None:
     blocker.write_text("")
     line = _error_line(CliRunner().invoke(main, ["demo", "--out", str(blocker)]))
     assert "is a file; give a folder" in line
-    line = _error_line(CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"),
-                                                 "--epochs", "0"]))
+    line = _error_line(
+        CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--epochs", "0"])
+    )
     assert "--epochs must be at least 1" in line
 
 

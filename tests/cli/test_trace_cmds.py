@@ -50,29 +50,50 @@ def _error_line(*args: str) -> str:
 
 
 def test_sql_csv_exact(tiny: Path) -> None:
-    out = _ok("sql", tiny, "SELECT epoch, sum(importance) AS imp FROM importance "
-              "GROUP BY 1 ORDER BY 1", "--format", "csv")
+    out = _ok(
+        "sql",
+        tiny,
+        "SELECT epoch, sum(importance) AS imp FROM importance GROUP BY 1 ORDER BY 1",
+        "--format",
+        "csv",
+    )
     assert out == "epoch,imp\n0,1.1875\n1,0.5\n"
 
 
 def test_sql_table_exact(tiny: Path) -> None:
     out = _ok("sql", tiny, "SELECT layer_index, layer, n_params FROM layers ORDER BY 1")
-    assert out == ("layer_index  layer  n_params\n"
-                   "-----------  -----  --------\n"
-                   "          0  enc           4\n"
-                   "          1  head          2\n")
+    assert out == (
+        "layer_index  layer  n_params\n"
+        "-----------  -----  --------\n"
+        "          0  enc           4\n"
+        "          1  head          2\n"
+    )
 
 
 def test_sql_json_with_param(tiny: Path) -> None:
-    out = _ok("sql", tiny, "SELECT sample_id, final_loss FROM samples WHERE final_loss > ? "
-              "ORDER BY 1", "--param", "1", "--format", "json")
-    assert json.loads(out) == [{"sample_id": 0, "final_loss": 1.5},
-                               {"sample_id": 3, "final_loss": 2.5}]
+    out = _ok(
+        "sql",
+        tiny,
+        "SELECT sample_id, final_loss FROM samples WHERE final_loss > ? ORDER BY 1",
+        "--param",
+        "1",
+        "--format",
+        "json",
+    )
+    assert json.loads(out) == [
+        {"sample_id": 0, "final_loss": 1.5},
+        {"sample_id": 3, "final_loss": 2.5},
+    ]
 
 
 def test_sql_csv_flattens_arrays(tiny: Path) -> None:
-    out = _ok("sql", tiny, "SELECT grad_sq FROM visits WHERE step = 0 ORDER BY sample_id",
-              "--format", "csv")
+    out = _ok(
+        "sql",
+        tiny,
+        "SELECT grad_sq FROM visits WHERE step = 0 ORDER BY sample_id",
+        "--format",
+        "csv",
+    )
     assert out == 'grad_sq\n"4.0,0.0"\n"1.0,1.0"\n'
 
 
@@ -112,19 +133,23 @@ def test_output_file_for_text_formats(tiny: Path, tmp_path: Path) -> None:
     assert target.read_text() == "x\n1\n"
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["info", "{missing}"], "no such trace file"),
-    (["info", "{text}"], "not an HDF5 file"),
-    (["sql", "{tiny}", "SELEC 1"], "SQL syntax error"),
-    (["sql", "{tiny}", "SELECT * FROM nope"], "nope"),
-    (["sql", "{tiny}", "SELECT CAST(layer AS INTEGER) FROM layers"], "SQL error"),
-    (["samples", "{tiny}", "--sort", "nope"], "no column 'nope'"),
-    (["samples", "{newer}"], "version 2"),
-    (["compare", "{tiny}"], "at least two"),
-    (["sql", "{tiny}", "SELECT 1", "--format", "parquet"], "needs --output"),
-])
-def test_bad_input_is_one_line_exit_2(tiny: Path, tmp_path: Path, args: list[str],
-                                      expected: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["info", "{missing}"], "no such trace file"),
+        (["info", "{text}"], "not an HDF5 file"),
+        (["sql", "{tiny}", "SELEC 1"], "SQL syntax error"),
+        (["sql", "{tiny}", "SELECT * FROM nope"], "nope"),
+        (["sql", "{tiny}", "SELECT CAST(layer AS INTEGER) FROM layers"], "SQL error"),
+        (["samples", "{tiny}", "--sort", "nope"], "no column 'nope'"),
+        (["samples", "{newer}"], "version 2"),
+        (["compare", "{tiny}"], "at least two"),
+        (["sql", "{tiny}", "SELECT 1", "--format", "parquet"], "needs --output"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(
+    tiny: Path, tmp_path: Path, args: list[str], expected: str
+) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     newer = write_tiny_trace(tmp_path / "newer.h5", attrs={"format_version": 2})

@@ -53,18 +53,28 @@ def test_nlo_rnlo_nlm_definitions(size: tuple[int, int], seed: int) -> None:
     # The importance strategies are the same constructions.
     for loss_name, imp_name in (("nlo", "sio"), ("rnlo", "rsio"), ("nlm", "sim")):
         same = fixed_batches(imp_name, ids, batch, scores)
-        assert [x.tolist() for x in same] == [x.tolist() for x in
-                                               fixed_batches(loss_name, ids, batch, scores)]
+        assert [x.tolist() for x in same] == [
+            x.tolist() for x in fixed_batches(loss_name, ids, batch, scores)
+        ]
 
 
 def test_hand_example() -> None:
     scores = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2]  # sorted ids: 1 5 3 0 4 2
-    assert [b.tolist() for b in fixed_batches("nlo", range(6), 2, scores)] == [[1, 5], [3, 0],
-                                                                                [4, 2]]
-    assert [b.tolist() for b in fixed_batches("rsio", range(6), 2, scores)] == [[4, 2], [3, 0],
-                                                                                 [1, 5]]
-    assert [b.tolist() for b in fixed_batches("nlm", range(6), 2, scores)] == [[1, 0], [5, 4],
-                                                                                [3, 2]]
+    assert [b.tolist() for b in fixed_batches("nlo", range(6), 2, scores)] == [
+        [1, 5],
+        [3, 0],
+        [4, 2],
+    ]
+    assert [b.tolist() for b in fixed_batches("rsio", range(6), 2, scores)] == [
+        [4, 2],
+        [3, 0],
+        [1, 5],
+    ]
+    assert [b.tolist() for b in fixed_batches("nlm", range(6), 2, scores)] == [
+        [1, 0],
+        [5, 4],
+        [3, 2],
+    ]
 
 
 def test_fixed_sampler_repeats_each_epoch_in_a_dataloader() -> None:

@@ -16,7 +16,8 @@ from samplescope.experiments.prune import _kept
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 200), st.floats(0, 0.9), st.integers(2, 10), st.integers(0, 3))
 def test_flip_labels_flips_exactly_the_fraction_to_other_classes(
-        n: int, fraction: float, classes: int, seed: int) -> None:
+    n: int, fraction: float, classes: int, seed: int
+) -> None:
     targets = np.random.default_rng(seed).integers(0, classes, size=n + 5)
     ids = np.arange(5, n + 5)  # a subset: ids 0-4 are never touched
     noisy, flipped = flip_labels(targets, ids, fraction, classes, seed=seed)

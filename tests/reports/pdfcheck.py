@@ -24,8 +24,11 @@ def rasterise(pdf: Path, out_dir: Path, dpi: int = 30) -> list[Path]:
         import pytest
 
         pytest.skip("pdftoppm is not installed")
-    subprocess.run(["pdftoppm", "-png", "-r", str(dpi), str(pdf), str(out_dir / "page")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["pdftoppm", "-png", "-r", str(dpi), str(pdf), str(out_dir / "page")],
+        check=True,
+        capture_output=True,
+    )
     return sorted(out_dir.glob("page-*.png"))
 
 

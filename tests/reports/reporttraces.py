@@ -13,8 +13,9 @@ from tracefiles import write_trace
 __all__ = ["write_no_outputs_trace"]
 
 
-def write_no_outputs_trace(path: Path, n_samples: int = 60, epochs: int = 3,
-                           batch: int = 20) -> Path:
+def write_no_outputs_trace(
+    path: Path, n_samples: int = 60, epochs: int = 3, batch: int = 20
+) -> Path:
     """A trace of per-sample losses and norms only: no logits/targets, no thumbnails."""
     rng = np.random.default_rng(0)
     per_epoch = n_samples // batch
@@ -25,10 +26,16 @@ def write_no_outputs_trace(path: Path, n_samples: int = 60, epochs: int = 3,
     return write_trace(
         path,
         layers={"name": ["enc", "mid", "head"], "n_params": [40, 30, 12]},
-        steps={"step": np.arange(n_steps), "epoch": np.repeat(np.arange(epochs), per_epoch),
-               "lr": np.full(n_steps, 0.1), "batch_size": np.full(n_steps, batch)},
-        visits={"step": np.repeat(np.arange(n_steps), batch), "sample_id": sample_id,
-                "loss": loss,
-                "grad_sq": (loss[:, None] * rng.uniform(0.5, 2, (len(loss), 3))).astype(
-                    np.float32)},
+        steps={
+            "step": np.arange(n_steps),
+            "epoch": np.repeat(np.arange(epochs), per_epoch),
+            "lr": np.full(n_steps, 0.1),
+            "batch_size": np.full(n_steps, batch),
+        },
+        visits={
+            "step": np.repeat(np.arange(n_steps), batch),
+            "sample_id": sample_id,
+            "loss": loss,
+            "grad_sq": (loss[:, None] * rng.uniform(0.5, 2, (len(loss), 3))).astype(np.float32),
+        },
     )

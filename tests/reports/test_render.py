@@ -42,8 +42,18 @@ def test_demo_report_has_every_section_with_titles_and_captions(demo: DemoResult
     for text, (_section, title) in zip(texts, DEMO_PAGES, strict=True):
         assert title in text
     summary = texts[0]
-    for fact in ("Sequential", "SGD", "lr=0.1", "1,437", "final test accuracy", "trace size",
-                 "L0", "Linear", "33,280", "In this report"):
+    for fact in (
+        "Sequential",
+        "SGD",
+        "lr=0.1",
+        "1,437",
+        "final test accuracy",
+        "trace size",
+        "L0",
+        "Linear",
+        "33,280",
+        "In this report",
+    ):
         assert fact in summary
     assert "left out" not in summary
     assert "SUPPORTED" in texts[1] or "INCONCLUSIVE" in texts[1] or "NOT SUPPORTED" in texts[1]
@@ -61,8 +71,7 @@ def test_demo_report_pages_are_not_blank(demo: DemoResult, tmp_path: Path) -> No
 
 
 def test_pages_subset_in_report_order(demo: DemoResult, tmp_path: Path) -> None:
-    out = render_report(demo.trace, tmp_path / "two.pdf", pages="heatmaps, summary",
-                        progress=False)
+    out = render_report(demo.trace, tmp_path / "two.pdf", pages="heatmaps, summary", progress=False)
     texts = page_texts(out)
     assert len(texts) == 2
     assert "In this report" in texts[0]
@@ -71,17 +80,18 @@ def test_pages_subset_in_report_order(demo: DemoResult, tmp_path: Path) -> None:
 
 def test_png_format_writes_one_image_per_page(demo: DemoResult, tmp_path: Path) -> None:
     with open_trace(demo.trace) as trace:
-        out = render_report(trace, tmp_path / "pages", pages=["curves", "candidates"],
-                            fmt="png", progress=False)
+        out = render_report(
+            trace, tmp_path / "pages", pages=["curves", "candidates"], fmt="png", progress=False
+        )
     names = sorted(p.name for p in out.iterdir())
     assert names == ["01-curves.png", "02-candidates.png", "03-candidates.png"]
     assert all(pixel_std(out / name) > 0.05 for name in names)
 
 
-def test_trace_without_outputs_omits_sections_and_says_so(no_outputs_trace: Path,
-                                                          tmp_path: Path) -> None:
-    out = render_report(no_outputs_trace, tmp_path / "plain.pdf", title="Plain run",
-                        progress=False)
+def test_trace_without_outputs_omits_sections_and_says_so(
+    no_outputs_trace: Path, tmp_path: Path
+) -> None:
+    out = render_report(no_outputs_trace, tmp_path / "plain.pdf", title="Plain run", progress=False)
     texts = page_texts(out)
     needing = [s for s in SECTIONS if s.needs_outputs]
     assert len(texts) == len(SECTIONS) - len(needing)

@@ -2,21 +2,30 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is pinned in pyproject.toml to the CPU build that lies on disk.
+# constraints.txt pins torch to the CPU build that lies on disk; pyproject.toml declares
+# the range the library supports.
+PIP := $(BIN)/pip install --quiet -c constraints.txt
 STAMP := $(VENV)/.installed
+# Programs the tests drive as a reader would (pdftoppm renders report pages); Debian packages.
+TOOLS := $(VENV)/.tools
+DEBS := poppler-utils
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(PIP) -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/samplescope demo --out samplescope-demo/
 
-test: $(STAMP)
+$(TOOLS): Makefile
+	command -v pdftoppm >/dev/null || (apt-get update -qq && apt-get install -y -qq $(DEBS))
+	touch $(TOOLS)
+
+test: $(STAMP) $(TOOLS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -n 2 --dist loadgroup -q
@@ -26,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(PIP) -e '.[test,bench]'
 	$(BIN)/python bench/recorder_overhead.py
 	$(BIN)/python bench/analysis_speed.py
 

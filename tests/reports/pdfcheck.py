@@ -20,10 +20,9 @@ def page_texts(pdf: Path) -> list[str]:
 
 def rasterise(pdf: Path, out_dir: Path, dpi: int = 30) -> list[Path]:
     """Turn every page into a PNG with pdftoppm (as a person's viewer would)."""
-    if shutil.which("pdftoppm") is None:  # pragma: no cover
-        import pytest
-
-        pytest.skip("pdftoppm is not installed")
+    if shutil.which("pdftoppm") is None:  # pragma: no cover - make test installs it
+        msg = "pdftoppm is not installed: run `make test`, which installs poppler-utils"
+        raise RuntimeError(msg)
     subprocess.run(
         ["pdftoppm", "-png", "-r", str(dpi), str(pdf), str(out_dir / "page")],
         check=True,

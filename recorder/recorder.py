@@ -517,14 +517,13 @@ class Recorder:
         new = [i for i, sid in enumerate(ids.tolist()) if sid not in self._thumbnailed]
         if not new:
             return
-        index = torch.as_tensor(new).to(x.device, non_blocking=True)
-        images = HostTransfer(
-            {"image": thumbnail_images(x.index_select(0, index), self._thumb_shape)}
-        )
+        # The whole batch, and the new rows picked on the writer thread: choosing them on
+        # the device would need the indices there, a copy from host memory every step.
+        images = HostTransfer({"image": thumbnail_images(x, self._thumb_shape)})
         self._thumbnailed.update(int(ids[i]) for i in new)
-        chosen = ids[new]
         self._writer.append(
-            "thumbnails", DeferredRows(lambda: {"sample_id": chosen, **images.arrays()})
+            "thumbnails",
+            DeferredRows(lambda: {"sample_id": ids[new], "image": images.arrays()["image"][new]}),
         )
 
     # -- the file's structure -------------------------------------------------------------

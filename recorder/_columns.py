@@ -18,13 +18,12 @@ __all__ = [
     "StepFrame",
     "StepRows",
     "as_ids",
-    "batch_sq_norms",
     "check_choice",
     "check_result",
     "derive_outputs",
     "jsonable",
+    "param_norms",
     "sample_info_arrays",
-    "sq_norm",
 ]
 
 
@@ -71,31 +70,21 @@ def check_result(name: str, result: Any, n: int) -> bool:
     return True
 
 
-def batch_sq_norms(grads: list[list[Tensor]]) -> Tensor:
-    """‖∂/∂p‖² of every parameter gradient of this step, in one float64 tensor.
+def param_norms(grads: list[list[Tensor]]) -> Tensor:
+    """‖∂/∂p‖ of every parameter gradient of this step, in one tensor on their device.
 
-    Computed on the gradients' device; `StepRows` sums them per layer on the writer
-    thread (``layer_sizes`` says how many belong to each layer).
+    Not squared, and in the gradients' dtype: float64 is not on every device (MPS).
+    `StepRows` squares them in float64 and sums them per layer on the writer thread.
     """
-    flat = [g for layer in grads for g in layer]
+    flat = [g.coalesce().values() if g.is_sparse else g for layer in grads for g in layer]
     if not flat:
-        return torch.zeros(0, dtype=torch.float64)
-    if any(g.is_sparse for g in flat):
-        norms = [sq_norm(g) for g in flat]
-    else:
-        # One fused call for every parameter of the model.
-        norms = [n.double().square() for n in torch._foreach_norm(flat)]
-    device = norms[0].device
-    return torch.stack([n.to(device, non_blocking=True) for n in norms])
-
-
-def sq_norm(t: Tensor) -> Tensor:
-    """‖t‖² as a float64 tensor on t's device (never read on the host here)."""
-    # One BLAS dot: several times faster than square().sum() on large layers.
-    if t.is_sparse:  # Embedding(sparse=True)
-        t = t.coalesce().values()
-    flat = t.reshape(-1).double()
-    return torch.dot(flat, flat)
+        return torch.zeros(0)
+    device = flat[0].device
+    if all(g.device == device for g in flat):
+        norms = torch._foreach_norm(flat)  # one fused call for every parameter of the model
+    else:  # a model spread over devices
+        norms = [torch.linalg.vector_norm(g).to(device, non_blocking=True) for g in flat]
+    return torch.stack(norms)
 
 
 @dataclass(frozen=True)
@@ -109,7 +98,7 @@ class StepFrame:
     lr: float  # NaN when the learning rate is a tensor (then it is in the transfer)
     time: float
     visit_start: int
-    layer_sizes: tuple[int, ...]  # parameter gradients per layer, for `batch_sq_norms`
+    layer_sizes: tuple[int, ...]  # parameter gradients per layer, for `param_norms`
     input_sq: bool  # the input norm was measured (else NaN by definition, not a fault)
     input_grad_sq: bool | None  # None: not asked for; False: asked, not measurable
 
@@ -118,7 +107,7 @@ class StepRows:
     """One step's visits and steps rows, built from a `HostTransfer` on first read.
 
     The transfer holds ``loss``, ``grad_sq`` ([N, L], back-propagated units),
-    ``batch_sq`` (per parameter), and where present ``input_sq``, ``input_grad_sq``,
+    ``param_norms`` (per parameter), and where present ``input_sq``, ``input_grad_sq``,
     ``alignment``, ``_logits``, ``target`` and ``lr``. Dividing by the reduction scale,
     summing per layer and counting non-finite values all happen here, on the writer thread.
     """
@@ -179,7 +168,7 @@ class StepRows:
             nonfinite += 2 * int(np.count_nonzero(~np.isfinite(a["_logits"]).all(1)))
         self._nonfinite.add(frame.step, nonfinite)
         bounds = np.cumsum([0, *frame.layer_sizes])
-        norms = a["batch_sq"]
+        norms = np.square(a["param_norms"].astype(np.float64))
         lr = float(a["lr"]) if "lr" in a else frame.lr
         steps = {
             "step": np.array([frame.step], dtype=np.int64),

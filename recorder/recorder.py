@@ -20,11 +20,11 @@ from samplescope.recorder._columns import (
     StepFrame,
     StepRows,
     as_ids,
-    batch_sq_norms,
     check_choice,
     check_result,
     derive_outputs,
     jsonable,
+    param_norms,
     sample_info_arrays,
 )
 from samplescope.recorder._thumbnails import thumbnail_images, thumbnail_shape
@@ -73,6 +73,14 @@ class Recorder:
         flush_seconds: the longest time recorded rows wait before reaching the file.
         overwrite: replace an existing trace instead of refusing.
         rank, world_size, run_id: for data parallelism: one trace per rank, same run_id.
+
+    Works on any torch device without reading tensor values on the training thread (see
+    docs/recorder.md, Devices). A layer that gets no gradient in a step records 0 for it.
+    Parameters owned by the model itself form a layer named ``"<root>"`` (`ROOT_LAYER`).
+
+    Raises:
+        RecorderError: on entering the block, for a ``torch.compile``'d model (or one with
+            a compiled submodule): pass and call the uncompiled module instead.
     """
 
     def __init__(
@@ -413,7 +421,7 @@ class Recorder:
             1,
         )
         batch_grads = [list(r.batch_grad.values()) for r in results]
-        tensors = {"grad_sq": grad_sq, "batch_sq": batch_sq_norms(batch_grads)}
+        tensors = {"grad_sq": grad_sq, "param_norms": param_norms(batch_grads)}
         if self.alignment:
             tensors["alignment"] = torch.stack(
                 [
@@ -466,7 +474,7 @@ class Recorder:
         if isinstance(lr, Tensor):
             # A copy, read on the writer thread: `.item()` here would wait for the device,
             # and schedulers update tensor learning rates in place.
-            return lr.detach().to(torch.float64, copy=True)
+            return lr.detach().clone()
         return float(lr)
 
     # -- model input: input norm, input gradient, thumbnails ------------------------------

@@ -434,3 +434,18 @@ def test_root_layer_name_appears_in_errors(tmp_path):
         losses = _ce(model, torch.randn(2, 3, 3), torch.tensor([0, 1]))
         with pytest.raises(RecorderError, match="layer '<root>': no norm today"):
             rec.backward(losses, [0, 1])
+
+
+def test_rows_keep_the_values_of_their_step_when_tensors_change_later(tmp_path):
+    # The writer reads a step's rows up to flush_seconds later: they must be copies.
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with Recorder(tmp_path / "t.h5", model) as rec:
+        logits = model(x)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        expected = losses.detach().clone()
+        rec.backward(losses, [0, 1, 2, 3], logits=logits, targets=y)
+        losses.detach().zero_()
+        y.fill_(1)
+    np.testing.assert_array_equal(_read(tmp_path / "t.h5", "visits/loss"), expected.numpy())
+    assert _read(tmp_path / "t.h5", "visits/target").tolist() == [0, 1, 0, 1]

@@ -23,6 +23,9 @@ from torch import Tensor
 __all__ = ["DeferredRows", "HostTransfer", "NonfiniteCounter"]
 
 
+_NOT_NUMPY = (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _needs_copy(t: Tensor) -> bool:
     return t.device.type != "cpu"
 
@@ -51,6 +54,8 @@ class HostTransfer:
         devices: dict[torch.device, None] = {}
         for name, tensor in tensors.items():
             t = tensor.detach()
+            if t.dtype in _NOT_NUMPY:
+                t = t.float()  # on the device, before the copy: numpy has no bfloat16
             if _needs_copy(t):
                 devices[t.device] = None
                 t = t.to("cpu", non_blocking=True)

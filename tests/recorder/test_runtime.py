@@ -449,3 +449,14 @@ def test_rows_keep_the_values_of_their_step_when_tensors_change_later(tmp_path):
         y.fill_(1)
     np.testing.assert_array_equal(_read(tmp_path / "t.h5", "visits/loss"), expected.numpy())
     assert _read(tmp_path / "t.h5", "visits/target").tolist() == [0, 1, 0, 1]
+
+
+def test_a_bfloat16_model_is_recorded(tmp_path):
+    model = nn.Linear(4, 2).to(torch.bfloat16)
+    x = torch.randn(3, 4).to(torch.bfloat16)
+    with Recorder(tmp_path / "t.h5", model) as rec:
+        rec.backward(model(x).float().square().sum(1), [0, 1, 2])
+    np.testing.assert_allclose(
+        _read(tmp_path / "t.h5", "visits/input_sq"), x.float().square().sum(1).numpy(), rtol=1e-2
+    )
+    assert np.isfinite(_read(tmp_path / "t.h5", "visits/grad_sq")).all()

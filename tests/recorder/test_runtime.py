@@ -460,3 +460,33 @@ def test_a_bfloat16_model_is_recorded(tmp_path):
         _read(tmp_path / "t.h5", "visits/input_sq"), x.float().square().sum(1).numpy(), rtol=1e-2
     )
     assert np.isfinite(_read(tmp_path / "t.h5", "visits/grad_sq")).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_recorded_step_never_synchronises_and_matches_the_cpu(tmp_path):
+    # The CPU tests above force the device path; this one runs it for real where it can.
+    cpu = _cnn().float()
+    gpu = copy.deepcopy(cpu).cuda()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    for model, path, device in ((cpu, "cpu.h5", "cpu"), (gpu, "gpu.h5", "cuda")):
+        xb, yb = x.to(device), y.to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.05, device=device))
+        options = {"alignment": True, "input_grad": True, "thumbnails": True}
+        with Recorder(tmp_path / path, model, opt, **options) as rec:
+            for step in range(3):
+                logits = model(xb)
+                losses = F.cross_entropy(logits, yb, reduction="none")
+                if step and device == "cuda":  # after the convolutions' one-off timing
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    rec.backward(losses, np.arange(8), logits=logits, targets=yb)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                opt.step()
+                opt.zero_grad()
+    for name in ("visits/grad_sq", "visits/input_sq", "visits/alignment", "steps/grad_sq"):
+        np.testing.assert_allclose(
+            _read(tmp_path / "gpu.h5", name), _read(tmp_path / "cpu.h5", name), rtol=1e-4
+        )

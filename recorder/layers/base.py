@@ -30,6 +30,7 @@ __all__ = [
     "Session",
     "StepResult",
     "directional_alignment",
+    "is_replaying",
     "replaying",
 ]
 
@@ -53,6 +54,11 @@ def replaying() -> Iterator[None]:
         yield
     finally:
         _REPLAYING.reset(token)
+
+
+def is_replaying() -> bool:
+    """True inside `replaying`: the forward running now is an observer's recomputation."""
+    return _REPLAYING.get()
 
 
 class Session(Protocol):

@@ -142,7 +142,8 @@ def test_eval_mode_and_no_grad_forwards_record_nothing(tmp_path):
     with Recorder(tmp_path / "t.h5", model) as rec:
         model.eval()
         losses = F.cross_entropy(model(x), y, reduction="none")
-        rec.backward(losses, sample_ids=torch.arange(8))
+        with pytest.warns(UserWarning, match=r"eval mode .* call model\.train\(\)"):
+            rec.backward(losses, sample_ids=torch.arange(8))
         model.train()
         with torch.no_grad():
             model(x)
@@ -230,6 +231,7 @@ def test_nonfinite_values_are_recorded_and_counted(tmp_path):
     with Recorder(tmp_path / "t.h5", model) as rec, pytest.warns(UserWarning, match="non-finite"):
         losses = F.cross_entropy(model(x), torch.tensor([0, 1, 0, 1]), reduction="none")
         rec.backward(losses, sample_ids=[0, 1, 2, 3])
+        rec.flush()  # the writer thread counts them; the warning follows
     with h5py.File(tmp_path / "t.h5", "r", swmr=True) as f:
         assert f["steps/n_nonfinite"][0] > 0
         assert not np.isfinite(f["visits/loss"][1])

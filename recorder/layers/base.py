@@ -14,6 +14,7 @@ gradients behind.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -263,15 +264,14 @@ class Observer:
     def _check_uses(self) -> None:
         from samplescope.recorder.layers.shared import hidden_use_message
 
+        grads = self._result.batch_grad
+        layer_norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
         for name, param in self.params.items():
-            actual = self._result.batch_grad.get(name)
-            if actual is None or (not self._calls and not self.book.has_uses(param)):
-                if actual is not None and float(actual.abs().sum()) > 0:
-                    message = hidden_use_message(self.book.names[id(param)], None, actual)
-                    self._store_error(RuntimeError(message))
+            actual = grads.get(name)
+            if actual is None:
                 continue
             observed = self.book.batch_sum(param)
-            message = hidden_use_message(self.book.names[id(param)], observed, actual)
+            message = hidden_use_message(self.book.names[id(param)], observed, actual, layer_norm)
             if message is not None:
                 self._store_error(RuntimeError(message))
                 return

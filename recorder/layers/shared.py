@@ -218,16 +218,24 @@ class UseBook:
         return total
 
 
-def hidden_use_message(name: str, observed: Tensor | None, actual: Tensor) -> str | None:
-    """A one-line refusal when the observed uses do not add up to the batch gradient."""
+def hidden_use_message(
+    name: str, observed: Tensor | None, actual: Tensor, layer_norm: float = 0.0
+) -> str | None:
+    """A one-line refusal when the observed uses do not add up to the batch gradient.
+
+    ``layer_norm`` (‖G‖ over the layer's parameters) sets a floor of float rounding: a
+    gradient that is zero in exact arithmetic (a key bias under softmax) is rounding noise
+    of summands of the layer's size, and any relative comparison of it is meaningless.
+    """
     actual = actual.to_dense() if actual.is_sparse else actual
     reference = float(actual.double().norm())
+    floor = 1e3 * torch.finfo(actual.dtype).eps * layer_norm if actual.is_floating_point() else 0
     if observed is None:
         difference = reference
     else:
         difference = float((observed.double() - actual.double()).norm())
     # Non-finite gradients are counted and warned about elsewhere; they prove nothing here.
-    if not math.isfinite(difference) or difference <= HIDDEN_USE_RTOL * reference + 1e-30:
+    if not math.isfinite(difference) or difference <= HIDDEN_USE_RTOL * reference + floor + 1e-30:
         return None
     return (
         f"parameter {name!r} is used where no module hook sees it (e.g. F.linear(h, "

@@ -138,10 +138,12 @@ CASES = {
     "embedding_twice": (EmbeddingTwice, lambda m: m(_ids()).square().flatten(1).sum(1)),
     "conv_twice": (
         ConvTwice,
-        lambda m: m(torch.randn(N, 3, 8, generator=torch.Generator().manual_seed(4)))
-        .square()
-        .flatten(1)
-        .sum(1),
+        lambda m: (
+            m(torch.randn(N, 3, 8, generator=torch.Generator().manual_seed(4)))
+            .square()
+            .flatten(1)
+            .sum(1)
+        ),
     ),
     "fallback_twice": (FallbackTwice, _square),
     "tied_across_kinds": (TiedAcrossKinds, _square),
@@ -248,9 +250,9 @@ PARAMETRIZED = {
     "spectral_norm": (_spectral_norm, _square),
     "positional_conv": (
         PositionalConv,
-        lambda m: m(torch.randn(N, T, D, generator=torch.Generator().manual_seed(3)))
-        .square()
-        .sum((1, 2)),
+        lambda m: (
+            m(torch.randn(N, T, D, generator=torch.Generator().manual_seed(3))).square().sum((1, 2))
+        ),
     ),
 }
 

@@ -28,12 +28,14 @@ if TYPE_CHECKING:
     from samplescope.recorder.layers.shared import UseBook
 
 __all__ = [
+    "BatchLayoutError",
     "HookObserver",
     "NormFn",
     "Observer",
     "Session",
     "StepResult",
     "broadcast_over_batch",
+    "check_batch_dim",
     "directional_alignment",
     "replaying",
 ]
@@ -325,6 +327,7 @@ class HookObserver(Observer):
     def _on_grad(self, activation: Tensor, grad: Tensor) -> None:
         try:
             with torch.no_grad():
+                check_batch_dim(self.name, grad, self.batch_dim, self.session)
                 if self.batch_dim:
                     activation = activation.movedim(self.batch_dim, 0)
                     grad = grad.movedim(self.batch_dim, 0)
@@ -377,6 +380,31 @@ def directional_alignment(
     with torch.no_grad(), replaying():
         _, moved = torch.func.jvp(run, (primals,), (tangents,))
     return (grad_output * moved).flatten(1).sum(1)
+
+
+class BatchLayoutError(ValueError):
+    """A layer's tensors do not have the step's batch where the recorder expects it."""
+
+
+def check_batch_dim(name: str, grad: Tensor, batch_dim: int, session: Session) -> None:
+    """Refuse, naming the layer and the option, when ``batch_dim`` is not the batch.
+
+    The batch is the size of the model input's batch dimension; a layer whose tensor has
+    another size there (a sequence-first module samplescope does not know) cannot be
+    recorded by guessing which other dimension might be the batch.
+    """
+    n = getattr(session, "batch_size", None)
+    if n is None or (grad.dim() > batch_dim and grad.shape[batch_dim] == n):
+        return
+    candidates = [d for d, size in enumerate(grad.shape) if size == n and d != batch_dim]
+    hint = candidates[0] if candidates else 1
+    msg = (
+        f"layer {name!r} has tensors of shape {tuple(grad.shape)} whose dimension {batch_dim} "
+        f"is not the batch of {n}; if its batch runs along another dimension, pass "
+        f"Recorder(..., batch_dims={{{name!r}: {hint}}}) (batch_dims={{'': d}} for the "
+        "model input)"
+    )
+    raise BatchLayoutError(msg)
 
 
 def broadcast_over_batch(

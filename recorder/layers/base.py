@@ -243,6 +243,20 @@ class Observer:
             return full, frozenset()
         return every, frozenset(n for n in self.params if n not in self.shared)
 
+    def _book_alignment(self, batch_grad: dict[str, Tensor]) -> Tensor | None:
+        """Σ over this layer's booked parameters of ⟨Σ_uses g_i, G⟩, or None if none."""
+        total = None
+        for name in self._booked:
+            if name not in batch_grad or self.book is None:
+                continue
+            value = self.book.inner(self.params[name], batch_grad[name])
+            if value is not None:
+                total = value if total is None else total + value
+        return total
+
+    def _unbooked(self, batch_grad: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v for k, v in batch_grad.items() if k not in self._booked}
+
     def _parameter(self, name: str) -> nn.Parameter:
         return self.params[name] if name in self.params else self.borrowed[name]
 
@@ -352,7 +366,14 @@ class HookObserver(Observer):
             msg = f"layer {self.name!r}: no saved forward for alignment"
             raise RuntimeError(msg)
         activation, grad = self._saved
-        return directional_alignment(self.module, self.params, batch_grad, (activation,), grad)
+        booked = self._book_alignment(batch_grad)
+        if self._calls > 1:
+            # Every parameter's uses are in the book; the saved call is only the last one.
+            return booked if booked is not None else grad.new_zeros(grad.shape[0])
+        own = directional_alignment(
+            self.module, self.params, self._unbooked(batch_grad), (activation,), grad
+        )
+        return own if booked is None else own + booked
 
 
 def directional_alignment(

@@ -179,9 +179,9 @@ class FallbackObserver(Observer):
         if self._per_sample is None:
             msg = f"layer {self.name!r}: no per-sample gradients kept for alignment"
             raise RuntimeError(msg)
-        total = None
+        total = self._book_alignment(batch_grad)
         for pname, g in self._per_sample.items():
-            if pname in batch_grad:
+            if pname in batch_grad and pname not in self._booked:
                 batch = batch_grad[pname]
                 batch = batch.to_dense() if batch.is_sparse else batch
                 value = (g.flatten(1) * batch.reshape(1, -1)).sum(1)

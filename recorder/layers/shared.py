@@ -59,6 +59,10 @@ class LinearUse:
     def batch_sum(self) -> Tensor:
         return torch.einsum("nto,nti->oi", self.d, self.a)
 
+    def inner(self, g: Tensor) -> Tensor:
+        """⟨Σ_t d_t a_tᵀ, G⟩ = Σ_t d_tᵀ G a_t per sample."""
+        return torch.einsum("nto,oi,nti->n", self.d, g, self.a)
+
 
 @dataclass
 class EmbeddingUse:
@@ -77,6 +81,11 @@ class EmbeddingUse:
     def batch_sum(self) -> Tensor:
         return self.d.new_zeros(self.rows, self.d.shape[1]).index_add_(0, self.ids, self.d)
 
+    def inner(self, g: Tensor) -> Tensor:
+        """Σ_k ⟨G[x_k], d_k⟩ per sample."""
+        per_token = (g[self.ids] * self.d).sum(1)
+        return per_token.new_zeros(self.n).index_add_(0, self.sample, per_token)
+
 
 @dataclass
 class DenseUse:
@@ -86,6 +95,9 @@ class DenseUse:
 
     def batch_sum(self) -> Tensor:
         return self.g.sum(0)
+
+    def inner(self, g: Tensor) -> Tensor:
+        return (self.g.flatten(1) * g.reshape(1, -1)).sum(1)
 
 
 @dataclass
@@ -205,6 +217,18 @@ class UseBook:
         self._collect()
         uses = self._uses.get(id(param))
         return combined_sq(uses) if uses else None
+
+    def inner(self, param: nn.Parameter, g: Tensor) -> Tensor | None:
+        """⟨Σ_uses g_i, G⟩ per sample (the alignment), or None without a use this step."""
+        self._collect()
+        uses = self._uses.get(id(param))
+        if not uses:
+            return None
+        g = g.to_dense() if g.is_sparse else g
+        total = uses[0].inner(g)
+        for use in uses[1:]:
+            total = total + use.inner(g)
+        return total
 
     def batch_sum(self, param: nn.Parameter) -> Tensor | None:
         """Σ_i Σ_uses g_i: what the batch gradient is when every use was seen."""

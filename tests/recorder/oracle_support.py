@@ -66,6 +66,36 @@ def oracle_grad_sq(model: nn.Module, loss_fn: LossFn, layers: list[str]) -> np.n
     return out
 
 
+def check_alignment(
+    tmp_path: Path, make: Callable[[], nn.Module], loss_fn: LossFn, rtol: float = 1e-5
+) -> None:
+    """Recorded ⟨∂loss_i/∂θ_l, G_l⟩ (G: the mean loss's gradient) against the loop."""
+    torch.manual_seed(0)
+    model = make()
+    torch.manual_seed(0)
+    reference = make()
+    path = tmp_path / "align.h5"
+    with Recorder(path, model, overwrite=True, alignment=True) as rec:
+        losses = loss_fn(model)
+        rec.backward(losses, sample_ids=torch.arange(losses.shape[0]))
+    with h5py.File(path, "r") as f:
+        layers = [n.decode() for n in f["layers/name"][:]]
+        got = f["visits/alignment"][:].astype(np.float64)
+    named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    columns = [layers.index(owner(n, layers)) for n, _ in named]
+    losses = loss_fn(reference)
+    params = [p for _, p in named]
+    batch = torch.autograd.grad(losses.mean(), params, retain_graph=True, allow_unused=True)
+    expected = np.zeros_like(got)
+    for i in range(losses.shape[0]):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        for column, g, b in zip(columns, grads, batch, strict=True):
+            if g is not None and b is not None:
+                expected[i, column] += float((g.double() * b.double()).sum())
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    assert np.abs(got - expected).max() <= rtol * scale, (got, expected)
+
+
 def check_exact(
     tmp_path: Path,
     make: Callable[[], nn.Module],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle_support import check_bit_identical, check_exact, recorded_step
+from oracle_support import check_alignment, check_bit_identical, check_exact, recorded_step
 from torch import Tensor, nn
 
 from samplescope.recorder import RecorderError
@@ -161,6 +161,12 @@ def test_shared_parameters_are_exact(tmp_path, case: str, reduction: str) -> Non
 def test_shared_parameters_train_bit_identically(tmp_path, case: str) -> None:
     make, loss = CASES[case]
     check_bit_identical(tmp_path, make, loss)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_shared_parameters_have_exact_alignment(tmp_path, case: str) -> None:
+    make, loss = CASES[case]
+    check_alignment(tmp_path, make, loss)
 
 
 def test_a_shared_parameter_has_one_owner_and_is_counted_once(tmp_path) -> None:

@@ -126,6 +126,7 @@ class Observer:
         self._booked: set[str] = set()  # own parameters whose norms come from the book
         self._book_done = False
         self._checked = False  # the first recorded step's check that every use was seen
+        self._hidden: str | None = None  # its refusal, repeated every step once found
 
     @property
     def n_params(self) -> int:
@@ -274,6 +275,8 @@ class Observer:
             self._result.grad_sq = total
             if self._checking() or not self._calls:
                 self._check_uses()
+            if self._hidden is not None:
+                self._store_error(RuntimeError(self._hidden))
         except Exception as error:  # noqa: BLE001 - handed to the recorder
             self._store_error(error)
 
@@ -289,7 +292,8 @@ class Observer:
             observed = self.book.batch_sum(param)
             message = hidden_use_message(self.book.names[id(param)], observed, actual, layer_norm)
             if message is not None:
-                self._store_error(RuntimeError(message))
+                # Sticky: with on_error="warn" later steps must not record the same wrong sum.
+                self._hidden = message
                 return
 
     def _store_error(self, error: BaseException) -> None:

@@ -6,13 +6,14 @@ for bit-identical training with and without the recorder.
 
 from __future__ import annotations
 
+import h5py
 import pytest
 import torch
 import torch.nn.functional as F
 from oracle_support import check_alignment, check_bit_identical, check_exact, recorded_step
 from torch import Tensor, nn
 
-from samplescope.recorder import RecorderError
+from samplescope.recorder import Recorder, RecorderError
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -213,6 +214,17 @@ def test_functional_reuse_is_refused_in_one_line(tmp_path, make, loss, name: str
     message = str(error.value)
     assert f"parameter {name!r} is used where no module hook sees it" in message
     assert "\n" not in message
+
+
+def test_a_hidden_use_is_refused_on_every_step_not_only_the_first(tmp_path) -> None:
+    model = FunctionalReuse()
+    with Recorder(tmp_path / "t.h5", model, on_error="warn") as rec:
+        for _ in range(3):
+            with pytest.warns(UserWarning, match="no module hook sees it"):
+                rec.backward(_tokens(model), sample_ids=torch.arange(N))
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        assert f["status/n_errors"][0] == 3
+        assert f["steps/step"].shape == (0,)
 
 
 def _weight_norm_old() -> nn.Module:

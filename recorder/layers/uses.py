@@ -50,6 +50,10 @@ def module_uses(
             uses[name] = EmbeddingUse(sample, ids, d, n, module.num_embeddings)
         else:
             rest.append(name)
+            continue
+        if name in batch_only:
+            # Only the check reads it: keep the parameter-sized sum, not the activations.
+            uses[name] = BatchUse(uses[name].batch_sum())
     if rest:
         batch = [r for r in rest if r in batch_only]
         dense = [r for r in rest if r not in batch_only]

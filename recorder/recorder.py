@@ -32,6 +32,7 @@ from samplescope.recorder._transfer import DeferredRows, HostTransfer, Nonfinite
 from samplescope.recorder.errors import RecorderError
 from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
 from samplescope.recorder.layers.base import is_replaying
+from samplescope.recorder.layers.registry import known_batch_dims
 from samplescope.recorder.writer import TraceWriteError, TraceWriter
 
 __all__ = ["ROOT_LAYER", "OnError", "Recorder", "RecorderError"]
@@ -70,6 +71,10 @@ class Recorder:
         on_unsupported: for layers with no closed-form rule: ``"fallback"`` (torch.func),
             ``"warn"`` (leave them out) or ``"error"``.
         registry: the layer rules to use; `default_registry()` when None.
+        batch_dims: where the batch runs in a module's tensors, by module name (e.g.
+            ``{"encoder.proj": 1}`` for a module fed [T, N, D]), where samplescope cannot
+            know it; ``nn.Transformer*`` and ``nn.MultiheadAttention`` layouts are read
+            from their ``batch_first``. ``""`` names the model's own input.
         flush_seconds: the longest time recorded rows wait before reaching the file.
         overwrite: replace an existing trace instead of refusing.
         rank, world_size, run_id: for data parallelism: one trace per rank, same run_id.
@@ -98,6 +103,7 @@ class Recorder:
         on_error: OnError = "raise",
         on_unsupported: OnUnsupported = "fallback",
         registry: LayerRegistry | None = None,
+        batch_dims: Mapping[str, int] | None = None,
         flush_seconds: float = 2.0,
         overwrite: bool = False,
         rank: int = 0,
@@ -127,6 +133,8 @@ class Recorder:
             "on_unsupported": on_unsupported,
         }
         self._registry = registry or default_registry()
+        self._batch_dims = {**known_batch_dims(model), **dict(batch_dims or {})}
+        self._batch_size: int | None = None  # of the current step's model input
         self._writer = TraceWriter(
             self.path,
             self._root_attrs(config, rank, world_size, run_id),
@@ -171,11 +179,17 @@ class Recorder:
     def alignment(self) -> bool:
         return bool(self.options["alignment"])
 
+    @property
+    def batch_size(self) -> int | None:
+        return self._batch_size
+
     # -- context manager ------------------------------------------------------------------
 
     def __enter__(self) -> Recorder:
         _refuse_compiled(self.model)
-        self._observers = self._registry.observers(self.model, self, self.on_unsupported)
+        self._observers = self._registry.observers(
+            self.model, self, self.on_unsupported, self._batch_dims
+        )
         if not self._observers:
             msg = f"{type(self.model).__name__} has no layers with trainable parameters to record"
             raise RecorderError(msg)
@@ -189,7 +203,9 @@ class Recorder:
                 self._order_handles.append(
                     observer.module.register_forward_pre_hook(self._order_hook(observer.name))
                 )
-            self._root_handle = self.model.register_forward_pre_hook(self._on_model_input)
+            self._root_handle = self.model.register_forward_pre_hook(
+                self._on_model_input, with_kwargs=True
+            )
         except BaseException:
             self._detach()
             self._writer.close()
@@ -279,6 +295,7 @@ class Recorder:
                 observer.begin_step()
             self._inputs = self._input_grad = None
             self._model_ran, self._skipped = False, None
+            self._batch_size = None
         return loss.detach()
 
     def log_eval(
@@ -479,7 +496,9 @@ class Recorder:
 
     # -- model input: input norm, input gradient, thumbnails ------------------------------
 
-    def _on_model_input(self, module: nn.Module, args: tuple) -> tuple | None:
+    def _on_model_input(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
         # Forwards that observers replay (the fallback recomputing a root-owned parameter's
         # gradient) are not the step's model input.
         if not self._entered or is_replaying():
@@ -488,6 +507,12 @@ class Recorder:
             self._skipped = "eval" if not self.model.training else "no_grad"
             return None
         self._model_ran = True
+        # The batch size, from the first tensor argument (``model(input_ids=...)`` too):
+        # observers expand modules evaluated once for the whole batch to it.
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
+        dim = self._batch_dims.get("", 0)
+        if first is not None and first.dim() > dim:
+            self._batch_size = int(first.shape[dim])
         if not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
@@ -496,7 +521,7 @@ class Recorder:
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             x.register_hook(self._keep_input_grad)
-            return (x, *args[1:])
+            return (x, *args[1:]), kwargs
         return None
 
     def _keep_input_grad(self, grad: Tensor) -> None:

@@ -14,21 +14,28 @@ gradients behind.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+if TYPE_CHECKING:
+    from samplescope.recorder.layers.shared import UseBook
+
 __all__ = [
+    "BatchLayoutError",
     "HookObserver",
     "NormFn",
     "Observer",
     "Session",
     "StepResult",
+    "broadcast_over_batch",
+    "check_batch_dim",
     "directional_alignment",
     "is_replaying",
     "replaying",
@@ -74,6 +81,15 @@ class Session(Protocol):
         """True when observers must also keep what `Observer.alignment` needs."""
         ...
 
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size of the model input of the step being recorded, when known.
+
+        An observed module whose output has a batch of one while the step's is larger
+        (position embeddings of ``position_ids`` [1, T]) is broadcast over the batch.
+        """
+        ...
+
 
 @dataclass
 class StepResult:
@@ -92,15 +108,31 @@ class Observer:
     """
 
     method = "identity"
+    # Whether the observer can hand its parameters' uses to a UseBook (tied parameters,
+    # modules called more than once). Observers that cannot refuse such models up front.
+    supports_reuse = False
 
     def __init__(self, name: str, module: nn.Module, session: Session) -> None:
         self.name = name
         self.module = module
         self.session = session
         self.params = dict(_owned_parameters(module))
+        # Set by the registry once every observer exists (see registry.share_parameters):
+        # the book of multi-use parameters, this layer's shared parameters (in params), the
+        # shared parameters it uses but another layer owns, observers with nothing of their
+        # own that ride along with this one, and where the batch runs in its tensors.
+        self.book: UseBook | None = None
+        self.shared: dict[str, nn.Parameter] = {}
+        self.borrowed: dict[str, nn.Parameter] = {}
+        self.partners: list[Observer] = []
+        self.batch_dim = 0
         self._handles: list[RemovableHandle] = []
         self._result = StepResult()
         self._calls = 0
+        self._booked: set[str] = set()  # own parameters whose norms come from the book
+        self._book_done = False
+        self._checked = False  # the first recorded step's check that every use was seen
+        self._hidden: str | None = None  # its refusal, repeated every step once found
 
     @property
     def n_params(self) -> int:
@@ -111,6 +143,8 @@ class Observer:
         for pname, param in self.params.items():
             self._handles.append(param.register_hook(self._batch_grad_hook(pname)))
         self._attach()
+        for partner in self.partners:
+            partner.attach()
 
     def detach(self) -> None:
         """Remove every hook and undo anything `attach` changed."""
@@ -118,17 +152,31 @@ class Observer:
             handle.remove()
         self._handles.clear()
         self._detach()
+        for partner in self.partners:
+            partner.detach()
 
     def begin_step(self) -> None:
         """Forget the previous step. Called by the recorder after each `backward`."""
+        if self._calls:
+            self._checked = True
         self._result = StepResult()
         self._calls = 0
+        self._booked = set()
+        self._book_done = False
         self._clear()
+        if self.book is not None:
+            self.book.clear()
+        for partner in self.partners:
+            partner.begin_step()
 
     def result(self) -> StepResult:
         """The norms of the last backward (or the error that prevented them)."""
         self._finish()
+        self._finish_book()
         return self._result
+
+    def collect(self) -> None:
+        """Hand the book any uses that are only known at the end of backward."""
 
     def alignment(self, batch_grad: dict[str, Tensor]) -> Tensor:
         """Per-sample ⟨back-propagated contribution, batch_grad⟩, shape [N].
@@ -159,11 +207,13 @@ class Observer:
     def _count_call(self) -> bool:
         """Count a recorded forward; False (and an error) if the module ran twice."""
         self._calls += 1
-        if self._calls > 1:
+        if self.book is not None:
+            self.book.recording = True
+        if self._calls > 1 and not self.supports_reuse:
             msg = (
                 f"layer {self.name!r} ran {self._calls} times in one recorded step; "
-                "samplescope records modules that run once per step (no weight sharing "
-                "between calls): wrap repeated calls in distinct modules, or exclude it"
+                f"{type(self).__name__} records modules that run once per step: wrap "
+                "repeated calls in distinct modules, or exclude it"
             )
             self._store_error(RuntimeError(msg))
             return False
@@ -171,9 +221,86 @@ class Observer:
 
     def _store_norms(self, norms: dict[str, Tensor]) -> None:
         total = None
-        for value in norms.values():
-            total = value if total is None else total + value
+        for name, value in norms.items():
+            if name in self.params and name not in self._booked:
+                total = value if total is None else total + value
         self._result.grad_sq = total
+
+    # -- parameters with several uses -------------------------------------------------------
+
+    def _checking(self) -> bool:
+        """True on this layer's first recorded step: every use goes to the book's check."""
+        return self.supports_reuse and not self._checked and self.book is not None
+
+    def _book_names(self) -> tuple[list[str], frozenset[str]]:
+        """(parameter names whose uses go to the book, those needing only a batch sum).
+
+        Shared and borrowed parameters always go through the book; all of them do when the
+        module ran more than once; on the first step the rest go too, for the check alone.
+        """
+        if self.book is None:
+            return [], frozenset()
+        every = [*self.params, *self.borrowed]
+        if self._calls > 1:
+            self._booked.update(self.params)
+            return every, frozenset()
+        self._booked.update(self.shared)
+        full = [*self.shared, *self.borrowed]
+        if not self._checking():
+            return full, frozenset()
+        return every, frozenset(n for n in self.params if n not in self.shared)
+
+    def _book_alignment(self, batch_grad: dict[str, Tensor]) -> Tensor | None:
+        """Σ over this layer's booked parameters of ⟨Σ_uses g_i, G⟩, or None if none."""
+        total = None
+        for name in self._booked:
+            if name not in batch_grad or self.book is None:
+                continue
+            value = self.book.inner(self.params[name], batch_grad[name])
+            if value is not None:
+                total = value if total is None else total + value
+        return total
+
+    def _unbooked(self, batch_grad: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v for k, v in batch_grad.items() if k not in self._booked}
+
+    def _parameter(self, name: str) -> nn.Parameter:
+        return self.params[name] if name in self.params else self.borrowed[name]
+
+    def _finish_book(self) -> None:
+        """Add the book's norms of this layer's multi-use parameters; check on step one."""
+        if self.book is None or self._book_done or self._result.error is not None:
+            return
+        self._book_done = True
+        try:
+            total = self._result.grad_sq
+            for name in self._booked:
+                value = self.book.sq(self.params[name])
+                if value is not None:
+                    total = value if total is None else total + value
+            self._result.grad_sq = total
+            if self._checking() or not self._calls:
+                self._check_uses()
+            if self._hidden is not None:
+                self._store_error(RuntimeError(self._hidden))
+        except Exception as error:  # noqa: BLE001 - handed to the recorder
+            self._store_error(error)
+
+    def _check_uses(self) -> None:
+        from samplescope.recorder.layers.shared import hidden_use_message
+
+        grads = self._result.batch_grad
+        layer_norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
+        for name, param in self.params.items():
+            actual = grads.get(name)
+            if actual is None:
+                continue
+            observed = self.book.batch_sum(param)
+            message = hidden_use_message(self.book.names[id(param)], observed, actual, layer_norm)
+            if message is not None:
+                # Sticky: with on_error="warn" later steps must not record the same wrong sum.
+                self._hidden = message
+                return
 
     def _store_error(self, error: BaseException) -> None:
         if self._result.error is None:
@@ -181,8 +308,10 @@ class Observer:
 
     def _batch_grad_hook(self, pname: str) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            # Backward runs with grad mode off, so ask whether the forward was recorded.
-            if self._calls:
+            # Backward runs with grad mode off, so ask whether the forward was recorded. Kept
+            # even when this module did not run in a recorded step: a gradient that arrives
+            # anyway comes from a use no hook saw, which the book's check refuses.
+            if self._calls or (self.book is not None and self.book.recording):
                 self._result.batch_grad[pname] = grad.detach()
 
         return hook
@@ -190,6 +319,8 @@ class Observer:
 
 class HookObserver(Observer):
     """For modules with one tensor input and one tensor output and a closed-form NormFn."""
+
+    supports_reuse = True
 
     def __init__(self, name: str, module: nn.Module, session: Session, norm_fn: NormFn) -> None:
         super().__init__(name, module, session)
@@ -202,20 +333,39 @@ class HookObserver(Observer):
     def _clear(self) -> None:
         self._saved = None
 
-    def _on_forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+    def _on_forward(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         if not self._recording() or not isinstance(output, Tensor):
-            return
+            return None
         if not output.requires_grad or not self._count_call():
-            return
+            return None
+        activation = args[0].detach()
+        output, activation, replaced = broadcast_over_batch(
+            output, activation, self.session, self.batch_dim
+        )
         # The hook lives as long as the graph; holding the activation in a list it empties
         # lets autograd free the tensor as soon as this layer's backward is done.
-        held = [args[0].detach()]
+        held = [activation]
         output.register_hook(lambda grad: self._on_grad(held.pop(), grad) if held else None)
+        return output if replaced else None
 
     def _on_grad(self, activation: Tensor, grad: Tensor) -> None:
         try:
             with torch.no_grad():
-                self._store_norms(self.norm_fn(self.module, activation, grad))
+                check_batch_dim(self.name, grad, self.batch_dim, self.session)
+                if self.batch_dim:
+                    activation = activation.movedim(self.batch_dim, 0)
+                    grad = grad.movedim(self.batch_dim, 0)
+                names, batch_only = self._book_names()
+                if self._calls == 1:
+                    self._store_norms(self.norm_fn(self.module, activation, grad))
+                if names:
+                    from samplescope.recorder.layers.uses import module_uses
+
+                    uses = module_uses(
+                        self.module, activation, grad.detach(), names, batch_only=batch_only
+                    )
+                    for pname, use in uses.items():
+                        self.book.add(self._parameter(pname), use)
             if self.session.alignment:
                 self._saved = (activation, grad.detach())
         except Exception as error:  # noqa: BLE001 - handed to the recorder after backward
@@ -226,7 +376,14 @@ class HookObserver(Observer):
             msg = f"layer {self.name!r}: no saved forward for alignment"
             raise RuntimeError(msg)
         activation, grad = self._saved
-        return directional_alignment(self.module, self.params, batch_grad, (activation,), grad)
+        booked = self._book_alignment(batch_grad)
+        if self._calls > 1:
+            # Every parameter's uses are in the book; the saved call is only the last one.
+            return booked if booked is not None else grad.new_zeros(grad.shape[0])
+        own = directional_alignment(
+            self.module, self.params, self._unbooked(batch_grad), (activation,), grad
+        )
+        return own if booked is None else own + booked
 
 
 def directional_alignment(
@@ -254,6 +411,56 @@ def directional_alignment(
     with torch.no_grad(), replaying():
         _, moved = torch.func.jvp(run, (primals,), (tangents,))
     return (grad_output * moved).flatten(1).sum(1)
+
+
+class BatchLayoutError(ValueError):
+    """A layer's tensors do not have the step's batch where the recorder expects it."""
+
+
+def check_batch_dim(name: str, grad: Tensor, batch_dim: int, session: Session) -> None:
+    """Refuse, naming the layer and the option, when ``batch_dim`` is not the batch.
+
+    The batch is the size of the model input's batch dimension; a layer whose tensor has
+    another size there (a sequence-first module samplescope does not know) cannot be
+    recorded by guessing which other dimension might be the batch.
+    """
+    n = getattr(session, "batch_size", None)
+    if n is None or (grad.dim() > batch_dim and grad.shape[batch_dim] == n):
+        return
+    candidates = [d for d, size in enumerate(grad.shape) if size == n and d != batch_dim]
+    hint = candidates[0] if candidates else 1
+    msg = (
+        f"layer {name!r} has tensors of shape {tuple(grad.shape)} whose dimension {batch_dim} "
+        f"is not the batch of {n}; if its batch runs along another dimension, pass "
+        f"Recorder(..., batch_dims={{{name!r}: {hint}}}) (batch_dims={{'': d}} for the "
+        "model input)"
+    )
+    raise BatchLayoutError(msg)
+
+
+def broadcast_over_batch(
+    output: Tensor, activation: Tensor, session: Session, batch_dim: int = 0
+) -> tuple[Tensor, Tensor, bool]:
+    """(output, activation, replaced): a batch-of-one call expanded to the step's batch.
+
+    A module evaluated once for the whole batch (position embeddings of ``position_ids``
+    [1, T]) gets back only the sum of the samples' output gradients, which has no
+    per-sample norms. Expanding its output to the batch before anything uses it changes
+    no value downstream (the broadcast would have expanded it anyway) and makes each
+    sample's output gradient visible; the expand's backward sums them as the broadcast's
+    did, so the parameter gradients are the same.
+    """
+    n = getattr(session, "batch_size", None)
+    if n is None or n <= 1 or output.dim() <= batch_dim or output.shape[batch_dim] != 1:
+        return output, activation, False
+    shape = list(output.shape)
+    shape[batch_dim] = n
+    output = output.expand(shape)
+    if activation.dim() > batch_dim and activation.shape[batch_dim] == 1:
+        a_shape = list(activation.shape)
+        a_shape[batch_dim] = n
+        activation = activation.expand(a_shape)
+    return output, activation, True
 
 
 def _owned_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

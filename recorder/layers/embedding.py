@@ -71,6 +71,9 @@ class EmbeddingObserver(HookObserver):
             raise RuntimeError(msg)
         activation, grad = self._saved
         n = grad.shape[0]
+        if "weight" in self._booked:  # shared, or called twice: the book has every use
+            booked = self._book_alignment(batch_grad)
+            return grad.new_zeros(n) if booked is None else booked
         if "weight" not in batch_grad:
             return grad.new_zeros(n)
         sample, ids, d = _token_terms(self.module, activation, grad)

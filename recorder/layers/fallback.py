@@ -15,21 +15,36 @@ treated as batched when their first dimension is the batch size, and random laye
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from samplescope.recorder.layers.base import Observer, Session, replaying
+from samplescope.recorder.layers.base import Observer, Session, broadcast_over_batch, replaying
+from samplescope.recorder.layers.shared import DenseUse
 
 __all__ = ["FallbackObserver"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Call:
+    """One recorded call: its inputs as leaves (with batch dims), outputs' batch dims, grads."""
+
+    leaves: list[Any]
+    in_dims: list[int | None]
+    spec: Any
+    out_dims: list[int | None]
+    grads: dict[int, Tensor] = field(default_factory=dict)
 
 
 class FallbackObserver(Observer):
@@ -40,10 +55,12 @@ class FallbackObserver(Observer):
         module: the module.
         session: the recorder.
         claims_children: also cover the children's parameters (used when a rule that
-            claims its children, e.g. attention, declines the module).
+            claims its children, e.g. attention, declines the module, and for modules
+            whose weights are parametrized: their trainable originals live in children).
     """
 
     method = "fallback"
+    supports_reuse = True
 
     def __init__(
         self, name: str, module: nn.Module, session: Session, *, claims_children: bool = False
@@ -53,57 +70,108 @@ class FallbackObserver(Observer):
             self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         # nn.LSTM & co. run one fused kernel that vmap cannot batch: go straight to the loop.
         self._loop = isinstance(module, nn.RNNBase)
-        self._inputs: tuple[list[Any], list[int | None], Any] | None = None
-        self._out_dims: list[int | None] = []
-        self._grads: dict[int, Tensor] = {}
+        # Replays draw new dropout masks: their batch sum cannot be checked against the step's.
+        self._random = any(
+            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules()
+        )
+        self._recorded: list[_Call] = []
         self._done = False
         self._per_sample: dict[str, Tensor] | None = None
 
     def _attach(self) -> None:
         self._handles.append(self.module.register_forward_hook(self._on_forward, with_kwargs=True))
+        if self.book is not None:
+            self.book.add_collector(self.collect)
 
     def _clear(self) -> None:
-        self._inputs = None
-        self._out_dims = []
-        self._grads = {}
+        self._recorded = []
         self._done = False
         self._per_sample = None
 
-    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _checking(self) -> bool:
+        return super()._checking() and not (self._random and self.module.training)
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self._recording():
-            return
-        outputs, _ = tree_flatten(output)
+            return None
+        outputs, out_spec = tree_flatten(output)
         tracked = [i for i, o in enumerate(outputs) if isinstance(o, Tensor) and o.requires_grad]
         if not tracked or not self._count_call():
-            return
+            return None
         try:
-            self._inputs = _batched_inputs(module, args, kwargs)
-            self._out_dims = _output_dims(module, outputs)
+            leaves, in_dims, spec = _batched_inputs(module, args, kwargs, self.batch_dim)
+            out_dims = _output_dims(module, outputs, self.batch_dim)
         except Exception as error:  # noqa: BLE001 - reported after backward
             self._store_error(error)
-            return
+            return None
+        replaced = False
         for i in tracked:
-            outputs[i].register_hook(self._grad_hook(i))
+            dim = out_dims[i] or 0
+            expanded, _, changed = broadcast_over_batch(outputs[i], outputs[i], self.session, dim)
+            if changed:
+                outputs[i] = expanded
+                replaced = True
+        if replaced:
+            # A call evaluated once for the whole batch: its inputs are shared by every sample.
+            n = self.session.batch_size
+            in_dims = [
+                None if d is not None and x.shape[d] == 1 and n != 1 else d
+                for x, d in zip(leaves, in_dims, strict=True)
+            ]
+        call = _Call(leaves, in_dims, spec, out_dims)
+        self._recorded.append(call)
+        for i in tracked:
+            outputs[i].register_hook(self._grad_hook(call, i))
+        return tree_unflatten(outputs, out_spec) if replaced else None
 
-    def _grad_hook(self, index: int) -> Callable[[Tensor], None]:
+    def _grad_hook(self, call: _Call, index: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            self._grads[index] = grad.detach()
+            call.grads[index] = grad.detach()
 
         return hook
 
-    def _finish(self) -> None:
-        if self._done or self._inputs is None or not self._grads or self._result.error:
+    def collect(self) -> None:
+        """Compute this step's per-sample gradients (once) and hand the book its uses."""
+        if self._done or self._result.error:
             return
         self._done = True
+        calls = [c for c in self._recorded if c.grads]
+        if not calls:
+            return
         try:
-            per_sample = self._per_sample_grads()
+            per_sample = None
+            for call in calls:
+                grads = self._per_sample_grads(call)
+                per_sample = (
+                    grads
+                    if per_sample is None
+                    else {k: per_sample[k] + v for k, v in grads.items()}
+                )
         except Exception as error:  # noqa: BLE001 - handed to the recorder
             self._store_error(error)
             return
-        self._store_norms({n: g.flatten(1).square().sum(1) for n, g in per_sample.items()})
+        own = {n: g for n, g in per_sample.items() if n in self.params}
+        self._store_norms({n: g.flatten(1).square().sum(1) for n, g in own.items()})
+        if self.book is not None:
+            # All calls are summed already: only shared parameters (and, on the first step,
+            # the check) need the book.
+            self._booked.update(self.shared)
+            names = (
+                [*self.params, *self.borrowed]
+                if self._checking()
+                else [
+                    *self.shared,
+                    *self.borrowed,
+                ]
+            )
+            for n in names:
+                self.book.add(self._parameter(n), DenseUse(per_sample[n]))
         if self.session.alignment:
-            self._per_sample = per_sample
-        self._inputs = None
+            self._per_sample = own
+        self._recorded = []
+
+    def _finish(self) -> None:
+        self.collect()
 
     def alignment(self, batch_grad: dict[str, Tensor]) -> Tensor:
         """Σ_params ⟨g_i, G⟩ from the per-sample gradients kept by `_finish`."""
@@ -111,33 +179,32 @@ class FallbackObserver(Observer):
         if self._per_sample is None:
             msg = f"layer {self.name!r}: no per-sample gradients kept for alignment"
             raise RuntimeError(msg)
-        total = None
+        total = self._book_alignment(batch_grad)
         for pname, g in self._per_sample.items():
-            if pname in batch_grad:
+            if pname in batch_grad and pname not in self._booked:
                 batch = batch_grad[pname]
                 batch = batch.to_dense() if batch.is_sparse else batch
                 value = (g.flatten(1) * batch.reshape(1, -1)).sum(1)
                 total = value if total is None else total + value
         if total is None:
-            total = next(iter(self._per_sample.values())).new_zeros(self._batch_size())
+            total = next(iter(self._per_sample.values())).new_zeros(self._n)
         return total
 
     # -- the computation ------------------------------------------------------------------
 
-    def _batch_size(self) -> int:
-        index, grad = next(iter(self._grads.items()))
-        return grad.shape[self._out_dims[index] or 0]
-
-    def _per_sample_grads(self) -> dict[str, Tensor]:
-        leaves, in_dims, spec = self._inputs
-        grads = sorted(self._grads.items())
-        params = {n: p.detach() for n, p in self.params.items()}
+    def _per_sample_grads(self, call: _Call) -> dict[str, Tensor]:
+        in_dims, spec = call.in_dims, call.spec
+        grads = sorted(call.grads.items())
+        index, first = grads[0]
+        self._n = first.shape[call.out_dims[index] or 0]
+        wanted = {**self.params, **self.borrowed}
+        params = {n: p.detach() for n, p in self.module.named_parameters() if n in wanted}
         # Everything else the module uses is held fixed: detached (no parameter hooks
         # fire) and buffers cloned (BatchNorm's running statistics stay untouched).
         frozen = {n: p.detach() for n, p in self.module.named_parameters() if n not in params}
         buffers = dict(self.module.named_buffers())
         module = self.module
-        out_dims = self._out_dims
+        out_dims = call.out_dims
 
         def sample_loss(p: dict[str, Tensor], xs: list[Any], ds: list[Tensor]) -> Tensor:
             # Put back a batch dimension of one, so the module sees the shapes it expects.
@@ -152,48 +219,47 @@ class FallbackObserver(Observer):
                 total = total + (out[index] * (d if dim is None else d.unsqueeze(dim))).sum()
             return total
 
-        with replaying(), warnings.catch_warnings():
+        with replaying(), warnings.catch_warnings(), _derived_weights_as_evaluated(module):
             # functional_call on RNNs warns that weights are not one contiguous chunk.
             warnings.simplefilter("ignore", UserWarning)
             if not self._loop:
                 try:
-                    return self._vmapped(sample_loss, params, leaves, in_dims, grads)
+                    return self._vmapped(sample_loss, params, call, grads)
                 except Exception as error:  # noqa: BLE001 - the loop handles what vmap cannot
                     logger.debug("layer %s: vmap failed (%s); per-sample loop", self.name, error)
                     self._loop = True
-            return self._looped(sample_loss, params, leaves, in_dims, grads)
+            return self._looped(sample_loss, params, call, grads)
 
     def _vmapped(
         self,
         sample_loss: Callable[..., Tensor],
         params: dict[str, Tensor],
-        leaves: list[Any],
-        in_dims: list[int | None],
+        call: _Call,
         grads: list[tuple[int, Tensor]],
     ) -> dict[str, Tensor]:
-        grad_dims = [self._out_dims[i] for i, _ in grads]
+        grad_dims = [call.out_dims[i] for i, _ in grads]
         vmapped = torch.func.vmap(
             torch.func.grad(sample_loss),
-            in_dims=(None, in_dims, grad_dims),
+            in_dims=(None, call.in_dims, grad_dims),
             randomness="different",
         )
-        return vmapped(params, leaves, [g for _, g in grads])
+        return vmapped(params, call.leaves, [g for _, g in grads])
 
     def _looped(
         self,
         sample_loss: Callable[..., Tensor],
         params: dict[str, Tensor],
-        leaves: list[Any],
-        in_dims: list[int | None],
+        call: _Call,
         grads: list[tuple[int, Tensor]],
     ) -> dict[str, Tensor]:
         rows: dict[str, list[Tensor]] = {n: [] for n in params}
         with torch.enable_grad():
-            for i in range(self._batch_size()):
+            for i in range(self._n):
                 xs = [
-                    x if d is None else x.select(d, i) for x, d in zip(leaves, in_dims, strict=True)
+                    x if d is None else x.select(d, i)
+                    for x, d in zip(call.leaves, call.in_dims, strict=True)
                 ]
-                ds = [g.select(self._out_dims[j] or 0, i) for j, g in grads]
+                ds = [g.select(call.out_dims[j] or 0, i) for j, g in grads]
                 leaf_params = {n: p.clone().requires_grad_() for n, p in params.items()}
                 loss = sample_loss(leaf_params, xs, ds)
                 values = torch.autograd.grad(loss, list(leaf_params.values()), allow_unused=True)
@@ -204,8 +270,37 @@ class FallbackObserver(Observer):
         return {n: torch.stack(r) for n, r in rows.items()}
 
 
+@contextlib.contextmanager
+def _derived_weights_as_evaluated(module: nn.Module) -> Iterator[None]:
+    """Replay parametrizations as the recorded forward evaluated them, and leave no trace.
+
+    A parametrization's training-mode side effects belong to the real forward: spectral
+    norm's power iteration has already updated its vectors, and the weight it used is the
+    one its evaluation mode computes from them. Old-style ``weight_norm`` writes the derived
+    weight onto the module in a pre-hook; the replay's (transformed) tensor is put back.
+    """
+    parametrizations = [
+        m for m in module.modules() if isinstance(m, torch.nn.utils.parametrize.ParametrizationList)
+    ]
+    modes = [m.training for m in parametrizations]
+    derived = {
+        h.name: module.__dict__.get(h.name)
+        for h in module._forward_pre_hooks.values()
+        if isinstance(h, WeightNorm)
+    }
+    for m in parametrizations:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(parametrizations, modes, strict=True):
+            m.train(mode)
+        for name, value in derived.items():
+            setattr(module, name, value)
+
+
 def _batched_inputs(
-    module: nn.Module, args: tuple, kwargs: dict
+    module: nn.Module, args: tuple, kwargs: dict, batch_dim: int = 0
 ) -> tuple[list[Any], list[int | None], Any]:
     """The forward's arguments as leaves, each leaf's batch dimension (None: shared), spec.
 
@@ -221,7 +316,7 @@ def _batched_inputs(
     named = [*zip(names, args, strict=True), *kwargs.items()]
     for name, value in named:
         for leaf in tree_flatten(value)[0]:
-            dim = _input_dim(module, name, leaf, batch)
+            dim = _input_dim(module, name, leaf, batch, batch_dim)
             if dim is not None and batch is None:
                 batch = leaf.shape[dim]
             dims.append(dim)
@@ -239,10 +334,15 @@ def _argument_names(module: nn.Module, args: tuple) -> list[str]:
     return [names[i] if i < len(names) else f"arg{i}" for i in range(len(args))]
 
 
-def _input_dim(module: nn.Module, name: str, leaf: Any, batch: int | None) -> int | None:
+def _input_dim(
+    module: nn.Module, name: str, leaf: Any, batch: int | None, batch_dim: int = 0
+) -> int | None:
     """Where the batch runs in one input tensor; None for shared (unbatched) values."""
     if not isinstance(leaf, Tensor) or leaf.dim() == 0:
         return None
+    if batch_dim:
+        # A layout the registry knows (sequence-first) or the user gave: no guessing.
+        return batch_dim if leaf.dim() > batch_dim else None
     if isinstance(module, nn.RNNBase):
         # Hidden states (h0, c0) are [layers, N, H] whatever batch_first says.
         return (0 if module.batch_first else 1) if name == "input" else 1
@@ -258,7 +358,7 @@ def _input_dim(module: nn.Module, name: str, leaf: Any, batch: int | None) -> in
     return None
 
 
-def _output_dims(module: nn.Module, outputs: list[Any]) -> list[int | None]:
+def _output_dims(module: nn.Module, outputs: list[Any], batch_dim: int = 0) -> list[int | None]:
     """Where the batch runs in each output leaf, in tree_flatten order."""
     dims: list[int | None] = []
     for i, out in enumerate(outputs):
@@ -269,5 +369,5 @@ def _output_dims(module: nn.Module, outputs: list[Any]) -> list[int | None]:
         elif isinstance(module, nn.MultiheadAttention):
             dims.append((0 if module.batch_first else 1) if i == 0 else 0)
         else:
-            dims.append(0)
+            dims.append(batch_dim if out.dim() > batch_dim else 0)
     return dims

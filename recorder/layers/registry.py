@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from samplescope.errors import SamplescopeError
 from samplescope.recorder.layers.base import HookObserver, NormFn, Observer, Session
+from samplescope.recorder.layers.shared import UseBook
 
-__all__ = ["LayerRegistry", "OnUnsupported", "Rule", "UnsupportedLayerError"]
+__all__ = [
+    "LayerRegistry",
+    "OnUnsupported",
+    "Rule",
+    "UnsupportedLayerError",
+    "derived_weights",
+    "known_batch_dims",
+    "share_parameters",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,26 +83,44 @@ class LayerRegistry:
         return None
 
     def observers(
-        self, model: nn.Module, session: Session, on_unsupported: OnUnsupported = "fallback"
+        self,
+        model: nn.Module,
+        session: Session,
+        on_unsupported: OnUnsupported = "fallback",
+        batch_dims: Mapping[str, int] | None = None,
     ) -> list[Observer]:
         """One observer per layer of ``model`` that owns trainable parameters.
 
+        Args:
+            model: the model.
+            session: the recorder the observers report to.
+            on_unsupported: what to do with modules no rule covers.
+            batch_dims: where the batch runs in a module's tensors, by module name, for
+                layouts samplescope cannot know (see `known_batch_dims`).
+
         Raises:
             UnsupportedLayerError: with ``on_unsupported="error"``, naming every module that
-                no rule covers, all at once.
+                no rule covers, all at once; or naming a shared parameter that a layer's
+                observer cannot account for.
         """
         if on_unsupported not in ("error", "warn", "fallback"):
             msg = f"on_unsupported must be 'error', 'warn' or 'fallback', not {on_unsupported!r}"
             raise ValueError(msg)
+        layout = {**known_batch_dims(model), **dict(batch_dims or {})}
         observers: list[Observer] = []
         unsupported: list[str] = []
         claimed: list[str] = []
         for name, module in model.named_modules():
-            if any(name.startswith(prefix + ".") for prefix in claimed):
+            if any(name.startswith(prefix + ".") or not prefix for prefix in claimed):
                 continue
             rule = self.lookup(module)
             claims = rule is not None and rule.claims_children
             reason = rule.declines(module) if rule is not None and rule.declines else None
+            derived = derived_weights(module)
+            if derived is not None:
+                # The closed forms read the weight the module computes with; the trainable
+                # leaves are its originals, which the fallback differentiates exactly.
+                reason, claims = derived, True
             if reason is not None:
                 logger.debug("%s (%s): rule declines: %s", name, type(module).__name__, reason)
                 rule = None
@@ -117,7 +146,105 @@ class LayerRegistry:
                 )
                 raise UnsupportedLayerError(msg)
             warnings.warn(f"samplescope leaves out unsupported layers: {what}", stacklevel=3)
-        return [o for o in observers if o.params or _claims(o)]
+        observers = [o for o in observers if o.params or _claims(o)]
+        for observer in observers:
+            observer.batch_dim = layout.get(observer.name, 0)
+        return share_parameters(model, observers)
+
+
+def known_batch_dims(model: nn.Module) -> dict[str, int]:
+    """Where the batch runs, by module name, where the model's own flags say so.
+
+    Inside an ``nn.Transformer``, ``nn.TransformerEncoder``/``Decoder`` or one of their
+    layers built with ``batch_first=False`` (PyTorch's default) every tensor is
+    [T, N, ...]: each descendant's batch dimension is 1. (``nn.MultiheadAttention`` and
+    the RNNs read their own ``batch_first``.) Everywhere else the batch is dimension 0.
+    """
+    layout: dict[str, int] = {}
+    for name, module in model.named_modules():
+        first = _batch_first(module)
+        if first is None or first:
+            continue
+        prefix = f"{name}." if name else ""
+        layout[name] = 1
+        for child, _ in module.named_modules(prefix=name):
+            if child.startswith(prefix) or child == name:
+                layout[child] = 1
+    return layout
+
+
+def _batch_first(module: nn.Module) -> bool | None:
+    if isinstance(module, nn.Transformer | nn.TransformerEncoder | nn.TransformerDecoder):
+        layers = module.layers if hasattr(module, "layers") else module.encoder.layers
+        return bool(layers[0].self_attn.batch_first) if len(layers) else None
+    if isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+        return bool(module.self_attn.batch_first)
+    return None
+
+
+def derived_weights(module: nn.Module) -> str | None:
+    """Why ``module`` computes with weights that are not its trainable leaves, or None.
+
+    ``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm`` (and any
+    ``parametrize.register_parametrization``) keep the originals in children;
+    the old ``torch.nn.utils.weight_norm`` keeps ``weight_g``/``weight_v`` and writes the
+    weight in a forward pre-hook.
+    """
+    if parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations.keys())
+        return f"parametrized {names}: measured on the trainable originals by the fallback"
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            return f"weight_norm of {hook.name!r}: measured on {hook.name}_g and {hook.name}_v"
+    return None
+
+
+def share_parameters(model: nn.Module, observers: list[Observer]) -> list[Observer]:
+    """Give each parameter used by several layers one owner and a shared book of uses.
+
+    The owner is the layer under whose name ``model.named_parameters()`` yields the
+    parameter first (the first in module order); the others "borrow" it: their uses go
+    to the book and they do not count it. A layer left with no parameter of its own rides
+    along with the owner of what it borrows (it is no row of the trace).
+
+    Raises:
+        UnsupportedLayerError: a shared parameter used by an observer that cannot hand
+            its uses to the book (e.g. re-expressed attention).
+    """
+    book = UseBook()
+    book.names = {id(p): n for n, p in model.named_parameters()}
+    owners: dict[int, Observer] = {}
+    holders: dict[int, int] = {}
+    for observer in observers:
+        for param in observer.params.values():
+            holders[id(param)] = holders.get(id(param), 0) + 1
+            owners.setdefault(id(param), observer)
+    refused = []
+    for observer in observers:
+        observer.book = book
+        for pname, param in list(observer.params.items()):
+            if holders[id(param)] < 2:
+                continue
+            if not observer.supports_reuse:
+                refused.append(f"{book.names[id(param)]} (in {observer.name!r})")
+            if owners[id(param)] is observer:
+                observer.shared[pname] = param
+            else:
+                observer.borrowed[pname] = observer.params.pop(pname)
+    if refused:
+        msg = (
+            f"shared parameters used by a layer that cannot account for them: "
+            f"{', '.join(refused)}; give each layer its own parameter"
+        )
+        raise UnsupportedLayerError(msg)
+    kept = []
+    for observer in observers:
+        if observer.params:
+            kept.append(observer)
+        else:
+            first = next(iter(observer.borrowed.values()))
+            owners[id(first)].partners.append(observer)
+    return kept
 
 
 def _claims(observer: Observer) -> bool:

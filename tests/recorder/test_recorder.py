@@ -309,28 +309,29 @@ def test_backward_outside_the_block_is_an_error(tmp_path):
 
 def test_on_error_warn_keeps_training_and_counts(tmp_path):
     class Twice(nn.Module):
+        # Re-expressed attention records one call per step: a second is an error.
         def __init__(self) -> None:
             super().__init__()
-            self.lin = nn.Linear(3, 3)
+            self.lin = nn.MultiheadAttention(3, 1, batch_first=True)
 
         def forward(self, x):
-            return self.lin(self.lin(x))
+            return self.lin(self.lin(x, x, x)[0], x, x)[0].sum(1)
 
     model = Twice()
     with Recorder(tmp_path / "t.h5", model, on_error="warn") as rec:
-        losses = model(torch.randn(4, 3)).square().sum(1)
+        losses = model(torch.randn(4, 2, 3)).square().sum(1)
         with pytest.warns(UserWarning, match="ran 2 times"):
             rec.backward(losses, sample_ids=[0, 1, 2, 3])
-        assert model.lin.weight.grad is not None
+        assert model.lin.in_proj_weight.grad is not None
     with h5py.File(tmp_path / "t.h5", "r", swmr=True) as f:
         assert f["status/n_errors"][0] == 1
         assert f["steps/step"].shape == (0,)
     strict = Twice()
     with Recorder(tmp_path / "s.h5", strict) as rec:
-        losses = strict(torch.randn(4, 3)).square().sum(1)
+        losses = strict(torch.randn(4, 2, 3)).square().sum(1)
         with pytest.raises(RecorderError, match="ran 2 times"):
             rec.backward(losses, sample_ids=[0, 1, 2, 3])
-        assert strict.lin.weight.grad is not None  # gradients complete before the error
+        assert strict.lin.in_proj_weight.grad is not None  # gradients complete before the error
 
 
 def test_exception_in_the_loop_still_closes_the_trace(tmp_path):

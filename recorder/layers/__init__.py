@@ -30,6 +30,7 @@ from samplescope.recorder.layers.registry import (
     Rule,
     UnsupportedLayerError,
 )
+from samplescope.recorder.layers.rnn import RNNObserver
 
 __all__ = [
     "AttentionObserver",
@@ -40,6 +41,7 @@ __all__ = [
     "NormFn",
     "Observer",
     "OnUnsupported",
+    "RNNObserver",
     "Rule",
     "Session",
     "StepResult",
@@ -71,6 +73,8 @@ def default_registry() -> LayerRegistry:
         nn.MultiheadAttention,
         Rule(AttentionObserver, claims_children=True, declines=attention_declines),
     )
+    for recurrent in (nn.LSTM, nn.GRU, nn.RNN):
+        registry.register(recurrent, Rule(RNNObserver))
     return registry
 
 

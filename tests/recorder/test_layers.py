@@ -403,7 +403,8 @@ def test_fallback_recurrent(
     model = Recurrent(kind(3, 2, num_layers=layers, batch_first=batch_first))
     h0 = torch.randn(n, layers, 2) if initial else None
     run = check_layers(model, (torch.randn(n, steps, 3), h0), reduction)
-    assert run.observers["rnn"].method == "fallback"
+    # Recurrent layers have their own rule now (tests/recorder/test_layers_rnn.py).
+    assert run.observers["rnn"].method == "reexpressed"
 
 
 def test_fallback_output_without_gradient_counts_as_zero() -> None:

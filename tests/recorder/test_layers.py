@@ -144,8 +144,8 @@ def test_embedding(
     run = check_layers(
         nn.Sequential(embedding), (ids,), reduction, interacting=variant == "scale_grad_by_freq"
     )
-    # sparse=True is declined by the closed form and handled by the fallback.
-    assert run.observers["0"].method == ("fallback" if variant == "sparse" else "identity")
+    # sparse=True uses the same closed form (tests/recorder/test_layers_more.py).
+    assert run.observers["0"].method == "identity"
 
 
 # -- Normalisation -----------------------------------------------------------------------

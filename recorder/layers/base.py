@@ -30,6 +30,7 @@ __all__ = [
     "Session",
     "StepResult",
     "directional_alignment",
+    "norm_region",
     "replaying",
 ]
 
@@ -53,6 +54,24 @@ def replaying() -> Iterator[None]:
         yield
     finally:
         _REPLAYING.reset(token)
+
+
+@contextlib.contextmanager
+def norm_region(device_type: str) -> Iterator[None]:
+    """Where norms are computed: no autograd graph and autocast off.
+
+    A backward called inside ``torch.autocast`` runs hooks with autocast still on, which
+    would cast the norms' float32 matmuls back to bfloat16/float16.
+    """
+    with torch.no_grad(), _autocast_off(device_type):
+        yield
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:  # a device type without autocast: nothing to turn off
+        return contextlib.nullcontext()
 
 
 class Session(Protocol):
@@ -208,7 +227,7 @@ class HookObserver(Observer):
 
     def _on_grad(self, activation: Tensor, grad: Tensor) -> None:
         try:
-            with torch.no_grad():
+            with norm_region(grad.device.type):
                 self._store_norms(self.norm_fn(self.module, activation, grad))
             if self.session.alignment:
                 self._saved = (activation, grad.detach())

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samplescope.recorder.layers.base import Observer, Session
+from samplescope.recorder.layers.base import Observer, Session, norm_region
 from samplescope.recorder.layers.linear import working_precision
 
 __all__ = ["BilinearObserver", "bilinear_norms"]
@@ -80,7 +80,7 @@ class BilinearObserver(Observer):
 
     def _on_grad(self, x1: Tensor, x2: Tensor, grad: Tensor) -> None:
         try:
-            with torch.no_grad():
+            with norm_region(grad.device.type):
                 self._store_norms(bilinear_norms(self.module, x1, x2, grad))
             if self.session.alignment:
                 self._saved = (x1, x2, grad.detach())

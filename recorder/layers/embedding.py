@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from samplescope.recorder.layers.base import HookObserver, Observer, Session
+from samplescope.recorder.layers.base import HookObserver, Observer, Session, norm_region
 from samplescope.recorder.layers.linear import working_precision
 
 __all__ = [
@@ -255,7 +255,7 @@ class EmbeddingBagObserver(Observer):
         self, indices: Tensor, offsets: Tensor | None, weights: Tensor | None, grad: Tensor
     ) -> None:
         try:
-            with torch.no_grad():
+            with norm_region(grad.device.type):
                 norms = embedding_bag_norms(self.module, indices, offsets, weights, grad)
                 self._store_norms(norms)
             if self.session.alignment:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from samplescope.recorder.layers.base import norm_region
+
 __all__ = ["linear_norms", "token_outer_sq", "working_precision"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -93,7 +95,11 @@ def token_outer_sq(a: Tensor, d: Tensor) -> Tensor:
     Picks by cost: the Gram identity costs T²(I+O) per sample, the materialised
     [O, I] matrix T·I·O, so the Gram form wins when T(I+O) < I·O.
     """
-    a, d = working_precision(a, d)
+    with norm_region(a.device.type):
+        return _token_outer_sq(*working_precision(a, d))
+
+
+def _token_outer_sq(a: Tensor, d: Tensor) -> Tensor:
     _, t, i = a.shape
     o = d.shape[-1]
     if t == 1:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from samplescope.recorder.layers.base import Observer, Session
+from samplescope.recorder.layers.base import Observer, Session, norm_region
 from samplescope.recorder.layers.linear import token_outer_sq, working_precision
 
 __all__ = ["RNNObserver"]
@@ -310,7 +310,7 @@ class RNNObserver(Observer):
 
     def _add_linear(self, weight: str, bias: str | None, a: Tensor, d: Tensor) -> None:
         """Add Σ_t δ_t a_tᵀ's and Σ_t δ_t's squared norms for a [N, T, I], d [N, T, O]."""
-        with torch.no_grad():
+        with norm_region(d.device.type):
             if weight in self.params:
                 self._add(weight, token_outer_sq(a, d))
             if bias is not None and bias in self.params:

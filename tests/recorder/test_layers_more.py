@@ -287,3 +287,38 @@ def test_registry_never_imports_transformers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class Mixed(nn.Module):
+    """Every layer of this file in one model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(7, 4, mode="mean")
+        self.embed = nn.Embedding(7, 4, sparse=True)
+        self.prelu = nn.PReLU(4)
+        self.bilinear = nn.Bilinear(4, 4, 3)
+        self.proj = Conv1D(2, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.prelu(self.bag(ids)) + self.embed(ids).sum(1)
+        return self.proj(self.bilinear(h, torch.tanh(h)))
+
+
+def test_observing_changes_training_not_at_all() -> None:
+    """Closed forms only read: outputs and gradients are bit-identical to an unobserved run."""
+    torch.manual_seed(0)
+    model = Mixed()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 7, (5, 3))
+    losses = QuadraticLoss((5, 2))
+    run = run_observed(model, (ids,), losses, "mean")
+    assert {o.method for o in run.observers.values()} == {"identity"}
+    expected = reference(ids)
+    losses(expected).mean().backward()
+    assert torch.equal(run.output, expected)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        g, h = p.grad, q.grad
+        if g.is_sparse:
+            g, h = g.coalesce().to_dense(), h.coalesce().to_dense()
+        assert torch.equal(g, h), name

@@ -201,6 +201,11 @@ class RNNObserver(Observer):
         b_ih = m.get_parameter(f"bias_ih{suffix}") if bias else None
         b_hh = m.get_parameter(f"bias_hh{suffix}") if bias else None
         gi = F.linear(x, w_ih, b_ih)
+        # LSTM and RNN gates are gi_t + W_hh h + b_hh: b_hh joins gi once for the sequence and
+        # each step is one addmm. (The GRU's b_hn sits inside r ⊙ (W_hn h + b_hn).)
+        fold = not isinstance(m, nn.GRU)
+        if fold and b_hh is not None:
+            gi = gi + b_hh
         if not gi.requires_grad and any(p.requires_grad for p in (w_hh, b_hh) if p is not None):
             # Frozen input weights over an input without gradient: a leaf whose gradient is
             # the gates' gradient all the same (see _hook_gates).
@@ -215,8 +220,10 @@ class RNNObserver(Observer):
         resets: list[Tensor] = [h] * t_len  # GRU: r_t, which scales the n-block of δ_hh
         for step, t in enumerate(order):
             previous[t] = h.detach()
-            gh = F.linear(h, w_hh, b_hh)
-            h_new, c_new, r = _cell(m, gi[:, t], gh, h, c)
+            if fold:
+                h_new, c_new, r = _cell(m, torch.addmm(gi[:, t], h, w_hh.t()), None, h, c)
+            else:
+                h_new, c_new, r = _cell(m, gi[:, t], F.linear(h, w_hh, b_hh), h, c)
             if r is not None:
                 resets[t] = r.detach()
             if proj_steps is not None:
@@ -345,11 +352,14 @@ def _initial_states(
 
 
 def _cell(
-    m: nn.Module, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None
+    m: nn.Module, gi: Tensor, gh: Tensor | None, h: Tensor, c: Tensor | None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """One time step from the two projections, with PyTorch's gate layout: (h, c, GRU's r)."""
+    """One time step, with PyTorch's gate layout: (h, c, GRU's r).
+
+    LSTM and RNN get the summed gates as ``gi`` (``gh`` None); the GRU gets both projections.
+    """
     if isinstance(m, nn.LSTM):
-        i, f, g, o = (gi + gh).chunk(4, 1)
+        i, f, g, o = gi.chunk(4, 1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c_new), c_new, None
     if isinstance(m, nn.GRU):
@@ -359,5 +369,5 @@ def _cell(
         z = torch.sigmoid(iz + hz)
         candidate = torch.tanh(in_ + r * hn)
         return (1 - z) * candidate + z * h, None, r
-    pre = gi + gh
+    pre = gi
     return (torch.tanh(pre) if m.nonlinearity == "tanh" else torch.relu(pre)), None, None

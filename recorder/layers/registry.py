@@ -30,7 +30,10 @@ class Rule:
     """How to observe one layer family.
 
     Attributes:
-        factory: builds the observer for one module.
+        factory: builds the observer for one module, called as
+            ``factory(name, module, session)`` and returning an `Observer` (see
+            ``recorder/layers/base.py``; ``HookObserver(name, module, session, norm_fn)`` is
+            what a plain norm function gets).
         claims_children: the observer also covers the module's children's parameters
             (``nn.MultiheadAttention`` uses ``out_proj.weight`` without calling it).
         declines: given a module of the family, the reason this rule cannot observe that

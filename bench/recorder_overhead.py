@@ -1,7 +1,12 @@
 """Recording overhead: plain training step vs recorded step, measured side by side.
 
-    python bench/recorder_overhead.py            # the three models of the recorder issue
+    python bench/recorder_overhead.py            # every model below
     python bench/recorder_overhead.py --quick    # fewer steps, for a smoke run
+    python bench/recorder_overhead.py --models lstm,gpt2
+
+Models: mlp, cnn, transformer (the recorder issue's three), lstm (a 2-layer LSTM tagger) and
+gpt2 (Hugging Face GPT-2 with the small config's sizes, random weights; only when
+transformers is installed, otherwise the row is skipped with a note).
 
 For each model the plain step (forward, loss, backward, SGD step) and the recorded step
 (the same plus per-sample norms, outputs and HDF5 writing) run interleaved in one process
@@ -18,6 +23,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import importlib.util
 import statistics
 import subprocess
 import sys
@@ -87,11 +93,51 @@ def transformer() -> tuple[nn.Module, Batch]:
     return TokenClassifier(), (torch.randint(0, 1000, (64, 64)), torch.randint(0, 10, (64,)))
 
 
+class LSTMTagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(1000, 64)
+        self.rnn = nn.LSTM(64, 128, num_layers=2, batch_first=True)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out[:, -1])
+
+
+def lstm() -> tuple[nn.Module, Batch]:
+    return LSTMTagger(), (torch.randint(0, 1000, (64, 32)), torch.randint(0, 10, (64,)))
+
+
+class GPT2NextToken(nn.Module):
+    """GPT-2 (small config, random weights) predicting the token after the sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        # Dropout off so plain and recorded steps do the same arithmetic.
+        config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        self.gpt2 = GPT2LMHeadModel(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.gpt2(input_ids=tokens).logits[:, -1]
+
+
+def gpt2() -> tuple[nn.Module, Batch]:
+    return GPT2NextToken(), (torch.randint(0, 50257, (8, 64)), torch.randint(0, 50257, (8,)))
+
+
 MODELS: dict[str, Callable[[], tuple[nn.Module, Batch]]] = {
     "mlp": mlp,
     "cnn": cnn,
     "transformer": transformer,
+    "lstm": lstm,
+    "gpt2": gpt2,
 }
+
+# Models that need an optional package: (import name, what to install).
+NEEDS = {"gpt2": ("transformers", "pip install transformers")}
 
 
 # -- step functions: each returns a callable doing one full training step ---------------
@@ -313,7 +359,7 @@ def status_mb(field: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps, for a smoke run")
-    parser.add_argument("--models", default="mlp,cnn,transformer")
+    parser.add_argument("--models", default="mlp,cnn,transformer,lstm,gpt2")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant (≥ 40)")
     args = parser.parse_args()
     warmup, n = (3, 5) if args.quick else (20, max(40, args.steps))
@@ -321,6 +367,12 @@ def main() -> None:
     header = f"{'model':<12}{'variant':<22}{'ms/step':>9}{'ratio':>8}{'agrees':>8}"
     rows = []
     for name in args.models.split(","):
+        if name in NEEDS and importlib.util.find_spec(NEEDS[name][0]) is None:
+            print(
+                f"note: skipping the {name} row: {NEEDS[name][0]} is not installed "
+                f"({NEEDS[name][1]})"
+            )
+            continue
         torch.manual_seed(0)
         base, batch = MODELS[name]()
         reference = our_norms(copy.deepcopy(base), batch)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from samplescope.recorder.data import IndexedDataset, with_sample_ids
 from samplescope.recorder.errors import RecorderError
-from samplescope.recorder.layers import LayerRegistry, UnsupportedLayerError, default_registry
+from samplescope.recorder.layers import (
+    LayerRegistry,
+    NormFn,
+    Rule,
+    UnsupportedLayerError,
+    default_registry,
+)
 from samplescope.recorder.recorder import Recorder
 from samplescope.recorder.writer import FORMAT_VERSION, TraceWriteError
 
@@ -12,8 +18,10 @@ __all__ = [
     "FORMAT_VERSION",
     "IndexedDataset",
     "LayerRegistry",
+    "NormFn",
     "Recorder",
     "RecorderError",
+    "Rule",
     "TraceWriteError",
     "UnsupportedLayerError",
     "default_registry",

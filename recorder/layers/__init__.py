@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from samplescope.recorder.layers.activation import prelu_norms
 from samplescope.recorder.layers.attention import AttentionObserver, attention_declines
 from samplescope.recorder.layers.base import (
     HookObserver,
@@ -13,8 +14,14 @@ from samplescope.recorder.layers.base import (
     StepResult,
     directional_alignment,
 )
+from samplescope.recorder.layers.bilinear import BilinearObserver
 from samplescope.recorder.layers.conv import ConvNorms
-from samplescope.recorder.layers.embedding import EmbeddingObserver, embedding_declines
+from samplescope.recorder.layers.embedding import (
+    EmbeddingBagObserver,
+    EmbeddingObserver,
+    embedding_bag_declines,
+    embedding_declines,
+)
 from samplescope.recorder.layers.fallback import FallbackObserver
 from samplescope.recorder.layers.linear import linear_norms
 from samplescope.recorder.layers.norm import (
@@ -30,6 +37,7 @@ from samplescope.recorder.layers.registry import (
     Rule,
     UnsupportedLayerError,
 )
+from samplescope.recorder.layers.rnn import RNNObserver
 
 __all__ = [
     "AttentionObserver",
@@ -40,6 +48,7 @@ __all__ = [
     "NormFn",
     "Observer",
     "OnUnsupported",
+    "RNNObserver",
     "Rule",
     "Session",
     "StepResult",
@@ -56,9 +65,15 @@ def default_registry() -> LayerRegistry:
     """
     registry = LayerRegistry(fallback=FallbackObserver)
     registry.register(nn.Linear, linear_norms)
+    # Hugging Face's GPT-2 Linear with the weight stored [in, out]: the same squared norms.
+    # Registered by name, so transformers is never imported (see LayerRegistry).
+    registry.register("transformers.pytorch_utils.Conv1D", linear_norms)
+    registry.register(nn.Bilinear, Rule(BilinearObserver))
+    registry.register(nn.PReLU, prelu_norms)
     for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         registry.register(conv, Rule(_conv_observer))
     registry.register(nn.Embedding, Rule(EmbeddingObserver, declines=embedding_declines))
+    registry.register(nn.EmbeddingBag, Rule(EmbeddingBagObserver, declines=embedding_bag_declines))
     registry.register(nn.LayerNorm, layer_norm_norms)
     registry.register(nn.RMSNorm, rms_norm_norms)
     registry.register(nn.GroupNorm, group_norm_norms)
@@ -71,6 +86,8 @@ def default_registry() -> LayerRegistry:
         nn.MultiheadAttention,
         Rule(AttentionObserver, claims_children=True, declines=attention_declines),
     )
+    for recurrent in (nn.LSTM, nn.GRU, nn.RNN):
+        registry.register(recurrent, Rule(RNNObserver))
     return registry
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "check_batch_dim",
     "directional_alignment",
     "is_replaying",
+    "norm_region",
     "replaying",
 ]
 
@@ -66,6 +68,31 @@ def replaying() -> Iterator[None]:
 def is_replaying() -> bool:
     """True inside `replaying`: the forward running now is an observer's recomputation."""
     return _REPLAYING.get()
+
+
+@contextlib.contextmanager
+def norm_region(device_type: str) -> Iterator[None]:
+    """Where norms are computed: no autograd graph and autocast off.
+
+    A backward called inside ``torch.autocast`` runs hooks with autocast still on, which
+    would cast the norms' float32 matmuls back to bfloat16/float16.
+    """
+    with torch.no_grad(), _autocast_off(device_type):
+        yield
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:  # a device type without autocast: nothing to turn off
+        return contextlib.nullcontext()
+
+
+_DEFERRED_CHECK = (
+    "samplescope: under autocast the first-step check that every use of a parameter is seen "
+    "cannot run (low-precision rounding hides a missed use); record a first step without "
+    "autocast to check a model that may use parameters outside their modules"
+)
 
 
 class Session(Protocol):
@@ -133,6 +160,7 @@ class Observer:
         self._book_done = False
         self._checked = False  # the first recorded step's check that every use was seen
         self._hidden: str | None = None  # its refusal, repeated every step once found
+        self._low_precision = False  # this step saw bfloat16/float16 tensors (autocast)
 
     @property
     def n_params(self) -> int:
@@ -159,6 +187,7 @@ class Observer:
         """Forget the previous step. Called by the recorder after each `backward`."""
         if self._calls:
             self._checked = True
+        self._low_precision = False
         self._result = StepResult()
         self._calls = 0
         self._booked = set()
@@ -279,12 +308,24 @@ class Observer:
                 if value is not None:
                     total = value if total is None else total + value
             self._result.grad_sq = total
-            if self._checking() or not self._calls:
+            if not self._calls:
                 self._check_uses()
+            elif self._checking():
+                if self._low_precision:
+                    # An autocast step's batch gradient is summed from bfloat16/float16
+                    # products: it matches the uses' float32 sum only to a few percent, too
+                    # loosely to tell a hidden use from rounding. Say so rather than guess.
+                    warnings.warn(_DEFERRED_CHECK, stacklevel=2)
+                else:
+                    self._check_uses()
             if self._hidden is not None:
                 self._store_error(RuntimeError(self._hidden))
         except Exception as error:  # noqa: BLE001 - handed to the recorder
             self._store_error(error)
+
+    def _note_precision(self, *tensors: Tensor) -> None:
+        if any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors):
+            self._low_precision = True
 
     def _check_uses(self) -> None:
         from samplescope.recorder.layers.shared import hidden_use_message
@@ -350,7 +391,8 @@ class HookObserver(Observer):
 
     def _on_grad(self, activation: Tensor, grad: Tensor) -> None:
         try:
-            with torch.no_grad():
+            with norm_region(grad.device.type):
+                self._note_precision(activation, grad)
                 check_batch_dim(self.name, grad, self.batch_dim, self.session)
                 if self.batch_dim:
                     activation = activation.movedim(self.batch_dim, 0)

@@ -13,6 +13,10 @@ norm, whose costs cross over with channels, kernel and image size:
 None is best everywhere, so each layer times all candidates once on the first batch of a
 given shape, keeps the fastest for that shape, and logs the choice at DEBUG. All three are
 exact, so the choice changes speed only.
+
+Under ``torch.autocast`` the input arrives in float32 and the output gradient in bfloat16 or
+float16 (or the reverse); both are cast to float32 first (`working_precision`), so every
+method runs in one dtype and sums in float32.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from samplescope.recorder.layers.linear import working_precision
 
 __all__ = ["CONV_METHODS", "ConvNorms", "conv_weight_sq"]
 
@@ -63,6 +69,7 @@ class ConvNorms:
         Returns:
             ``{"weight": [N], "bias": [N]}`` for the trainable ones.
         """
+        activation, grad_output = working_precision(activation, grad_output)
         norms = {}
         if module.weight.requires_grad:
             norms["weight"] = self._weight_sq(module, activation, grad_output)
@@ -86,6 +93,7 @@ def conv_weight_sq(
     module: nn.Module, activation: Tensor, grad_output: Tensor, method: str
 ) -> Tensor:
     """Squared per-sample weight-gradient norm of a convolution with a named method [N]."""
+    activation, grad_output = working_precision(activation, grad_output)
     return CONV_METHODS[method](module, pad_input(module, activation), grad_output)
 
 

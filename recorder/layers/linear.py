@@ -4,6 +4,14 @@ For one token the per-sample weight gradient is the outer product δ aᵀ, whose
 norm is ‖a‖²‖δ‖². For T tokens it is Σ_t δ_t a_tᵀ: either materialise it (N·T·I·O work,
 N·I·O memory) or use the Gram ("ghost norm") identity
 ‖Σ_t δ_t a_tᵀ‖² = Σ_{t,u} (a_t·a_u)(δ_t·δ_u) (N·T²·(I+O) work). We take the cheaper.
+
+The same squared norm serves a layer that stores its weight transposed (``[in, out]``,
+``y = x W + b``, e.g. Hugging Face's ``transformers.pytorch_utils.Conv1D``): the per-sample
+gradient is then Σ_t a_t δ_tᵀ, the transpose of the above, with the same norm.
+
+Under ``torch.autocast`` the input may be float32 while the output gradient is bfloat16 or
+float16; `working_precision` casts both to float32 first, so the norms are float32 sums of
+the low-precision tensors (and the matmuls never mix dtypes).
 """
 
 from __future__ import annotations
@@ -11,24 +19,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["linear_norms", "token_outer_sq"]
+from samplescope.recorder.layers.base import norm_region
+
+__all__ = ["linear_norms", "token_outer_sq", "working_precision"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def linear_norms(module: nn.Module, activation: Tensor, grad_output: Tensor) -> dict[str, Tensor]:
-    """Squared per-sample norms of an nn.Linear's weight and bias gradients.
+    """Squared per-sample norms of an nn.Linear's (or a transposed Linear's) gradients.
 
     Every dimension between the batch and the features is a token (a sequence, or the
     pixels of a 1x1 convolution written as Linear); the weight uses `token_outer_sq` and
     the bias gradient is the sum of the tokens' output gradients.
 
     Args:
-        module: the nn.Linear (or subclass).
+        module: the nn.Linear (or subclass), or any layer computing ``x Wᵀ + b`` or
+            ``x W + b`` with parameters named ``weight`` and ``bias`` (bias may be None).
         activation: its input, [N, ..., in_features].
         grad_output: gradient w.r.t. its output, [N, ..., out_features].
 
     Returns:
         ``{"weight": [N], "bias": [N]}`` for the trainable ones.
     """
+    activation, grad_output = working_precision(activation, grad_output)
     n = grad_output.shape[0]
     a = activation.reshape(n, -1, activation.shape[-1])
     d = grad_output.reshape(n, -1, grad_output.shape[-1])
@@ -49,6 +63,27 @@ def linear_norms(module: nn.Module, activation: Tensor, grad_output: Tensor) -> 
     return norms
 
 
+def working_precision(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in one floating dtype: float32 if any is float16/bfloat16, else promoted.
+
+    Autocast hands a layer float32 inputs and low-precision output gradients (or the
+    reverse); squared norms summed in bfloat16 would also lose most of their digits.
+    """
+    dtypes = [t.dtype for t in tensors]
+    if any(d in _LOW_PRECISION for d in dtypes):
+        target = torch.promote_types(torch.float32, _widest(dtypes))
+    else:
+        target = _widest(dtypes)
+    return tuple(t if t.dtype == target else t.to(target) for t in tensors)
+
+
+def _widest(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
 def _row_sq(x: Tensor) -> Tensor:
     """‖x_i‖² per row of a [N, F] tensor, in one kernel."""
     return torch.linalg.vecdot(x, x)
@@ -60,6 +95,11 @@ def token_outer_sq(a: Tensor, d: Tensor) -> Tensor:
     Picks by cost: the Gram identity costs T²(I+O) per sample, the materialised
     [O, I] matrix T·I·O, so the Gram form wins when T(I+O) < I·O.
     """
+    with norm_region(a.device.type):
+        return _token_outer_sq(*working_precision(a, d))
+
+
+def _token_outer_sq(a: Tensor, d: Tensor) -> Tensor:
     _, t, i = a.shape
     o = d.shape[-1]
     if t == 1:

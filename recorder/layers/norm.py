@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samplescope.recorder.layers.linear import working_precision
+
 __all__ = [
     "batch_norm_norms",
     "group_norm_norms",
@@ -28,12 +30,14 @@ def layer_norm_norms(
     module: nn.Module, activation: Tensor, grad_output: Tensor
 ) -> dict[str, Tensor]:
     """nn.LayerNorm: x̂ over the trailing ``normalized_shape`` dims; weight shared by the rest."""
+    activation, grad_output = working_precision(activation, grad_output)
     x_hat = F.layer_norm(activation, module.normalized_shape, eps=module.eps)
     return _affine_sq(module, x_hat, grad_output, channel_dim=False)
 
 
 def rms_norm_norms(module: nn.Module, activation: Tensor, grad_output: Tensor) -> dict[str, Tensor]:
     """nn.RMSNorm: x̂ = x / rms(x); eps None means the dtype's eps, as F.rms_norm does."""
+    activation, grad_output = working_precision(activation, grad_output)
     x_hat = F.rms_norm(activation, module.normalized_shape, eps=module.eps)
     return _affine_sq(module, x_hat, grad_output, channel_dim=False)
 
@@ -42,6 +46,7 @@ def group_norm_norms(
     module: nn.Module, activation: Tensor, grad_output: Tensor
 ) -> dict[str, Tensor]:
     """nn.GroupNorm: per-sample group statistics; one weight entry per channel."""
+    activation, grad_output = working_precision(activation, grad_output)
     x_hat = F.group_norm(activation, module.num_groups, eps=module.eps)
     return _affine_sq(module, x_hat, grad_output, channel_dim=True)
 
@@ -55,6 +60,7 @@ def batch_norm_norms(
     (``track_running_stats=False``); running statistics otherwise — the same rule as
     ``_BatchNorm.forward``. Running buffers are never updated here.
     """
+    activation, grad_output = working_precision(activation, grad_output)
     batch_stats = module.training or (module.running_mean is None and module.running_var is None)
     if batch_stats:
         x_hat = F.batch_norm(activation, None, None, training=True, eps=module.eps)
@@ -69,6 +75,7 @@ def instance_norm_norms(
     module: nn.Module, activation: Tensor, grad_output: Tensor
 ) -> dict[str, Tensor]:
     """nn.InstanceNorm1d/2d/3d with ``affine=True`` (batched input only)."""
+    activation, grad_output = working_precision(activation, grad_output)
     input_stats = module.training or not module.track_running_stats
     if input_stats:
         x_hat = F.instance_norm(activation, use_input_stats=True, eps=module.eps)

@@ -41,7 +41,10 @@ class Rule:
     """How to observe one layer family.
 
     Attributes:
-        factory: builds the observer for one module.
+        factory: builds the observer for one module, called as
+            ``factory(name, module, session)`` and returning an `Observer` (see
+            ``recorder/layers/base.py``; ``HookObserver(name, module, session, norm_fn)`` is
+            what a plain norm function gets).
         claims_children: the observer also covers the module's children's parameters
             (``nn.MultiheadAttention`` uses ``out_proj.weight`` without calling it).
         declines: given a module of the family, the reason this rule cannot observe that
@@ -57,6 +60,13 @@ class Rule:
 class LayerRegistry:
     """A table from module class to `Rule`. Build one explicitly; nothing registers on import.
 
+    A class may also be registered by its import path (``"package.module.ClassName"``): the
+    rule then applies to any module whose class, or a base of it, has that ``__module__`` and
+    ``__qualname__``. Nothing is imported to resolve the name, so a registry can cover a
+    library's layers (Hugging Face's ``transformers.pytorch_utils.Conv1D``) without
+    depending on it. A rule registered by class wins over one registered by name at the same
+    place in the MRO.
+
     Args:
         fallback: builds the observer for modules no rule covers (or whose rule declines),
             called as ``fallback(name, module, session)``, plus ``claims_children=True``
@@ -65,21 +75,55 @@ class LayerRegistry:
 
     def __init__(self, fallback: ObserverFactory | None = None) -> None:
         self._rules: dict[type[nn.Module], Rule] = {}
+        self._named: dict[str, Rule] = {}
         self._fallback = fallback
 
     def register(
-        self, cls: type[nn.Module], rule: Rule | NormFn, *, claims_children: bool = False
+        self,
+        cls: type[nn.Module] | str,
+        rule: Rule | NormFn,
+        *,
+        claims_children: bool = False,
     ) -> None:
-        """Map ``cls`` (and its subclasses) to a rule, or to a closed-form norm function."""
+        """Map ``cls`` (and its subclasses) to a rule, or to a closed-form norm function.
+
+        Args:
+            cls: the module class, or its import path ``"package.module.ClassName"``.
+            rule: a `Rule`, or a `NormFn` ``(module, activation, grad_output) ->
+                {param_name: Tensor[N]}`` of squared per-sample norms, where activation is
+                the module's first positional input and grad_output the gradient w.r.t.
+                its (single tensor) output, both with the batch in dim 0.
+            claims_children: with a NormFn, it also covers the children's parameters.
+
+        Raises:
+            TypeError: ``cls`` is neither an nn.Module subclass nor a dotted path, or
+                ``rule`` is not callable.
+        """
         if not isinstance(rule, Rule):
+            if not callable(rule):
+                msg = f"rule must be a Rule or a norm function, not {type(rule).__name__}"
+                raise TypeError(msg)
             rule = Rule(_hook_factory(rule), claims_children=claims_children)
-        self._rules[cls] = rule
+        if isinstance(cls, str):
+            if "." not in cls:
+                msg = f"register by name needs an import path 'package.module.Class', not {cls!r}"
+                raise TypeError(msg)
+            self._named[cls] = rule
+        elif isinstance(cls, type) and issubclass(cls, nn.Module):
+            self._rules[cls] = rule
+        else:
+            msg = f"register needs an nn.Module subclass or an import path, not {cls!r}"
+            raise TypeError(msg)
 
     def lookup(self, module: nn.Module) -> Rule | None:
         """The rule for the nearest class in ``type(module).__mro__``, or None."""
         for cls in type(module).__mro__:
             if cls in self._rules:
                 return self._rules[cls]
+            if self._named:
+                rule = self._named.get(f"{cls.__module__}.{cls.__qualname__}")
+                if rule is not None:
+                    return rule
         return None
 
     def observers(

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from samplescope.recorder.layers.base import replaying
 from samplescope.recorder.layers.embedding import _token_terms
+from samplescope.recorder.layers.linear import working_precision
 from samplescope.recorder.layers.shared import BatchUse, DenseUse, EmbeddingUse, LinearUse, Use
 
 __all__ = ["module_uses"]
@@ -36,6 +37,13 @@ def module_uses(
         names: parameter names (``module.named_parameters(recurse=False)``) to return.
         batch_only: names for which only the batch sum is needed.
     """
+    # One floating dtype for the call's tensors and the parameters replayed with them: under
+    # autocast the activation or gradient is bfloat16/float16 while parameters are float32.
+    own = [p.detach() for p in module.parameters(recurse=False)]
+    if activation.is_floating_point():
+        activation, grad, *_ = working_precision(activation, grad, *own)
+    else:  # token ids stay integers
+        grad, *_ = working_precision(grad, *own)
     n = grad.shape[0]
     uses: dict[str, Use] = {}
     rest = []
@@ -68,11 +76,17 @@ def module_uses(
     return uses
 
 
-def _state(module: nn.Module, names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    params = dict(module.named_parameters(recurse=False))
-    chosen = {k: params[k].detach() for k in names}
-    frozen = {k: p.detach() for k, p in params.items() if k not in chosen}
+def _state(
+    module: nn.Module, names: list[str], dtype: torch.dtype
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    params = {k: _like(p.detach(), dtype) for k, p in module.named_parameters(recurse=False)}
+    chosen = {k: params[k] for k in names}
+    frozen = {k: p for k, p in params.items() if k not in chosen}
     return chosen, frozen
+
+
+def _like(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
 
 def _call(module: nn.Module, p: dict, frozen: dict, x: Tensor) -> Tensor:
@@ -84,7 +98,7 @@ def _call(module: nn.Module, p: dict, frozen: dict, x: Tensor) -> Tensor:
 def _batch_grads(
     module: nn.Module, activation: Tensor, grad: Tensor, names: list[str]
 ) -> dict[str, Tensor]:
-    chosen, frozen = _state(module, names)
+    chosen, frozen = _state(module, names, grad.dtype)
     with torch.no_grad(), replaying():
         _, vjp = torch.func.vjp(lambda p: _call(module, p, frozen, activation), chosen)
         return vjp(grad)[0]
@@ -99,7 +113,7 @@ def _per_sample(
             "per-sample gradients (its samples interact); give each call its own BatchNorm"
         )
         raise NotImplementedError(msg)
-    chosen, frozen = _state(module, names)
+    chosen, frozen = _state(module, names, grad.dtype)
 
     def one(p: dict, x: Tensor, d: Tensor) -> Tensor:
         return (_call(module, p, frozen, x.unsqueeze(0)) * d.unsqueeze(0)).sum()

@@ -78,7 +78,7 @@ class _TokenModel(nn.Module):
         return self.head(out[:, -1])
 
 
-def test_transformer_and_lstm_record_through_reexpression_and_fallback(tmp_path):
+def test_transformer_and_lstm_record_through_reexpression(tmp_path):
     torch.manual_seed(0)
     model = _TokenModel()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -94,7 +94,7 @@ def test_transformer_and_lstm_record_through_reexpression_and_fallback(tmp_path)
         layers = t.layers()
         methods = dict(zip(layers["layer"], layers["method"], strict=True))
         assert methods["encoder.self_attn"] == "reexpressed"
-        assert methods["lstm"] == "fallback"
+        assert methods["lstm"] == "reexpressed"  # recorder/layers/rnn.py
         assert methods["embed"] == "identity"
         assert layers["layer"][0] == "embed"
         assert t.samples().height == 24

@@ -144,8 +144,8 @@ def test_embedding(
     run = check_layers(
         nn.Sequential(embedding), (ids,), reduction, interacting=variant == "scale_grad_by_freq"
     )
-    # sparse=True is declined by the closed form and handled by the fallback.
-    assert run.observers["0"].method == ("fallback" if variant == "sparse" else "identity")
+    # sparse=True uses the same closed form (tests/recorder/test_layers_more.py).
+    assert run.observers["0"].method == "identity"
 
 
 # -- Normalisation -----------------------------------------------------------------------
@@ -403,7 +403,8 @@ def test_fallback_recurrent(
     model = Recurrent(kind(3, 2, num_layers=layers, batch_first=batch_first))
     h0 = torch.randn(n, layers, 2) if initial else None
     run = check_layers(model, (torch.randn(n, steps, 3), h0), reduction)
-    assert run.observers["rnn"].method == "fallback"
+    # Recurrent layers have their own rule now (tests/recorder/test_layers_rnn.py).
+    assert run.observers["rnn"].method == "reexpressed"
 
 
 def test_fallback_output_without_gradient_counts_as_zero() -> None:

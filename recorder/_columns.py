@@ -17,6 +17,7 @@ __all__ = [
     "batch_sq_norms",
     "check_choice",
     "check_result",
+    "check_targets",
     "derive_outputs",
     "jsonable",
     "np32",
@@ -32,16 +33,44 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 def as_ids(sample_ids: Tensor | Sequence[int] | np.ndarray) -> np.ndarray:
+    """Sample ids as int64, refusing what would silently change meaning on the way.
+
+    Booleans are not ids, and a uint64 above 2**63 - 1 (or any negative id) would be
+    stored as a different, negative number.
+    """
     if isinstance(sample_ids, Tensor):
-        if sample_ids.is_floating_point():
+        if sample_ids.is_floating_point() or sample_ids.is_complex():
             msg = f"sample ids must be integers, got a {sample_ids.dtype} tensor"
             raise RecorderError(msg)
-        return sample_ids.detach().cpu().reshape(-1).to(torch.int64).numpy()
-    array = np.asarray(sample_ids)
-    if array.dtype.kind not in "iu":
-        msg = f"sample ids must be integers, got {array.dtype}"
+        if sample_ids.dtype == torch.bool:
+            msg = "sample ids must be integers, got a bool tensor"
+            raise RecorderError(msg)
+        array = sample_ids.detach().cpu().reshape(-1).numpy()
+    else:
+        array = np.asarray(sample_ids)
+        if array.dtype.kind not in "iu":
+            kind = "bool" if array.dtype.kind == "b" else str(array.dtype)
+            msg = f"sample ids must be integers, got {kind}"
+            raise RecorderError(msg)
+        array = array.reshape(-1)
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        msg = f"sample id {array.max()} does not fit in int64; use ids below 2**63"
         raise RecorderError(msg)
-    return array.reshape(-1).astype(np.int64)
+    ids = array.astype(np.int64)
+    if ids.size and ids.min() < 0:
+        msg = f"sample ids must be non-negative, got {ids.min()}"
+        raise RecorderError(msg)
+    return ids
+
+
+def check_targets(targets: Tensor, n_classes: int) -> np.ndarray:
+    """Targets as int64 class indices in [0, n_classes)."""
+    values = targets.detach().cpu().reshape(-1).to(torch.int64).numpy()
+    if values.size and (values.min() < 0 or values.max() >= n_classes):
+        bad = values.min() if values.min() < 0 else values.max()
+        msg = f"target {bad} is not a class index of logits with {n_classes} classes"
+        raise RecorderError(msg)
+    return values
 
 
 def check_result(name: str, result: Any, n: int) -> None:
@@ -83,22 +112,37 @@ def np32(t: Tensor) -> np.ndarray:
 
 
 def derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """pred, p_target and margin from raw logits, for many steps' visits at once."""
+    """pred, p_target and margin from raw logits, for many steps' visits at once.
+
+    Rows whose target is negative had no logits: they get the documented missing values
+    (pred -1, p_target and margin NaN).
+    """
     if table != "visits" or "_logits" not in columns:
         return columns
     columns = dict(columns)
     logits = columns.pop("_logits")
-    rows = np.arange(len(logits))
     target = columns["target"]
-    target_logit = logits[rows, target]
-    top = logits.max(1)
-    with np.errstate(all="ignore"):  # non-finite logits are recorded as they come out
-        log_norm = top + np.log(np.exp(logits - top[:, None]).sum(1))
-        others = logits.copy()
-        others[rows, target] = -np.inf
-        columns["pred"] = logits.argmax(1).astype(np.int64)
-        columns["p_target"] = np.exp(target_logit - log_norm).astype(np.float32)
-        columns["margin"] = (target_logit - others.max(1)).astype(np.float32)
+    n = len(target)
+    pred = np.full(n, -1, dtype=np.int64)
+    p_target = np.full(n, np.nan, dtype=np.float32)
+    margin = np.full(n, np.nan, dtype=np.float32)
+    known = np.flatnonzero(target >= 0)
+    if known.size and logits.shape[1]:
+        logits = logits[known]
+        rows = np.arange(known.size)
+        t = target[known]
+        target_logit = logits[rows, t]
+        top = logits.max(1)
+        with np.errstate(all="ignore"):  # non-finite logits are recorded as they come out
+            log_norm = top + np.log(np.exp(logits - top[:, None]).sum(1))
+            others = logits.copy()
+            others[rows, t] = -np.inf
+            pred[known] = logits.argmax(1)
+            p_target[known] = np.exp(target_logit - log_norm)
+            margin[known] = target_logit - others.max(1)
+    columns["pred"] = pred
+    columns["p_target"] = p_target
+    columns["margin"] = margin
     return columns
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ from samplescope.recorder._columns import (
     batch_sq_norms,
     check_choice,
     check_result,
+    check_targets,
     derive_outputs,
     jsonable,
     np32,
@@ -63,7 +65,13 @@ class Recorder:
             ``"warn"`` (leave them out) or ``"error"``.
         registry: the layer rules to use; `default_registry()` when None.
         flush_seconds: the longest time recorded rows wait before reaching the file.
-        overwrite: replace an existing trace instead of refusing.
+        overwrite: replace an existing trace instead of refusing (never one that another
+            live process is writing: that is refused, see docs/recorder.md).
+        outputs: whether `/visits` has the output columns (target, pred, p_target, margin).
+            ``True``: every recorded step must pass ``logits`` and ``targets``; ``False``:
+            none may; ``None`` (default): steps may do either, and a step without them gets
+            the missing values (target and pred -1, p_target and margin NaN); at close the
+            columns are left out if no step filled them.
         rank, world_size, run_id: for data parallelism: one trace per rank, same run_id.
     """
 
@@ -84,6 +92,7 @@ class Recorder:
         registry: LayerRegistry | None = None,
         flush_seconds: float = 2.0,
         overwrite: bool = False,
+        outputs: bool | None = None,
         rank: int = 0,
         world_size: int = 1,
         run_id: str | None = None,
@@ -94,15 +103,20 @@ class Recorder:
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module, not {type(model).__name__}"
             raise RecorderError(msg)
-        if flush_seconds <= 0:
+        if not flush_seconds > 0:
             msg = f"flush_seconds must be positive, not {flush_seconds}"
             raise RecorderError(msg)
+        if outputs not in (True, False, None):
+            msg = f"outputs must be True, False or None, not {outputs!r}"
+            raise RecorderError(msg)
+        _check_config(config)
         self.path = Path(path)
         self.model = model
         self.optimizer = optimizer
         self.reduction = reduction
         self.on_error = on_error
         self.on_unsupported = on_unsupported
+        self.outputs = outputs
         self.options = {
             "alignment": alignment,
             "input_grad": input_grad,
@@ -118,6 +132,7 @@ class Recorder:
             flush_seconds=flush_seconds,
             overwrite=overwrite,
             derive=derive_outputs,
+            drop_unused_outputs=outputs is None,
         )
         self._observers: list[Observer] = []
         self._order: list[str] = []  # layer names in first-forward order
@@ -152,7 +167,9 @@ class Recorder:
         if not self._observers:
             msg = f"{type(self.model).__name__} has no layers with trainable parameters to record"
             raise RecorderError(msg)
-        self._writer.open()
+        # The layout is fixed here, before any step: layers in registration order
+        # (`model.named_modules()`), their forward order recorded at the first step.
+        self._writer.open(self._layout())
         try:
             for observer in self._observers:
                 observer.attach()
@@ -170,8 +187,6 @@ class Recorder:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._entered = False
         self._detach()
-        if not self._started:
-            self._start_tables()
         try:
             self._writer.close()
         except TraceWriteError as error:
@@ -226,13 +241,13 @@ class Recorder:
         if not self._entered:
             msg = "Recorder.backward called outside the `with Recorder(...)` block"
             raise RecorderError(msg)
-        ids = self._check_batch(losses, sample_ids, logits, targets)
+        ids, target_ids = self._check_batch(losses, sample_ids, logits, targets)
         loss = losses.mean() if self.reduction == "mean" else losses.sum()
         recording = self.active and losses.requires_grad
         try:
             loss.backward(**backward_kwargs)
             if recording:
-                self._record(losses, ids, logits, targets)
+                self._record(losses, ids, logits, target_ids)
         finally:
             for observer in self._observers:
                 observer.begin_step()
@@ -269,7 +284,7 @@ class Recorder:
         sample_ids: Tensor | Sequence[int] | np.ndarray,
         logits: Tensor | None,
         targets: Tensor | None,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         if not isinstance(losses, Tensor) or losses.dim() != 1:
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             msg = (
@@ -277,6 +292,9 @@ class Recorder:
             )
             raise RecorderError(msg)
         n = losses.shape[0]
+        if n == 0:
+            msg = "empty batch: losses has no samples; skip the step instead of recording it"
+            raise RecorderError(msg)
         ids = as_ids(sample_ids)
         if ids.shape != (n,):
             msg = f"got {ids.size} sample ids for {n} losses; pass one id per sample"
@@ -291,26 +309,39 @@ class Recorder:
         if (logits is None) != (targets is None):
             msg = "pass logits and targets together (or neither)"
             raise RecorderError(msg)
-        if logits is not None and targets is not None:
-            if logits.dim() != 2 or logits.shape[0] != n:
-                msg = f"logits must have shape [{n}, classes], got {tuple(logits.shape)}"
+        if logits is None or targets is None:
+            if self.outputs:
+                msg = "this Recorder has outputs=True: pass logits and targets at every step"
                 raise RecorderError(msg)
-            if targets.shape != (n,) or targets.is_floating_point():
-                msg = (
-                    f"targets must be {n} class indices, got {tuple(targets.shape)} {targets.dtype}"
-                )
-                raise RecorderError(msg)
-        return ids
+            return ids, None
+        if self.outputs is False:
+            msg = "this Recorder has outputs=False: drop logits/targets or pass outputs=None"
+            raise RecorderError(msg)
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            msg = f"logits must have shape [{n}, classes], got {shape}"
+            raise RecorderError(msg)
+        if (
+            not isinstance(targets, Tensor)
+            or targets.shape != (n,)
+            or targets.is_floating_point()
+            or targets.dtype == torch.bool
+        ):
+            shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            dtype = targets.dtype if isinstance(targets, Tensor) else ""
+            msg = f"targets must be {n} integer class indices, got {shape} {dtype}"
+            raise RecorderError(msg)
+        return ids, check_targets(targets, logits.shape[1])
 
     def _record(
-        self, losses: Tensor, ids: np.ndarray, logits: Tensor | None, targets: Tensor | None
+        self, losses: Tensor, ids: np.ndarray, logits: Tensor | None, targets: np.ndarray | None
     ) -> None:
         n = losses.shape[0]
         scale = 1.0 / n if self.reduction == "mean" else 1.0
         try:
             self._writer.raise_error()
             if not self._started:
-                self._start_tables(outputs=logits is not None)
+                self._first_step()
             grad_sq, batch_sq, align = self._layer_columns(n, scale)
         except SamplescopeError as error:
             self._fail(error)
@@ -327,7 +358,10 @@ class Recorder:
                 # Raw logits go to the writer thread, which derives the output columns for
                 # many steps at once (`derive_outputs`).
                 visits["_logits"] = logits.detach().to(torch.float32, copy=True).cpu().numpy()
-                visits["target"] = targets.detach().to(torch.int64).cpu().numpy()
+                visits["target"] = targets
+            elif self.outputs is None:  # the documented missing values (derive_outputs)
+                visits["_logits"] = np.zeros((n, 0), dtype=np.float32)
+                visits["target"] = np.full(n, -1, dtype=np.int64)
             if self.options["input_grad"]:
                 visits["input_grad_sq"] = self._input_grad_sq(n, scale)
             if align is not None:
@@ -352,9 +386,7 @@ class Recorder:
                 stacklevel=3,
             )
         self.n_nonfinite += nonfinite
-        self._writer.append("visits", visits)
-        self._writer.append(
-            "steps",
+        self._writer.append_step(
             {
                 "step": np.array([self.step], dtype=np.int64),
                 "epoch": np.array([self.epoch], dtype=np.int64),
@@ -362,10 +394,10 @@ class Recorder:
                 "batch_size": np.array([n], dtype=np.int64),
                 "loss_mean": np.array([visits["loss"].mean(dtype=np.float64)]),
                 "time": np.array([time.time()]),
-                "visit_start": np.array([self.n_visits], dtype=np.int64),
                 "n_nonfinite": np.array([nonfinite], dtype=np.int64),
                 "grad_sq": batch_sq[None, :],
             },
+            visits,
         )
         self.step += 1
         self.n_visits += n
@@ -450,10 +482,23 @@ class Recorder:
 
     # -- the file's structure -------------------------------------------------------------
 
-    def _start_tables(self, outputs: bool = False) -> None:
+    def _layout(self) -> dict[str, Any]:
+        return {
+            "layers": {
+                "name": [o.name for o in self._observers],
+                "kind": [type(o.module).__name__ for o in self._observers],
+                "n_params": [o.n_params for o in self._observers],
+                "method": [o.method for o in self._observers],
+            },
+            "outputs": self.outputs is not False,
+            "alignment": self.alignment,
+            "input_grad": self.options["input_grad"],
+            "thumbnails": self.options["thumbnails"],
+        }
+
+    def _first_step(self) -> None:
         position = {name: i for i, name in enumerate(self._order)}
-        # Layers that never ran keep their registration order, after those that did.
-        self._observers.sort(key=lambda o: position.get(o.name, len(position)))
+        self._writer.set_forward_order([position.get(o.name, -1) for o in self._observers])
         for handle in self._order_handles:
             handle.remove()
         self._order_handles.clear()
@@ -466,20 +511,6 @@ class Recorder:
                     "no thumbnails are stored",
                     stacklevel=4,
                 )
-        self._writer.start(
-            {
-                "layers": {
-                    "name": [o.name for o in self._observers],
-                    "kind": [type(o.module).__name__ for o in self._observers],
-                    "n_params": [o.n_params for o in self._observers],
-                    "method": [o.method for o in self._observers],
-                },
-                "outputs": outputs,
-                "alignment": self.alignment,
-                "input_grad": self.options["input_grad"],
-                "thumbnail_shape": self._thumb_shape,
-            }
-        )
         self._started = True
 
     def _order_hook(self, name: str) -> Any:
@@ -511,3 +542,17 @@ class Recorder:
         if run_id is not None:
             attrs["run_id"] = str(run_id)
         return attrs
+
+
+def _check_config(config: Mapping[str, Any] | None) -> None:
+    """Refuse, before any file exists, a config the trace could not store as JSON."""
+    if config is None:
+        return
+    if not isinstance(config, Mapping):
+        msg = f"config must be a mapping (e.g. a dict), not {type(config).__name__}"
+        raise RecorderError(msg)
+    try:
+        json.dumps(dict(config))
+    except (TypeError, ValueError) as error:
+        msg = f"config must be JSON-serialisable: {error}"
+        raise RecorderError(msg) from None

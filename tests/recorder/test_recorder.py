@@ -69,7 +69,7 @@ def test_quick_start_trace_holds_every_documented_dataset(tmp_path):
         rec.log_eval("test", loss=0.5, accuracy=0.75)
     with h5py.File(path, "r", swmr=True) as f:
         assert f.attrs["format"] == "samplescope-trace"
-        assert f.attrs["format_version"] == 1
+        assert f.attrs["format_version"] == 2
         assert json.loads(f.attrs["config"]) == {"lr": 0.1}
         assert f.attrs["reduction"] == "mean"
         assert f.attrs["optimizer"] == "SGD"
@@ -203,7 +203,7 @@ def test_thumbnails_are_stored_once_per_sample_and_sample_info_kept(tmp_path):
         assert f["sample_info/flipped"][:].astype(bool).tolist() == flipped.tolist()
 
 
-def test_layers_are_ordered_from_input_to_output(tmp_path):
+def test_layers_are_in_registration_order_with_their_forward_order(tmp_path):
     class Backwards(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -220,7 +220,9 @@ def test_layers_are_ordered_from_input_to_output(tmp_path):
         )
         rec.backward(losses, sample_ids=[0, 1, 2, 3])
     with h5py.File(tmp_path / "t.h5", "r", swmr=True) as f:
-        assert [n.decode() for n in f["layers/name"][:]] == ["body", "head"]
+        # Fixed at __enter__ (format v2): registration order; the forward order is a column.
+        assert [n.decode() for n in f["layers/name"][:]] == ["head", "body"]
+        assert f["layers/forward_order"][:].tolist() == [1, 0]
 
 
 def test_nonfinite_values_are_recorded_and_counted(tmp_path):

@@ -29,6 +29,7 @@ __all__ = [
     "compact",
     "growable",
     "publish",
+    "remove_stale_temps",
     "temp_path",
 ]
 
@@ -49,6 +50,18 @@ def lock_path(path: Path) -> Path:
 
 def temp_path(path: Path, purpose: str) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{purpose}")
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove what a killed writer of this path left half-made (call with the lock held)."""
+    for purpose in ("new", "compact"):
+        for stale in path.parent.glob(f".{glob_escape(path.name)}.*.{purpose}"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 class TraceLock:
@@ -162,6 +175,9 @@ def compact(
     """
     temp = temp_path(path, "compact")
     try:
+        stats = os.statvfs(path.parent)
+        if stats.f_bavail * stats.f_frsize < 2 * path.stat().st_size + (8 << 20):
+            return False  # no room for a copy: the original is complete, keep it
         with h5py.File(path, "r") as src, h5py.File(temp, "w", libver=LIBVER) as dst:
             for key, value in src.attrs.items():
                 dst.attrs[key] = value

@@ -274,7 +274,7 @@ class Recorder:
         try:
             self._writer.flush()
         except TraceWriteError as error:
-            self._fail(error)
+            self._fail(error, lost_step=False)
 
     # -- one step -------------------------------------------------------------------------
 
@@ -339,7 +339,11 @@ class Recorder:
         n = losses.shape[0]
         scale = 1.0 / n if self.reduction == "mean" else 1.0
         try:
+            # An earlier flush failed: its steps are lost (and listed); this one is not.
             self._writer.raise_error()
+        except TraceWriteError as error:
+            self._fail(error, lost_step=False)
+        try:
             if not self._started:
                 self._first_step()
             grad_sq, batch_sq, align = self._layer_columns(n, scale)
@@ -424,11 +428,12 @@ class Recorder:
             ).astype(np.float32)
         return grad_sq, batch_sq, align
 
-    def _fail(self, error: SamplescopeError) -> None:
+    def _fail(self, error: SamplescopeError, *, lost_step: bool = True) -> None:
         if self.on_error == "raise":
             raise error
         self._writer.count_error()
-        warnings.warn(f"samplescope: step {self.step} not recorded: {error}", stacklevel=4)
+        text = f"step {self.step} not recorded: {error}" if lost_step else str(error)
+        warnings.warn(f"samplescope: {text}", stacklevel=4)
 
     def _lr(self) -> float:
         if self.optimizer is None or not self.optimizer.param_groups:

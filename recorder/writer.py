@@ -14,9 +14,12 @@ last committed length), so it loses only its own steps, whose numbers go to
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -36,6 +39,7 @@ from samplescope.recorder._tracefile import (
     compact,
     growable,
     publish,
+    remove_stale_temps,
     temp_path,
 )
 
@@ -54,6 +58,10 @@ _STR = h5py.string_dtype("utf-8")
 _LIVE_ROWS = 256
 _COMPACT_ROWS = 8192
 _THUMB_SIDE = 28
+# Free space a flush leaves untouched. HDF5 cannot recover from a write that fails for lack
+# of space (a later close crashes the process in H5F__dest), so the writer refuses a flush
+# that could fill the disk: this room stays for the close (status, metadata).
+SPACE_MARGIN = 4 << 20
 
 # Column dtypes per table; a [rows, layers] column is marked by a trailing "*".
 _STEP_COLUMNS = {
@@ -185,6 +193,13 @@ class TraceWriter:
             msg = f"cannot create trace {self.path}: {_reason(error)}"
             raise TraceWriteError(msg) from error
         self._lock_file.acquire(self.path)
+        try:
+            _check_space(self.path, 0)
+        except OSError as error:
+            self._lock_file.release()
+            msg = f"cannot create trace {self.path}: {_reason(error)}"
+            raise TraceWriteError(msg) from error
+        remove_stale_temps(self.path)
         temp = temp_path(self.path, "new")
         try:
             self._file = h5py.File(temp, "w", libver=LIBVER)
@@ -403,6 +418,7 @@ class TraceWriter:
 
     def _commit(self, batch: dict[str, dict[str, np.ndarray]]) -> None:
         assert self._file is not None
+        _check_space(self.path, sum(v.nbytes for c in batch.values() for v in c.values()))
         for table in _TABLE_ORDER:
             columns = batch.get(table)
             if not columns:
@@ -457,6 +473,7 @@ class TraceWriter:
             self._guard(self._write_pending)
             if self._lost:  # steps lost in the last flush: try once more to list them
                 self._guard(self._commit_lost)
+            _check_space(self.path, 0)
             f["status/closed"][0] = 1
             f.flush()
             closed = True
@@ -522,6 +539,22 @@ def _attr_value(value: Any) -> Any:
     return json.dumps(value)
 
 
+def _check_space(path: Path, nbytes: int) -> None:
+    """Refuse, before HDF5 sees it, a write that could leave less than SPACE_MARGIN free."""
+    try:
+        stats = os.statvfs(path.parent)
+    except OSError:
+        return
+    free = stats.f_bavail * stats.f_frsize
+    need = 2 * nbytes + SPACE_MARGIN
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device ({free >> 10} KiB free)")
+
+
 def _reason(error: BaseException) -> str:
+    """One line: HDF5's messages carry the errno amid a page of detail."""
     text = " ".join(str(error).split())
+    found = re.search(r"errno = (\d+)", text)
+    if found:
+        return f"{os.strerror(int(found.group(1)))} (errno {found.group(1)})"
     return text or type(error).__name__

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,15 +189,33 @@ class Recorder:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._entered = False
-        self._detach()
-        try:
-            self._writer.close()
-        except TraceWriteError as error:
+        interrupted = False
+        while True:
+            # A Ctrl-C during the close must not leave the writer thread running (the
+            # interpreter would exit under it): close with SIGINT deferred, and start over
+            # if one arrived before the deferral took effect (every step is idempotent).
+            try:
+                with _deferred_sigint(self._writer.abort) as deferred:
+                    error = self._close()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted or deferred:
+            raise KeyboardInterrupt
+        if error is not None:
             # Never mask the training loop's own exception with ours.
             if exc_type is not None or self.on_error == "warn":
                 warnings.warn(f"samplescope: {error}", stacklevel=2)
             else:
-                raise
+                raise error
+
+    def _close(self) -> TraceWriteError | None:
+        self._detach()
+        try:
+            self._writer.close()
+        except TraceWriteError as error:
+            return error
+        return None
 
     def _detach(self) -> None:
         for observer in self._observers:
@@ -561,3 +582,23 @@ def _check_config(config: Mapping[str, Any] | None) -> None:
     except (TypeError, ValueError) as error:
         msg = f"config must be JSON-serialisable: {error}"
         raise RecorderError(msg) from None
+
+
+@contextlib.contextmanager
+def _deferred_sigint(on_signal: Callable[[], None]) -> Iterator[list[int]]:
+    """Hold back SIGINT in the block (calling `on_signal` instead); yields a list that is
+    non-empty if one arrived."""
+    arrived: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        arrived.append(signum)
+        on_signal()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield arrived
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -262,6 +262,10 @@ class TraceWriter:
             msg = f"writing trace {self.path} failed: {_reason(error)}"
             raise TraceWriteError(msg) from error
 
+    def abort(self) -> None:
+        """Give up the compaction at close (an interrupt): the live file stays, complete."""
+        self._abort.set()
+
     def close(self) -> None:
         """Write what is left, mark the trace closed, close and compact the file.
 

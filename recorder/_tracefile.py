@@ -160,6 +160,7 @@ def compact(
     drop: Mapping[str, tuple[str, ...]],
     chunk_rows: int,
     abort: threading.Event,
+    layer_order: np.ndarray | None = None,
 ) -> bool:
     """Rewrite a closed trace with whole chunks only, then rename it into place.
 
@@ -168,6 +169,8 @@ def compact(
         drop: per group, datasets to leave out (optional columns never filled).
         chunk_rows: rows per chunk of the rewritten growable datasets.
         abort: set to give up (an interrupt during close); the original stays.
+        layer_order: a permutation of the layers: /layers rows and the layer axis of
+            every [rows, layers] column are rewritten in this order.
 
     Returns:
         True when the compact copy replaced the original. Any failure (a full disk
@@ -186,7 +189,12 @@ def compact(
                 for column, dataset in group.items():
                     if column in drop.get(name, ()):
                         continue
-                    _copy_dataset(dataset, out, column, chunk_rows, abort)
+                    perm = None
+                    if layer_order is not None and (
+                        name == "layers" or (name in ("steps", "visits") and dataset.ndim == 2)
+                    ):
+                        perm = layer_order
+                    _copy_dataset(dataset, out, column, chunk_rows, abort, perm)
         if abort.is_set():
             temp.unlink(missing_ok=True)
             return False
@@ -201,10 +209,16 @@ def compact(
 
 
 def _copy_dataset(
-    dataset: h5py.Dataset, out: h5py.Group, name: str, chunk_rows: int, abort: threading.Event
+    dataset: h5py.Dataset,
+    out: h5py.Group,
+    name: str,
+    chunk_rows: int,
+    abort: threading.Event,
+    perm: np.ndarray | None,
 ) -> None:
     if dataset.chunks is None or dataset.maxshape[0] is not None:
-        out.create_dataset(name, data=dataset[()], dtype=dataset.dtype)
+        data = dataset[()]
+        out.create_dataset(name, data=data if perm is None else data[perm], dtype=dataset.dtype)
         return
     rows = dataset.shape[0]
     tail = dataset.shape[1:]
@@ -233,7 +247,8 @@ def _copy_dataset(
         if abort.is_set():
             msg = "compaction interrupted"
             raise RuntimeError(msg)
-        copy[start : start + _COPY_ROWS] = dataset[start : start + _COPY_ROWS]
+        block = dataset[start : start + _COPY_ROWS]
+        copy[start : start + _COPY_ROWS] = block if perm is None else block[:, perm]
 
 
 def _reason(error: BaseException) -> str:

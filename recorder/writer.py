@@ -162,6 +162,7 @@ class TraceWriter:
         self._lost: list[int] = []  # lost step numbers not yet in /status/lost_steps
         self._n_lost = 0
         self._outputs_seen = False
+        self._forward_order: np.ndarray | None = None
         self._pending: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
         self._abort = threading.Event()
@@ -374,6 +375,7 @@ class TraceWriter:
     def _write_order(self, order: np.ndarray) -> None:
         assert self._file is not None
         self._file["layers/forward_order"][:] = order
+        self._forward_order = order
         self._file.flush()
 
     def _write_pending(self) -> None:
@@ -498,7 +500,19 @@ class TraceWriter:
                 drop={"visits": tuple(OUTPUT_COLUMNS)} if unused else {},
                 chunk_rows=_COMPACT_ROWS,
                 abort=self._abort,
+                layer_order=_layer_order(self._forward_order),
             )
+
+
+def _layer_order(forward: np.ndarray | None) -> np.ndarray | None:
+    """Layers that ran, in forward order, then the others in registration order (v1's
+    order, known only after the first step), or None when that is the order already."""
+    if forward is None:
+        return None
+    n = len(forward)
+    key = np.where(forward >= 0, forward, n + np.arange(n))
+    order = np.argsort(key, kind="stable")
+    return None if (order == np.arange(n)).all() else order
 
 
 def _make_columns(

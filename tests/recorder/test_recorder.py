@@ -203,7 +203,7 @@ def test_thumbnails_are_stored_once_per_sample_and_sample_info_kept(tmp_path):
         assert f["sample_info/flipped"][:].astype(bool).tolist() == flipped.tolist()
 
 
-def test_layers_are_in_registration_order_with_their_forward_order(tmp_path):
+def test_layers_are_ordered_from_input_to_output_once_closed(tmp_path):
     class Backwards(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -220,9 +220,15 @@ def test_layers_are_in_registration_order_with_their_forward_order(tmp_path):
         )
         rec.backward(losses, sample_ids=[0, 1, 2, 3])
     with h5py.File(tmp_path / "t.h5", "r", swmr=True) as f:
-        # Fixed at __enter__ (format v2): registration order; the forward order is a column.
-        assert [n.decode() for n in f["layers/name"][:]] == ["head", "body"]
-        assert f["layers/forward_order"][:].tolist() == [1, 0]
+        # Written live in registration order (format v2, fixed at __enter__), rewritten at
+        # close in forward order, the layer axis of every [rows, layers] column with it.
+        assert [n.decode() for n in f["layers/name"][:]] == ["body", "head"]
+        assert f["layers/forward_order"][:].tolist() == [0, 1]
+        assert f["layers/n_params"][:].tolist() == [20, 12]
+        body = sum(float(p.grad.square().sum()) for p in model.body.parameters())
+        assert f["steps/grad_sq"][0].tolist() == pytest.approx(
+            [body, sum(float(p.grad.square().sum()) for p in model.head.parameters())], rel=1e-5
+        )
 
 
 def test_nonfinite_values_are_recorded_and_counted(tmp_path):

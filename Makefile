@@ -38,6 +38,8 @@ bench: $(STAMP)
 	$(PIP) -e '.[test,bench]'
 	$(BIN)/python bench/recorder_overhead.py
 	$(BIN)/python bench/analysis_speed.py
+	command -v h5repack >/dev/null || (apt-get update -qq && apt-get install -y -qq hdf5-tools)
+	$(BIN)/python bench/trace_size.py
 
 clean:
 	rm -rf $(VENV) samplescope-demo

@@ -28,7 +28,9 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "Shard", "TraceData", "resolve_paths"]
 logger = logging.getLogger(__name__)
 
 FORMAT = "samplescope-trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format v2: a row whose target is negative had no logits; these columns are missing there.
+_OUTPUTS = ("target", "pred", "p_target", "margin", "correct")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _REQUIRED = {
     "layers": ("name",),
@@ -471,8 +473,10 @@ class TraceData:
             values = np.concatenate([p for p, _ in pieces]) if pieces else np.zeros(0)
             valid = (
                 None
-                if all(ok for _, ok in pieces)
-                else np.concatenate([np.full(len(p), ok) for p, ok in pieces])
+                if all(ok is True for _, ok in pieces)
+                else np.concatenate(
+                    [np.full(len(p), ok) if ok is False else ok for p, ok in pieces]
+                )
             )
             if order is not None:
                 values = values[order]
@@ -481,6 +485,17 @@ class TraceData:
         return out
 
     def _chunk_part(
+        self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
+    ) -> tuple[np.ndarray, bool | np.ndarray]:
+        values, ok = self._chunk_values(steps, column, start, stop, index)
+        missing = _missing_outputs(steps.shard, column, start, stop)
+        if missing is None:
+            return values, ok
+        if column == "correct":
+            return np.where(missing, np.int8(-1), values), ok
+        return values, ~missing
+
+    def _chunk_values(
         self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
     ) -> tuple[np.ndarray, bool]:
         shard = steps.shard
@@ -503,6 +518,13 @@ class TraceData:
         return shard.read("visits", column, start, stop), True
 
     def _visit_part(
+        self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
+    ) -> np.ndarray:
+        values = self._visit_values(steps, column, start, stop, index)
+        missing = _missing_outputs(steps.shard, column, start, stop)
+        return values if missing is None else np.ma.MaskedArray(values, mask=missing)
+
+    def _visit_values(
         self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
     ) -> np.ndarray:
         if column in ("epoch", "lr_scale"):
@@ -528,6 +550,8 @@ class TraceData:
         return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
 
     def _to_arrow(self, column: str, part: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+        if isinstance(part, np.ma.MaskedArray):
+            return pa.array(np.ma.getdata(part), mask=np.ma.getmaskarray(part), type=arrow_type)
         if part.dtype == object and column not in ("correct",):
             # An optional column this shard did not record: NULLs of the right type.
             return pa.nulls(len(part), type=arrow_type)
@@ -537,6 +561,14 @@ class TraceData:
         if part.dtype == object:
             return pa.nulls(len(part), type=arrow_type)
         return pa.array(part, type=arrow_type)
+
+
+def _missing_outputs(shard: Shard, column: str, start: int, stop: int) -> np.ndarray | None:
+    """Rows of an output column that hold the v2 missing value, or None when none do."""
+    if column not in _OUTPUTS or not shard.has("visits", "target"):
+        return None
+    missing = shard.read("visits", "target", start, stop) < 0
+    return missing if missing.any() else None
 
 
 def _scalar(arrow_type: pa.DataType):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from samplescope.recorder import _transfer
 from samplescope.recorder._transfer import HostTransfer, NonfiniteCounter
 from samplescope.recorder.errors import RecorderError
 
@@ -20,6 +21,7 @@ __all__ = [
     "as_ids",
     "check_choice",
     "check_result",
+    "check_targets",
     "derive_outputs",
     "jsonable",
     "param_norms",
@@ -34,16 +36,50 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 def as_ids(sample_ids: Tensor | Sequence[int] | np.ndarray) -> np.ndarray:
+    """Sample ids as int64, refusing what would silently change meaning on the way.
+
+    Booleans are not ids, and a uint64 above 2**63 - 1 (or any negative id) would be
+    stored as a different, negative number.
+    """
     if isinstance(sample_ids, Tensor):
-        if sample_ids.is_floating_point():
+        if sample_ids.is_floating_point() or sample_ids.is_complex():
             msg = f"sample ids must be integers, got a {sample_ids.dtype} tensor"
             raise RecorderError(msg)
-        return sample_ids.detach().cpu().reshape(-1).to(torch.int64).numpy()
-    array = np.asarray(sample_ids)
-    if array.dtype.kind not in "iu":
-        msg = f"sample ids must be integers, got {array.dtype}"
+        if sample_ids.dtype == torch.bool:
+            msg = "sample ids must be integers, got a bool tensor"
+            raise RecorderError(msg)
+        array = sample_ids.detach().cpu().reshape(-1).numpy()
+    else:
+        array = np.asarray(sample_ids)
+        if array.dtype.kind not in "iu":
+            kind = "bool" if array.dtype.kind == "b" else str(array.dtype)
+            msg = f"sample ids must be integers, got {kind}"
+            raise RecorderError(msg)
+        array = array.reshape(-1)
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        msg = f"sample id {array.max()} does not fit in int64; use ids below 2**63"
         raise RecorderError(msg)
-    return array.reshape(-1).astype(np.int64)
+    ids = array.astype(np.int64)
+    if ids.size and ids.min() < 0:
+        msg = f"sample ids must be non-negative, got {ids.min()}"
+        raise RecorderError(msg)
+    return ids
+
+
+def check_targets(targets: Tensor, n_classes: int) -> Tensor:
+    """Targets as an int64 copy; on the CPU, checked to be class indices in [0, n_classes).
+
+    Targets on an accelerator are not read here (that would wait for the device every
+    step): out-of-range ones get the documented missing outputs (`derive_outputs`).
+    """
+    copy = targets.detach().reshape(-1).to(torch.int64, copy=True)
+    if not _transfer._needs_copy(copy) and copy.numel():
+        low, high = int(copy.min()), int(copy.max())
+        if low < 0 or high >= n_classes:
+            bad = low if low < 0 else high
+            msg = f"target {bad} is not a class index of logits with {n_classes} classes"
+            raise RecorderError(msg)
+    return copy
 
 
 def check_result(name: str, result: Any, n: int) -> bool:
@@ -97,10 +133,10 @@ class StepFrame:
     scale: float  # 1/N for a mean reduction, 1 for a sum
     lr: float  # NaN when the learning rate is a tensor (then it is in the transfer)
     time: float
-    visit_start: int
     layer_sizes: tuple[int, ...]  # parameter gradients per layer, for `param_norms`
     input_sq: bool  # the input norm was measured (else NaN by definition, not a fault)
     input_grad_sq: bool | None  # None: not asked for; False: asked, not measurable
+    missing_outputs: bool = False  # no logits this step: the documented missing values
 
 
 class StepRows:
@@ -150,6 +186,9 @@ class StepRows:
             # Raw logits: the writer derives the output columns for many steps at once.
             visits["_logits"] = a["_logits"]
             visits["target"] = a["target"]
+        elif frame.missing_outputs:  # see derive_outputs
+            visits["_logits"] = np.zeros((n, 0), dtype=np.float32)
+            visits["target"] = np.full(n, -1, dtype=np.int64)
         if frame.input_grad_sq is not None:
             measured = frame.input_grad_sq
             visits["input_grad_sq"] = (
@@ -177,7 +216,6 @@ class StepRows:
             "batch_size": np.array([n], dtype=np.int64),
             "loss_mean": np.array([visits["loss"].mean(dtype=np.float64)]),
             "time": np.array([frame.time]),
-            "visit_start": np.array([frame.visit_start], dtype=np.int64),
             "n_nonfinite": np.array([nonfinite], dtype=np.int64),
             "grad_sq": np.array(
                 [[float(np.sum(norms[lo:hi])) for lo, hi in itertools.pairwise(bounds)]],
@@ -188,22 +226,38 @@ class StepRows:
 
 
 def derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """pred, p_target and margin from raw logits, for many steps' visits at once."""
+    """pred, p_target and margin from raw logits, for many steps' visits at once.
+
+    Rows whose target is negative had no logits, and rows whose target is not a class of
+    their logits (unchecked targets on an accelerator): both get the documented missing
+    values (pred -1, p_target and margin NaN).
+    """
     if table != "visits" or "_logits" not in columns:
         return columns
     columns = dict(columns)
     logits = columns.pop("_logits")
-    rows = np.arange(len(logits))
     target = columns["target"]
-    target_logit = logits[rows, target]
-    top = logits.max(1)
-    with np.errstate(all="ignore"):  # non-finite logits are recorded as they come out
-        log_norm = top + np.log(np.exp(logits - top[:, None]).sum(1))
-        others = logits.copy()
-        others[rows, target] = -np.inf
-        columns["pred"] = logits.argmax(1).astype(np.int64)
-        columns["p_target"] = np.exp(target_logit - log_norm).astype(np.float32)
-        columns["margin"] = (target_logit - others.max(1)).astype(np.float32)
+    n = len(target)
+    pred = np.full(n, -1, dtype=np.int64)
+    p_target = np.full(n, np.nan, dtype=np.float32)
+    margin = np.full(n, np.nan, dtype=np.float32)
+    known = np.flatnonzero((target >= 0) & (target < logits.shape[1]))
+    if known.size and logits.shape[1]:
+        logits = logits[known]
+        rows = np.arange(known.size)
+        t = target[known]
+        target_logit = logits[rows, t]
+        top = logits.max(1)
+        with np.errstate(all="ignore"):  # non-finite logits are recorded as they come out
+            log_norm = top + np.log(np.exp(logits - top[:, None]).sum(1))
+            others = logits.copy()
+            others[rows, t] = -np.inf
+            pred[known] = logits.argmax(1)
+            p_target[known] = np.exp(target_logit - log_norm)
+            margin[known] = target_logit - others.max(1)
+    columns["pred"] = pred
+    columns["p_target"] = p_target
+    columns["margin"] = margin
     return columns
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +26,7 @@ from samplescope.recorder._columns import (
     as_ids,
     check_choice,
     check_result,
+    check_targets,
     derive_outputs,
     jsonable,
     param_norms,
@@ -76,7 +81,13 @@ class Recorder:
             know it; ``nn.Transformer*`` and ``nn.MultiheadAttention`` layouts are read
             from their ``batch_first``. ``""`` names the model's own input.
         flush_seconds: the longest time recorded rows wait before reaching the file.
-        overwrite: replace an existing trace instead of refusing.
+        overwrite: replace an existing trace instead of refusing (never one that another
+            live process is writing: that is refused, see docs/recorder.md).
+        outputs: whether `/visits` has the output columns (target, pred, p_target, margin).
+            ``True``: every recorded step must pass ``logits`` and ``targets``; ``False``:
+            none may; ``None`` (default): steps may do either, and a step without them gets
+            the missing values (target and pred -1, p_target and margin NaN); at close the
+            columns are left out if no step filled them.
         rank, world_size, run_id: for data parallelism: one trace per rank, same run_id.
 
     Works on any torch device without reading tensor values on the training thread (see
@@ -106,6 +117,7 @@ class Recorder:
         batch_dims: Mapping[str, int] | None = None,
         flush_seconds: float = 2.0,
         overwrite: bool = False,
+        outputs: bool | None = None,
         rank: int = 0,
         world_size: int = 1,
         run_id: str | None = None,
@@ -116,15 +128,20 @@ class Recorder:
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module, not {type(model).__name__}"
             raise RecorderError(msg)
-        if flush_seconds <= 0:
+        if not flush_seconds > 0:
             msg = f"flush_seconds must be positive, not {flush_seconds}"
             raise RecorderError(msg)
+        if outputs not in (True, False, None):
+            msg = f"outputs must be True, False or None, not {outputs!r}"
+            raise RecorderError(msg)
+        _check_config(config)
         self.path = Path(path)
         self.model = model
         self.optimizer = optimizer
         self.reduction = reduction
         self.on_error = on_error
         self.on_unsupported = on_unsupported
+        self.outputs = outputs
         self.options = {
             "alignment": alignment,
             "input_grad": input_grad,
@@ -142,6 +159,7 @@ class Recorder:
             flush_seconds=flush_seconds,
             overwrite=overwrite,
             derive=derive_outputs,
+            drop_unused_outputs=outputs is None,
         )
         self._observers: list[Observer] = []
         self._order: list[str] = []  # layer names in first-forward order
@@ -196,7 +214,9 @@ class Recorder:
         for observer in self._observers:
             if not observer.name:
                 observer.name = ROOT_LAYER
-        self._writer.open()
+        # The layout is fixed here, before any step: layers in registration order
+        # (`model.named_modules()`), their forward order recorded at the first step.
+        self._writer.open(self._layout())
         try:
             for observer in self._observers:
                 observer.attach()
@@ -215,19 +235,35 @@ class Recorder:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._entered = False
-        self._detach()
-        if not self._started:
-            self._start_tables()
-        try:
-            self._writer.close()
-        except TraceWriteError as error:
+        interrupted = False
+        while True:
+            # A Ctrl-C during the close must not leave the writer thread running (the
+            # interpreter would exit under it): close with SIGINT deferred, and start over
+            # if one arrived before the deferral took effect (every step is idempotent).
+            try:
+                with _deferred_sigint(self._writer.abort) as deferred:
+                    error = self._close()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted or deferred:
+            raise KeyboardInterrupt
+        if error is not None:
             # Never mask the training loop's own exception with ours.
             if exc_type is not None or self.on_error == "warn":
                 warnings.warn(f"samplescope: {error}", stacklevel=2)
             else:
-                raise
+                raise error
+
+    def _close(self) -> TraceWriteError | None:
+        self._detach()
+        try:
+            self._writer.close()
+        except TraceWriteError as error:
+            return error
         finally:
-            self._warn_nonfinite(stacklevel=3)
+            self._warn_nonfinite(stacklevel=4)
+        return None
 
     def _detach(self) -> None:
         for observer in self._observers:
@@ -274,7 +310,7 @@ class Recorder:
         if not self._entered:
             msg = "Recorder.backward called outside the `with Recorder(...)` block"
             raise RecorderError(msg)
-        ids = self._check_batch(losses, sample_ids, logits, targets)
+        ids, target_ids = self._check_batch(losses, sample_ids, logits, targets)
         self._warn_nonfinite(stacklevel=3)
         with torch.enable_grad():  # as `loss.backward()` would, even under no_grad
             loss = losses.mean() if self.reduction == "mean" else losses.sum()
@@ -287,7 +323,7 @@ class Recorder:
         try:
             loss.backward(**backward_kwargs)
             if recording:
-                self._record(losses, ids, logits, targets)
+                self._record(losses, ids, logits, target_ids)
             elif losses.requires_grad:
                 self._warn_inactive(skipped)
         finally:
@@ -318,7 +354,7 @@ class Recorder:
         try:
             self._writer.flush()
         except TraceWriteError as error:
-            self._fail(error)
+            self._fail(error, lost_step=False)
         self._warn_nonfinite(stacklevel=3)
 
     # -- one step -------------------------------------------------------------------------
@@ -329,7 +365,7 @@ class Recorder:
         sample_ids: Tensor | Sequence[int] | np.ndarray,
         logits: Tensor | None,
         targets: Tensor | None,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         if not isinstance(losses, Tensor) or losses.dim() != 1:
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             msg = (
@@ -337,6 +373,9 @@ class Recorder:
             )
             raise RecorderError(msg)
         n = losses.shape[0]
+        if n == 0:
+            msg = "empty batch: losses has no samples; skip the step instead of recording it"
+            raise RecorderError(msg)
         ids = as_ids(sample_ids)
         if ids.shape != (n,):
             msg = f"got {ids.size} sample ids for {n} losses; pass one id per sample"
@@ -351,19 +390,32 @@ class Recorder:
         if (logits is None) != (targets is None):
             msg = "pass logits and targets together (or neither)"
             raise RecorderError(msg)
-        if logits is not None and targets is not None:
-            if logits.dim() != 2 or logits.shape[0] != n:
-                msg = f"logits must have shape [{n}, classes], got {tuple(logits.shape)}"
+        if logits is None or targets is None:
+            if self.outputs:
+                msg = "this Recorder has outputs=True: pass logits and targets at every step"
                 raise RecorderError(msg)
-            if targets.shape != (n,) or targets.is_floating_point():
-                msg = (
-                    f"targets must be {n} class indices, got {tuple(targets.shape)} {targets.dtype}"
-                )
-                raise RecorderError(msg)
-        return ids
+            return ids, None
+        if self.outputs is False:
+            msg = "this Recorder has outputs=False: drop logits/targets or pass outputs=None"
+            raise RecorderError(msg)
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            msg = f"logits must have shape [{n}, classes], got {shape}"
+            raise RecorderError(msg)
+        if (
+            not isinstance(targets, Tensor)
+            or targets.shape != (n,)
+            or targets.is_floating_point()
+            or targets.dtype == torch.bool
+        ):
+            shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            dtype = targets.dtype if isinstance(targets, Tensor) else ""
+            msg = f"targets must be {n} integer class indices, got {shape} {dtype}"
+            raise RecorderError(msg)
+        return ids, check_targets(targets, logits.shape[1])
 
     def _record(
-        self, losses: Tensor, ids: np.ndarray, logits: Tensor | None, targets: Tensor | None
+        self, losses: Tensor, ids: np.ndarray, logits: Tensor | None, targets: np.ndarray | None
     ) -> None:
         # Nothing here reads a tensor's values on the host: on an accelerator that would
         # wait for the device once per step. The step's tensors are copied asynchronously
@@ -371,9 +423,13 @@ class Recorder:
         n = losses.shape[0]
         scale = 1.0 / n if self.reduction == "mean" else 1.0
         try:
+            # An earlier flush failed: its steps are lost (and listed); this one is not.
             self._writer.raise_error()
+        except TraceWriteError as error:
+            self._fail(error, lost_step=False)
+        try:
             if not self._started:
-                self._start_tables(outputs=logits is not None)
+                self._first_step()
             tensors, layer_sizes = self._layer_tensors(n, losses.device)
         except SamplescopeError as error:
             self._fail(error)
@@ -388,7 +444,7 @@ class Recorder:
                 tensors["input_grad_sq"] = input_grad_sq
             if logits is not None and targets is not None:
                 tensors["_logits"] = logits.detach().to(torch.float32, copy=True)
-                tensors["target"] = targets.detach().to(torch.int64, copy=True)
+                tensors["target"] = targets
             lr = self._lr()
             if isinstance(lr, Tensor):
                 tensors["lr"] = lr
@@ -401,14 +457,14 @@ class Recorder:
             scale=scale,
             lr=math.nan if isinstance(lr, Tensor) else lr,
             time=time.time(),
-            visit_start=self.n_visits,
             layer_sizes=layer_sizes,
             input_sq=input_sq is not None,
             input_grad_sq=(input_grad_sq is not None) if self.options["input_grad"] else None,
+            missing_outputs=logits is None and self.outputs is None,
         )
         rows = StepRows(HostTransfer(tensors), frame, self._nonfinite)
-        self._writer.append("visits", DeferredRows(rows.visits))
-        self._writer.append("steps", DeferredRows(rows.steps))
+        # The writer assigns /steps/visit_start from the rows it actually writes.
+        self._writer.append_step(DeferredRows(rows.steps), DeferredRows(rows.visits))
         self.step += 1
         self.n_visits += n
 
@@ -478,11 +534,12 @@ class Recorder:
             stacklevel=stacklevel,
         )
 
-    def _fail(self, error: SamplescopeError) -> None:
+    def _fail(self, error: SamplescopeError, *, lost_step: bool = True) -> None:
         if self.on_error == "raise":
             raise error
         self._writer.count_error()
-        warnings.warn(f"samplescope: step {self.step} not recorded: {error}", stacklevel=4)
+        text = f"step {self.step} not recorded: {error}" if lost_step else str(error)
+        warnings.warn(f"samplescope: {text}", stacklevel=4)
 
     def _lr(self) -> float | Tensor:
         if self.optimizer is None or not self.optimizer.param_groups:
@@ -561,10 +618,23 @@ class Recorder:
 
     # -- the file's structure -------------------------------------------------------------
 
-    def _start_tables(self, outputs: bool = False) -> None:
+    def _layout(self) -> dict[str, Any]:
+        return {
+            "layers": {
+                "name": [o.name for o in self._observers],
+                "kind": [type(o.module).__name__ for o in self._observers],
+                "n_params": [o.n_params for o in self._observers],
+                "method": [o.method for o in self._observers],
+            },
+            "outputs": self.outputs is not False,
+            "alignment": self.alignment,
+            "input_grad": self.options["input_grad"],
+            "thumbnails": self.options["thumbnails"],
+        }
+
+    def _first_step(self) -> None:
         position = {name: i for i, name in enumerate(self._order)}
-        # Layers that never ran keep their registration order, after those that did.
-        self._observers.sort(key=lambda o: position.get(o.name, len(position)))
+        self._writer.set_forward_order([position.get(o.name, -1) for o in self._observers])
         for handle in self._order_handles:
             handle.remove()
         self._order_handles.clear()
@@ -577,20 +647,6 @@ class Recorder:
                     "no thumbnails are stored",
                     stacklevel=4,
                 )
-        self._writer.start(
-            {
-                "layers": {
-                    "name": [o.name for o in self._observers],
-                    "kind": [type(o.module).__name__ for o in self._observers],
-                    "n_params": [o.n_params for o in self._observers],
-                    "method": [o.method for o in self._observers],
-                },
-                "outputs": outputs,
-                "alignment": self.alignment,
-                "input_grad": self.options["input_grad"],
-                "thumbnail_shape": self._thumb_shape,
-            }
-        )
         self._started = True
 
     def _order_hook(self, name: str) -> Any:
@@ -642,3 +698,37 @@ def _refuse_compiled(model: nn.Module) -> None:
                 "graph: pass and call the uncompiled module while recording"
             )
             raise RecorderError(msg)
+
+
+def _check_config(config: Mapping[str, Any] | None) -> None:
+    """Refuse, before any file exists, a config the trace could not store as JSON."""
+    if config is None:
+        return
+    if not isinstance(config, Mapping):
+        msg = f"config must be a mapping (e.g. a dict), not {type(config).__name__}"
+        raise RecorderError(msg)
+    try:
+        json.dumps(dict(config))
+    except (TypeError, ValueError) as error:
+        msg = f"config must be JSON-serialisable: {error}"
+        raise RecorderError(msg) from None
+
+
+@contextlib.contextmanager
+def _deferred_sigint(on_signal: Callable[[], None]) -> Iterator[list[int]]:
+    """Hold back SIGINT in the block (calling `on_signal` instead); yields a list that is
+    non-empty if one arrived."""
+    arrived: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        arrived.append(signum)
+        on_signal()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield arrived
+    finally:
+        signal.signal(signal.SIGINT, previous)

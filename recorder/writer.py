@@ -4,13 +4,22 @@ The training thread hands over ready numpy rows; a writer thread buffers them an
 appends to the file every `flush_seconds` in HDF5's single-writer/multiple-reader mode,
 so a reader can open the trace while training runs and a killed process leaves every
 flushed row readable with no repair tool. Layout: docs/trace-format.md.
+
+The writer is the only owner of row offsets: `/steps/visit_start` is assigned here, from
+the rows actually written. A flush that fails is rolled back (every column cut back to its
+last committed length), so it loses only its own steps, whose numbers go to
+`/status/lost_steps`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -23,18 +32,36 @@ import h5py
 import numpy as np
 
 from samplescope import __version__
-from samplescope.errors import SamplescopeError
+from samplescope.recorder._tracefile import (
+    LIBVER,
+    TraceLock,
+    TraceWriteError,
+    compact,
+    growable,
+    publish,
+    remove_stale_temps,
+    temp_path,
+)
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "TraceWriteError", "TraceWriter"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "TraceWriteError", "TraceWriter", "encode_attrs"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "samplescope-trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _STR = h5py.string_dtype("utf-8")
-_CHUNK_ROWS = 8192
-_COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+# Rows per chunk while writing. HDF5 in SWMR mode leaks the old copy of every chunk it
+# rewrites, and a flush rewrites the last, partial chunk of each column, so the waste per
+# flush is about one chunk: small chunks keep the live file near its compact size
+# (bench/trace_size.py). At close the file is rewritten with _COMPACT_ROWS-row chunks.
+_LIVE_ROWS = 256
+_COMPACT_ROWS = 8192
+_THUMB_SIDE = 28
+# Free space a flush leaves untouched. HDF5 cannot recover from a write that fails for lack
+# of space (a later close crashes the process in H5F__dest), so the writer refuses a flush
+# that could fill the disk: this room stays for the close (status, metadata).
+SPACE_MARGIN = 4 << 20
 
 # Column dtypes per table; a [rows, layers] column is marked by a trailing "*".
 _STEP_COLUMNS = {
@@ -55,7 +82,7 @@ _VISIT_COLUMNS = {
     "grad_sq*": np.float32,
     "input_sq": np.float32,
 }
-_OUTPUT_COLUMNS = {
+OUTPUT_COLUMNS = {
     "target": np.int64,
     "pred": np.int64,
     "p_target": np.float32,
@@ -68,24 +95,40 @@ _EVAL_COLUMNS = {
     "loss": np.float64,
     "accuracy": np.float64,
 }
+# Tables in the order a flush appends them: /steps last, so a reader that sees a step also
+# sees its visits.
+_TABLE_ORDER = ("thumbnails", "evals", "visits", "steps")
 
 
-class TraceWriteError(SamplescopeError):
-    """The trace file cannot be created or written."""
+def encode_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Root attributes as HDF5 can store them (JSON text where not scalars or strings).
+
+    Raises:
+        TraceWriteError: a value is not JSON-serialisable (checked before any file exists).
+    """
+    encoded = {}
+    for key, value in attrs.items():
+        try:
+            encoded[key] = _attr_value(value)
+        except (TypeError, ValueError) as error:
+            msg = f"{key} must be JSON-serialisable: {_reason(error)}"
+            raise TraceWriteError(msg) from None
+    return encoded
 
 
 class TraceWriter:
-    """Owns one trace file: root metadata at open, tables created at the first step.
+    """Owns one trace file: complete and readable from `open` on, appended by a thread.
 
     Args:
         path: the file to create.
         attrs: root attributes (JSON-encoded where not scalars or strings).
         sample_info: optional per-sample columns, including ``sample_id``.
         flush_seconds: the longest time rows may wait in memory.
-        overwrite: replace an existing file instead of refusing.
+        overwrite: replace an existing file (never one that a live writer holds).
         derive: ``(table, columns) -> columns`` run on the writer thread over many steps'
             rows at once, to compute columns from queued raw ones (vectorised, off the
             training thread).
+        drop_unused_outputs: at close, leave out the output columns if no row filled them.
     """
 
     def __init__(
@@ -97,73 +140,106 @@ class TraceWriter:
         flush_seconds: float = 2.0,
         overwrite: bool = False,
         derive: Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+        drop_unused_outputs: bool = False,
     ) -> None:
         self.path = Path(path)
         self._derive = derive
         self.flush_seconds = flush_seconds
-        self._attrs = dict(attrs)
+        self._attrs = encode_attrs(attrs)
+        self._layout: dict[str, Any] = {}
         self._sample_info = sample_info
         self._overwrite = overwrite
+        self._drop_unused_outputs = drop_unused_outputs
         self._file: h5py.File | None = None
+        self._lock_file = TraceLock(self.path)
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._buffers: dict[str, dict[str, list[np.ndarray]]] = {}
-        self._layout: dict[str, Any] | None = None
+        self._tables: dict[str, dict[str, h5py.Dataset]] = {}
+        self._rows: dict[str, int] = {}
         self._n_errors = 0
-        self._pending: list[tuple[str, Mapping[str, np.ndarray]]] = []
+        self._n_errors_written = 0
+        self._lost: list[int] = []  # lost step numbers not yet in /status/lost_steps
+        self._n_lost = 0
+        self._outputs_seen = False
+        self._forward_order: np.ndarray | None = None
+        self._pending: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
+        self._abort = threading.Event()
 
     # -- training-thread side -------------------------------------------------------------
 
-    def open(self) -> None:
-        """Create the file and write root metadata. Raises TraceWriteError."""
-        if self.path.exists() and not self._overwrite:
-            msg = f"trace {self.path} already exists; choose another path or pass overwrite=True"
-            raise TraceWriteError(msg)
+    def open(self, layout: Mapping[str, Any]) -> None:
+        """Create the complete, empty trace and start the writer thread.
+
+        Args:
+            layout: ``layers`` (dict of name/kind/n_params/method lists), ``outputs``,
+                ``alignment``, ``input_grad``, ``thumbnails`` (bools): every table and
+                column is created here, so the layout never depends on the first step.
+
+        Raises:
+            TraceWriteError: the path exists (without overwrite), is a directory, is held by
+                a live writer, or cannot be written. Nothing is left behind.
+        """
+        self._layout = dict(layout)
         if self.path.is_dir():
             msg = f"trace path {self.path} is a directory"
             raise TraceWriteError(msg)
+        if self.path.exists() and not self._overwrite:
+            msg = f"trace {self.path} already exists; choose another path or pass overwrite=True"
+            raise TraceWriteError(msg)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = h5py.File(self.path, "w", libver="latest")
         except OSError as error:
             msg = f"cannot create trace {self.path}: {_reason(error)}"
             raise TraceWriteError(msg) from error
-        root = self._file.attrs
-        root["format"] = FORMAT_NAME
-        root["format_version"] = FORMAT_VERSION
-        root["created"] = datetime.now(UTC).isoformat(timespec="seconds")
-        root["samplescope_version"] = __version__
-        root.setdefault("run_id", uuid.uuid4().hex)
-        for key, value in self._attrs.items():
-            root[key] = _attr_value(value)
-        if self._sample_info is not None:
-            group = self._file.create_group("sample_info")
-            for name, column in self._sample_info.items():
-                array = np.asarray(column)
-                group.create_dataset(
-                    name, data=array.astype(np.int8) if array.dtype == bool else array
-                )
+        self._lock_file.acquire(self.path)
+        try:
+            _check_space(self.path, 0)
+        except OSError as error:
+            self._lock_file.release()
+            msg = f"cannot create trace {self.path}: {_reason(error)}"
+            raise TraceWriteError(msg) from error
+        remove_stale_temps(self.path)
+        temp = temp_path(self.path, "new")
+        try:
+            self._file = h5py.File(temp, "w", libver=LIBVER)
+            self._create(self._file)
+            self._file.swmr_mode = True  # also flushes: the file is complete on disk
+            publish(temp, self.path, overwrite=self._overwrite)
+        except BaseException as error:
+            if self._file is not None:
+                with contextlib.suppress(Exception):
+                    self._file.close()
+                self._file = None
+            temp.unlink(missing_ok=True)
+            self._lock_file.release()
+            if isinstance(error, TraceWriteError):
+                raise
+            if not isinstance(error, Exception):
+                raise
+            msg = f"cannot create trace {self.path}: {_reason(error)}"
+            raise TraceWriteError(msg) from error
         self._thread = threading.Thread(target=self._run, name="samplescope-writer", daemon=True)
         self._thread.start()
 
-    def start(self, layout: Mapping[str, Any]) -> None:
-        """Create every table (HDF5 forbids new objects once SWMR writing starts).
-
-        layout keys: ``layers`` (dict of name/kind/n_params/method lists), ``outputs``
-        (bool), ``alignment`` (bool), ``input_grad`` (bool), ``thumbnail_shape`` (tuple or None).
-        """
-        self._queue.put(("start", dict(layout)))
-
-    def append(self, table: str, rows: Mapping[str, np.ndarray]) -> None:
-        """Queue rows for a table ("steps", "visits", "evals", "thumbnails").
+    def append_step(self, step: Mapping[str, np.ndarray], visits: Mapping[str, np.ndarray]) -> None:
+        """Queue one step's /steps row and its /visits rows (written together or not at all).
 
         The writer thread collects them on its own schedule: waking it at every step would
         make it compete with training for the interpreter lock.
         """
         with self._lock:
+            self._pending.append(("step", (step, visits)))
+
+    def append(self, table: str, rows: Mapping[str, np.ndarray]) -> None:
+        """Queue rows for "evals" or "thumbnails"."""
+        with self._lock:
             self._pending.append((table, rows))
+
+    def set_forward_order(self, order: list[int]) -> None:
+        """Record, per layer, its position in the first recorded forward pass (-1: never ran)."""
+        self._queue.put(("order", np.asarray(order, dtype=np.int64)))
 
     def flush(self) -> None:
         """Block until everything queued so far is on disk."""
@@ -182,18 +258,90 @@ class TraceWriter:
         """Re-raise, once, a failure of the writer thread."""
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, TraceWriteError):
+                raise error
             msg = f"writing trace {self.path} failed: {_reason(error)}"
             raise TraceWriteError(msg) from error
 
+    def abort(self) -> None:
+        """Give up the compaction at close (an interrupt): the live file stays, complete."""
+        self._abort.set()
+
     def close(self) -> None:
-        """Write what is left, mark the trace closed and close the file."""
+        """Write what is left, mark the trace closed, close and compact the file.
+
+        Interrupt-safe: a KeyboardInterrupt (one or more) while closing skips compaction,
+        still waits for the last rows and the `closed` mark (a bounded write), then re-raises.
+        """
         if self._file is None:
             return
+        interrupted: BaseException | None = None
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(("close", None))
-            self._thread.join()
+            while self._thread.is_alive():
+                try:
+                    self._thread.join(0.1)
+                except KeyboardInterrupt as error:
+                    interrupted = error
+                    self._abort.set()
         self._file = None
+        self._lock_file.release()
+        if interrupted is not None:
+            raise interrupted
         self.raise_error()
+
+    # -- the file's structure -------------------------------------------------------------
+
+    def _create(self, f: h5py.File) -> None:
+        root = f.attrs
+        root["format"] = FORMAT_NAME
+        root["format_version"] = FORMAT_VERSION
+        root["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+        root["samplescope_version"] = __version__
+        root["run_id"] = uuid.uuid4().hex
+        for key, value in self._attrs.items():
+            root[key] = value
+        if self._sample_info is not None:
+            group = f.create_group("sample_info")
+            for name, column in self._sample_info.items():
+                array = np.asarray(column)
+                group.create_dataset(
+                    name, data=array.astype(np.int8) if array.dtype == bool else array
+                )
+        layout = self._layout
+        layers = layout["layers"]
+        n_layers = len(layers["name"])
+        group = f.create_group("layers")
+        for name in ("name", "kind", "method"):
+            group.create_dataset(name, data=np.array(layers[name], dtype=object), dtype=_STR)
+        group.create_dataset("n_params", data=np.asarray(layers["n_params"], dtype=np.int64))
+        group.create_dataset("forward_order", data=np.full(n_layers, -1, dtype=np.int64))
+
+        visit_columns = dict(_VISIT_COLUMNS)
+        if layout.get("outputs"):
+            visit_columns.update(OUTPUT_COLUMNS)
+        if layout.get("input_grad"):
+            visit_columns["input_grad_sq"] = np.float32
+        if layout.get("alignment"):
+            visit_columns["alignment*"] = np.float32
+        self._tables = {
+            "steps": _make_columns(f.create_group("steps"), _STEP_COLUMNS, n_layers),
+            "visits": _make_columns(f.create_group("visits"), visit_columns, n_layers),
+            "evals": _make_columns(f.create_group("evals"), _EVAL_COLUMNS, n_layers),
+        }
+        if layout.get("thumbnails"):
+            thumbs = f.create_group("thumbnails")
+            side = (_THUMB_SIDE, _THUMB_SIDE)
+            self._tables["thumbnails"] = {
+                "sample_id": growable(thumbs, "sample_id", np.int64, (), _LIVE_ROWS),
+                # H and W are set by the first image (at most 28×28).
+                "image": growable(thumbs, "image", np.uint8, (0, 0), 64, side),
+            }
+        self._rows = dict.fromkeys(self._tables, 0)
+        status = f.create_group("status")
+        status.create_dataset("closed", data=np.zeros(1, dtype=np.int8))
+        status.create_dataset("n_errors", data=np.zeros(1, dtype=np.int64))
+        growable(status, "lost_steps", np.int64, (), 1024, compress=False)
 
     # -- writer-thread side ---------------------------------------------------------------
 
@@ -205,99 +353,166 @@ class TraceWriter:
                 kind, payload = self._queue.get(timeout=timeout)
             except queue.Empty:
                 kind, payload = "tick", None
-            try:
-                if kind == "start":
-                    self._create_tables(payload)
-                if (
-                    kind in ("flush", "close")
-                    or time.monotonic() - last_flush >= self.flush_seconds
-                ):
-                    self._collect()
-                    self._write_buffers()
-                    last_flush = time.monotonic()
-            except BaseException as error:  # noqa: BLE001 - reported on the training thread
-                if self._error is None:
-                    self._error = error
-                self._buffers.clear()
+            if kind == "order":
+                self._guard(self._write_order, payload)
+            if kind in ("flush", "close") or time.monotonic() - last_flush >= self.flush_seconds:
+                self._guard(self._write_pending)
+                last_flush = time.monotonic()
             if kind == "flush":
                 payload.set()
             elif kind == "close":
                 self._finish()
                 return
 
-    def _collect(self) -> None:
+    def _guard(self, work: Callable[..., None], *args: Any) -> None:
+        try:
+            work(*args)
+        except Exception as error:
+            logger.debug("trace write failed", exc_info=True)
+            if self._error is None:
+                self._error = error
+
+    def _write_order(self, order: np.ndarray) -> None:
+        assert self._file is not None
+        self._file["layers/forward_order"][:] = order
+        self._forward_order = order
+        self._file.flush()
+
+    def _write_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        for table, rows in pending:
-            columns = self._buffers.setdefault(table, {})
-            for name, value in rows.items():
-                columns.setdefault(name, []).append(value)
-
-    def _create_tables(self, layout: Mapping[str, Any]) -> None:
-        f = self._file
-        assert f is not None
-        layers = layout["layers"]
-        n_layers = len(layers["name"])
-        group = f.create_group("layers")
-        group.create_dataset("name", data=np.array(layers["name"], dtype=object), dtype=_STR)
-        group.create_dataset("kind", data=np.array(layers["kind"], dtype=object), dtype=_STR)
-        group.create_dataset("n_params", data=np.asarray(layers["n_params"], dtype=np.int64))
-        group.create_dataset("method", data=np.array(layers["method"], dtype=object), dtype=_STR)
-
-        visit_columns = dict(_VISIT_COLUMNS)
-        if layout.get("outputs"):
-            visit_columns.update(_OUTPUT_COLUMNS)
-        if layout.get("input_grad"):
-            visit_columns["input_grad_sq"] = np.float32
-        if layout.get("alignment"):
-            visit_columns["alignment*"] = np.float32
-        self._layout = {
-            "steps": _make_columns(f.create_group("steps"), _STEP_COLUMNS, n_layers),
-            "visits": _make_columns(f.create_group("visits"), visit_columns, n_layers),
-            "evals": _make_columns(f.create_group("evals"), _EVAL_COLUMNS, n_layers),
-        }
-        shape = layout.get("thumbnail_shape")
-        if shape is not None:
-            thumbs = f.create_group("thumbnails")
-            self._layout["thumbnails"] = {
-                "sample_id": _growable(thumbs, "sample_id", np.int64, ()),
-                "image": _growable(thumbs, "image", np.uint8, tuple(shape)),
-            }
-        status = f.create_group("status")
-        status.create_dataset("closed", data=np.zeros(1, dtype=np.int8))
-        status.create_dataset("n_errors", data=np.zeros(1, dtype=np.int64))
-        f.swmr_mode = True
-
-    def _write_buffers(self) -> None:
-        if self._layout is None or self._file is None:
+        if not pending and not self._lost and self._n_errors == self._n_errors_written:
             return
-        for table, columns in self._buffers.items():
-            datasets = self._layout.get(table)
-            if datasets is None:
+        steps = [rows for kind, rows in pending if kind == "step"]
+        numbers = [int(s["step"][0]) for s, _ in steps]
+        try:
+            batch = self._merge(pending)
+        except Exception:
+            self._lost.extend(numbers)
+            raise
+        try:
+            self._commit(batch)
+        except Exception as error:
+            self._rollback()
+            self._lost.extend(numbers)
+            lost = f"; {len(numbers)} step(s) lost, listed in /status/lost_steps" if numbers else ""
+            msg = f"writing trace {self.path} failed: {_reason(error)}{lost}"
+            raise TraceWriteError(msg) from error
+
+    def _merge(self, pending: list[tuple[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+        parts: dict[str, dict[str, list[np.ndarray]]] = {}
+        for kind, rows in pending:
+            items = [("steps", rows[0]), ("visits", rows[1])] if kind == "step" else [(kind, rows)]
+            for table, columns in items:
+                bucket = parts.setdefault(table, {})
+                for name, value in columns.items():
+                    bucket.setdefault(name, []).append(value)
+        batch = {}
+        for table, columns in parts.items():
+            if table not in self._tables:
                 continue
-            merged = {name: np.concatenate(parts) for name, parts in columns.items() if parts}
+            merged = {name: _concat(values) for name, values in columns.items()}
             if self._derive is not None:
                 merged = self._derive(table, merged)
-            for name, values in merged.items():
-                _append(datasets[name], values)
-        self._buffers.clear()
-        self._file["status/n_errors"][0] = self._n_errors
+            batch[table] = merged
+        if "steps" in batch:
+            sizes = batch["steps"]["batch_size"]
+            batch["steps"]["visit_start"] = self._rows["visits"] + np.concatenate(
+                [[0], np.cumsum(sizes)[:-1]]
+            ).astype(np.int64)
+        return batch
+
+    def _commit(self, batch: dict[str, dict[str, np.ndarray]]) -> None:
+        assert self._file is not None
+        _check_space(self.path, sum(v.nbytes for c in batch.values() for v in c.values()))
+        for table in _TABLE_ORDER:
+            columns = batch.get(table)
+            if not columns:
+                continue
+            datasets = self._tables[table]
+            missing = set(datasets) - set(columns)
+            if missing:
+                msg = f"internal error: no values for /{table}/{', '.join(sorted(missing))}"
+                raise TraceWriteError(msg)
+            start = self._rows[table]
+            for name, dataset in datasets.items():
+                _append(dataset, start, columns[name])
+        status = self._file["status"]
+        lost = status["lost_steps"]
+        if self._lost:
+            _append(lost, self._n_lost, np.asarray(self._lost, dtype=np.int64))
+        status["n_errors"][0] = self._n_errors
+        self._n_errors_written = self._n_errors
         self._file.flush()
+        for table, columns in batch.items():
+            self._rows[table] += len(next(iter(columns.values())))
+        if "visits" in batch and "target" in batch["visits"]:
+            self._outputs_seen = self._outputs_seen or bool(np.any(batch["visits"]["target"] >= 0))
+        self._n_lost += len(self._lost)
+        self._lost = []
+
+    def _commit_lost(self) -> None:
+        try:
+            self._commit({})
+        except Exception:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        # Cut every column back to its committed length, so the next flush appends right
+        # after the last good rows and no reader ever sees rows that did not reach disk.
+        for table, datasets in self._tables.items():
+            for dataset in datasets.values():
+                with contextlib.suppress(Exception):
+                    if dataset.shape[0] != self._rows[table]:
+                        dataset.resize(self._rows[table], axis=0)
+        with contextlib.suppress(Exception):
+            lost = self._file["status/lost_steps"]
+            if lost.shape[0] != self._n_lost:
+                lost.resize(self._n_lost, axis=0)
 
     def _finish(self) -> None:
         f = self._file
         assert f is not None
+        closed = False
         try:
-            if self._layout is not None:
-                self._collect()
-                self._write_buffers()
-                f["status/closed"][0] = 1
-                f.flush()
-        except BaseException as error:  # noqa: BLE001 - reported on the training thread
+            self._guard(self._write_pending)
+            if self._lost:  # steps lost in the last flush: try once more to list them
+                self._guard(self._commit_lost)
+            _check_space(self.path, 0)
+            f["status/closed"][0] = 1
+            f.flush()
+            closed = True
+        except Exception as error:  # noqa: BLE001 - reported on the training thread
             if self._error is None:
                 self._error = error
         finally:
-            f.close()
+            try:
+                f.close()
+            except Exception as error:  # noqa: BLE001 - reported on the training thread
+                closed = False
+                if self._error is None:
+                    self._error = error
+        if closed and not self._abort.is_set():
+            unused = self._drop_unused_outputs and not self._outputs_seen
+            compact(
+                self.path,
+                drop={"visits": tuple(OUTPUT_COLUMNS)} if unused else {},
+                chunk_rows=_COMPACT_ROWS,
+                abort=self._abort,
+                layer_order=_layer_order(self._forward_order),
+            )
+
+
+def _layer_order(forward: np.ndarray | None) -> np.ndarray | None:
+    """Layers that ran, in forward order, then the others in registration order (v1's
+    order, known only after the first step), or None when that is the order already."""
+    if forward is None:
+        return None
+    n = len(forward)
+    key = np.where(forward >= 0, forward, n + np.arange(n))
+    order = np.argsort(key, kind="stable")
+    return None if (order == np.arange(n)).all() else order
 
 
 def _make_columns(
@@ -307,26 +522,27 @@ def _make_columns(
     for key, dtype in columns.items():
         name = key.rstrip("*")
         tail = (n_layers,) if key.endswith("*") else ()
-        datasets[name] = _growable(group, name, dtype, tail)
+        datasets[name] = growable(group, name, dtype, tail, _LIVE_ROWS)
     return datasets
 
 
-def _growable(group: h5py.Group, name: str, dtype: Any, tail: tuple[int, ...]) -> h5py.Dataset:
-    row_bytes = max(1, int(np.prod(tail, dtype=np.int64))) * 8
-    rows = max(64, min(_CHUNK_ROWS, (1 << 20) // row_bytes))
-    return group.create_dataset(
-        name,
-        shape=(0, *tail),
-        maxshape=(None, *tail),
-        chunks=(rows, *tail),
-        dtype=dtype,
-        **_COMPRESSION,
-    )
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    widths = {p.shape[1:] for p in parts}
+    if len(widths) > 1 and all(p.ndim == 2 for p in parts):
+        # Raw logits of steps with different class counts (or none): pad with -inf, which
+        # changes neither the softmax nor the arg-max.
+        width = max(p.shape[1] for p in parts)
+        parts = [
+            np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-np.inf) for p in parts
+        ]
+    return np.concatenate(parts)
 
 
-def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
-    start = dataset.shape[0]
-    dataset.resize(start + values.shape[0], axis=0)
+def _append(dataset: h5py.Dataset, start: int, values: np.ndarray) -> None:
+    """Write ``values`` at row ``start`` (the one place rows reach the file)."""
+    shape = (start + values.shape[0], *values.shape[1:])
+    if dataset.shape != shape:
+        dataset.resize(shape)
     dataset[start:] = values
 
 
@@ -341,6 +557,22 @@ def _attr_value(value: Any) -> Any:
     return json.dumps(value)
 
 
+def _check_space(path: Path, nbytes: int) -> None:
+    """Refuse, before HDF5 sees it, a write that could leave less than SPACE_MARGIN free."""
+    try:
+        stats = os.statvfs(path.parent)
+    except OSError:
+        return
+    free = stats.f_bavail * stats.f_frsize
+    need = 2 * nbytes + SPACE_MARGIN
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device ({free >> 10} KiB free)")
+
+
 def _reason(error: BaseException) -> str:
+    """One line: HDF5's messages carry the errno amid a page of detail."""
     text = " ".join(str(error).split())
+    found = re.search(r"errno = (\d+)", text)
+    if found:
+        return f"{os.strerror(int(found.group(1)))} (errno {found.group(1)})"
     return text or type(error).__name__

@@ -67,7 +67,7 @@ def test_newer_format_version(tmp_path: Path) -> None:
         open_trace(path)
     message = _message(excinfo)
     assert "version 9" in message
-    assert "up to 1" in message
+    assert "up to 2" in message
 
 
 @pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])

@@ -142,7 +142,7 @@ def test_output_file_for_text_formats(tiny: Path, tmp_path: Path) -> None:
         (["sql", "{tiny}", "SELECT * FROM nope"], "nope"),
         (["sql", "{tiny}", "SELECT CAST(layer AS INTEGER) FROM layers"], "SQL error"),
         (["samples", "{tiny}", "--sort", "nope"], "no column 'nope'"),
-        (["samples", "{newer}"], "version 2"),
+        (["samples", "{newer}"], "version 3"),
         (["compare", "{tiny}"], "at least two"),
         (["sql", "{tiny}", "SELECT 1", "--format", "parquet"], "needs --output"),
     ],
@@ -152,7 +152,7 @@ def test_bad_input_is_one_line_exit_2(
 ) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    newer = write_tiny_trace(tmp_path / "newer.h5", attrs={"format_version": 2})
+    newer = write_tiny_trace(tmp_path / "newer.h5", attrs={"format_version": 3})
     paths = {"missing": tmp_path / "missing.h5", "text": text, "tiny": tiny, "newer": newer}
     line = _error_line(*[a.format(**paths) for a in args])
     assert expected in line

@@ -69,7 +69,7 @@ def test_quick_start_trace_holds_every_documented_dataset(tmp_path):
         rec.log_eval("test", loss=0.5, accuracy=0.75)
     with h5py.File(path, "r", swmr=True) as f:
         assert f.attrs["format"] == "samplescope-trace"
-        assert f.attrs["format_version"] == 1
+        assert f.attrs["format_version"] == 2
         assert json.loads(f.attrs["config"]) == {"lr": 0.1}
         assert f.attrs["reduction"] == "mean"
         assert f.attrs["optimizer"] == "SGD"
@@ -204,7 +204,7 @@ def test_thumbnails_are_stored_once_per_sample_and_sample_info_kept(tmp_path):
         assert f["sample_info/flipped"][:].astype(bool).tolist() == flipped.tolist()
 
 
-def test_layers_are_ordered_from_input_to_output(tmp_path):
+def test_layers_are_ordered_from_input_to_output_once_closed(tmp_path):
     class Backwards(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -221,7 +221,15 @@ def test_layers_are_ordered_from_input_to_output(tmp_path):
         )
         rec.backward(losses, sample_ids=[0, 1, 2, 3])
     with h5py.File(tmp_path / "t.h5", "r", swmr=True) as f:
+        # Written live in registration order (format v2, fixed at __enter__), rewritten at
+        # close in forward order, the layer axis of every [rows, layers] column with it.
         assert [n.decode() for n in f["layers/name"][:]] == ["body", "head"]
+        assert f["layers/forward_order"][:].tolist() == [0, 1]
+        assert f["layers/n_params"][:].tolist() == [20, 12]
+        body = sum(float(p.grad.square().sum()) for p in model.body.parameters())
+        assert f["steps/grad_sq"][0].tolist() == pytest.approx(
+            [body, sum(float(p.grad.square().sum()) for p in model.head.parameters())], rel=1e-5
+        )
 
 
 def test_nonfinite_values_are_recorded_and_counted(tmp_path):

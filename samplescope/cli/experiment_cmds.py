@@ -7,6 +7,7 @@ Each command parses its options, calls one function of `samplescope.experiments`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -179,6 +180,9 @@ def _budget(text: str) -> float | int:
     except ValueError:
         msg = f"--budget must be a fraction like 0.1 or a count like 50, not {text!r}"
         raise _BadOptionError(msg) from None
+    if not math.isfinite(value) or value <= 0:
+        msg = f"--budget must be a fraction in (0, 1] or a count >= 1, not {text!r}"
+        raise _BadOptionError(msg)
     return int(value) if value > 1 and value == int(value) else value
 
 

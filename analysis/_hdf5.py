@@ -362,6 +362,7 @@ class TraceData:
             self._check_shards()
             self.shards.sort(key=lambda s: s.rank)
             self.steps = [_read_steps(s) for s in self.shards]
+            self.warnings = self._warnings()
             self.layer_names = [str(x) for x in self.shards[0].read("layers", "name")]
         except BaseException:
             self.close()
@@ -382,6 +383,24 @@ class TraceData:
         if len(set(ranks)) != len(ranks):
             msg = f"two files with the same rank among {[str(s.path) for s in self.shards]}"
             raise TraceError(msg)
+
+    def _warnings(self) -> list[str]:
+        """What a reader must know before trusting totals: partial runs, unfinished files."""
+        out = []
+        world = max(s.world_size for s in self.shards)
+        missing = sorted(set(range(world)) - {s.rank for s in self.shards})
+        if missing:
+            out.append(
+                f"partial run: world_size is {world} but rank(s) "
+                f"{', '.join(map(str, missing))} are missing; totals cover the given shards only"
+            )
+        for shard, steps in zip(self.shards, self.steps, strict=True):
+            if not shard.closed:
+                out.append(
+                    f"incomplete trace: {shard.path} was not closed (still being written, or "
+                    f"the writer stopped); read up to its last flush, {len(steps.step)} steps"
+                )
+        return out
 
     @property
     def n_layers(self) -> int:

@@ -137,6 +137,12 @@ class Trace:
 
     # -- metadata -------------------------------------------------------------------
     @property
+    def warnings(self) -> list[str]:
+        """Facts that qualify every number from this trace: a shard not closed (live or
+        crashed), ranks of a multi-rank run that were not given. Empty for a whole run."""
+        return list(self._data.warnings)
+
+    @property
     def steps_index(self) -> np.ndarray:
         """The recorded global step numbers (one copy per step)."""
         return np.unique(np.concatenate([s.step for s in self._data.steps]))
@@ -165,6 +171,7 @@ class Trace:
             optional_columns=[c for c in _OPTIONAL_VISITS if self._data.has_visit_column(c)],
             has_evals=shards[0].has("evals"),
             has_sample_info=shards[0].has("sample_info"),
+            warnings=list(self.warnings),
         )
         return meta
 

@@ -14,7 +14,7 @@ from typing import Any
 import click
 import polars as pl
 
-from samplescope.cli.output import frame_output
+from samplescope.cli.output import frame_output, warn_about
 from samplescope.errors import SamplescopeError
 
 __all__ = ["register"]
@@ -168,6 +168,7 @@ def findings(trace: tuple[str, ...], headlines: bool) -> pl.DataFrame:
     from samplescope.analysis.findings import headlines as summarise
 
     with open_trace(list(trace)) as opened:
+        warn_about(opened)
         results = check(opened)
         if headlines:
             return pl.DataFrame({"headline": summarise(opened, results)})
@@ -220,6 +221,7 @@ def flag(
     from samplescope.analysis.flags import flag as rank
 
     with open_trace(list(trace)) as opened:
+        warn_about(opened)
         frame = rank(opened, kind=kind, budget=_budget(budget), score=score)
     return frame if top is None else frame.head(top)
 

@@ -17,9 +17,18 @@ from typing import Any, TypeVar
 import click
 import polars as pl
 
+from samplescope._paths import atomic_output, same_file
 from samplescope.errors import SamplescopeError
 
-__all__ = ["FORMATS", "CommandError", "format_table", "frame_output", "one_line", "write_frame"]
+__all__ = [
+    "FORMATS",
+    "CommandError",
+    "format_table",
+    "frame_output",
+    "one_line",
+    "warn_about",
+    "write_frame",
+]
 
 FORMATS = ("table", "csv", "json", "parquet")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,6 +38,12 @@ class CommandError(click.ClickException):
     """A user mistake reported in one line with exit status 2."""
 
     exit_code = 2
+
+
+def warn_about(trace: Any) -> None:
+    """Print the trace's warnings (incomplete file, missing ranks) to stderr, one a line."""
+    for warning in getattr(trace, "warnings", []):
+        click.echo(f"Warning: {warning}", err=True)
 
 
 def one_line(error: BaseException) -> str:
@@ -123,7 +138,8 @@ def write_frame(frame: pl.DataFrame, fmt: str, output: str | None) -> None:
         if output is None:
             msg = "--format parquet needs --output FILE"
             raise click.UsageError(msg)
-        frame.write_parquet(output)
+        with atomic_output(output) as temp:
+            frame.write_parquet(temp)
         return
     if fmt == "csv":
         text = _flat(frame).write_csv()
@@ -134,7 +150,21 @@ def write_frame(frame: pl.DataFrame, fmt: str, output: str | None) -> None:
     if output is None:
         click.echo(text, nl=False)
     else:
-        Path(output).write_text(text, encoding="utf-8")
+        with atomic_output(output) as temp:
+            temp.write_text(text, encoding="utf-8")
+
+
+_INPUT_OPTIONS = ("trace", "traces", "out")
+
+
+def _refuse_input_as_output(output: str, kwargs: dict[str, Any]) -> None:
+    """--output may not name a trace the command reads or writes (`train --out X -o X`)."""
+    for key in _INPUT_OPTIONS:
+        value = kwargs.get(key)
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(path, (str, Path)) and same_file(output, path):
+                msg = f"--output {output} is also the trace {path}; choose another output file"
+                raise CommandError(msg)
 
 
 def frame_output(func: F) -> F:
@@ -160,6 +190,8 @@ def frame_output(func: F) -> F:
         if fmt == "parquet" and output is None:
             msg = "--format parquet needs --output FILE"
             raise click.UsageError(msg)
+        if output is not None:
+            _refuse_input_as_output(output, kwargs)
         try:
             frame = func(*args, **kwargs)
         except SamplescopeError as error:

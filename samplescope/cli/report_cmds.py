@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
+
+from samplescope.cli.output import warn_about
 
 __all__ = ["register"]
 
@@ -53,14 +56,20 @@ def report(
 
     Example: samplescope report run.h5 -o report.pdf --pages summary,heatmaps
     """
+    from samplescope.analysis import open_trace
     from samplescope.reports import render_report
     from samplescope.reports.render import select_sections
 
     select_sections(pages)  # an unknown section fails before the trace is read
     source = trace[0] if len(trace) == 1 else list(trace)
-    path = render_report(source, out, pages=pages, title=title, fmt=fmt, progress=not quiet)
+    started = time.time_ns()
+    with open_trace(source) as opened:
+        warn_about(opened)
+        path = render_report(opened, out, pages=pages, title=title, fmt=fmt, progress=not quiet)
     if fmt == "png":
-        count = len(list(path.glob("[0-9][0-9]-*.png")))
+        # Pages of an earlier, longer report may remain beside them: count this run's only.
+        pngs = path.glob("[0-9][0-9]-*.png")
+        count = sum(1 for p in pngs if p.stat().st_mtime_ns >= started - 1_000_000_000)
         click.echo(f"Wrote {count} page images to {path}/")
     else:
         click.echo(f"Wrote {path}")

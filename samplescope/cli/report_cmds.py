@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -62,17 +61,25 @@ def report(
 
     select_sections(pages)  # an unknown section fails before the trace is read
     source = trace[0] if len(trace) == 1 else list(trace)
-    started = time.time_ns()
+    before = _pages(out) if fmt == "png" else {}
     with open_trace(source) as opened:
         warn_about(opened)
         path = render_report(opened, out, pages=pages, title=title, fmt=fmt, progress=not quiet)
     if fmt == "png":
-        # Pages of an earlier, longer report may remain beside them: count this run's only.
-        pngs = path.glob("[0-9][0-9]-*.png")
-        count = sum(1 for p in pngs if p.stat().st_mtime_ns >= started - 1_000_000_000)
+        # Other files (an earlier, longer report's pages) may remain: count this run's only,
+        # the names whose file was replaced (a new inode) or created.
+        count = sum(1 for name, key in _pages(path).items() if before.get(name) != key)
         click.echo(f"Wrote {count} page images to {path}/")
     else:
         click.echo(f"Wrote {path}")
+
+
+def _pages(folder: Path) -> dict[str, tuple[int, int]]:
+    if not folder.is_dir():
+        return {}
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("[0-9][0-9]-*.png")
+    }
 
 
 @click.command()

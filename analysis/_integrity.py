@@ -35,9 +35,9 @@ __all__ = ["MAX_CHUNK_BYTES", "SWMR_READ_ATTEMPTS", "DatasetBounds", "check_obje
 
 logger = logging.getLogger(__name__)
 
-# 12 tries back off 1 ns, 2 ns, ... 2 µs: negligible, yet a reader racing the writer's flush
-# still re-reads a torn block a few times before giving up.
-SWMR_READ_ATTEMPTS = 12
+# 24 tries back off 1 ns, 2 ns, ... 8 ms (17 ms in all): short for a corrupt file, yet a
+# reader racing the writer's flush still re-reads a torn block for a while before giving up.
+SWMR_READ_ATTEMPTS = 24
 MAX_CHUNK_BYTES = 16 << 20
 _MAX_ROW_BYTES = 1 << 20
 _MAX_OBJECTS = 4096

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pyarrow as pa
 
+from samplescope.analysis._integrity import DatasetBounds, check_objects, open_swmr
 from samplescope.analysis.errors import TraceError, TraceFormatError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Shard", "TraceData", "resolve_paths"]
@@ -64,6 +65,10 @@ def resolve_paths(source: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         if path.is_dir():
             msg = f"{path} is a directory; pass the trace's .h5 file(s) or a glob"
             raise TraceError(msg)
+        if not path.is_file():
+            # A FIFO or a device would block or never end; a trace is a regular file.
+            msg = f"{path} is not a regular file, so not a samplescope trace"
+            raise TraceFormatError(msg)
     return paths
 
 
@@ -78,17 +83,17 @@ def _decode(value: Any) -> Any:
 
 
 def _open_h5(path: Path) -> h5py.File:
-    """Open for reading in SWMR mode, after a plain probe that catches truncated files.
+    """Open for reading: plainly when no writer holds the file, else in SWMR mode.
 
-    HDF5 skips its truncation check in SWMR mode and retries failed metadata reads with
-    sleeps, so a truncated file would hang the reader. A plain read-only open checks the
-    file's stored end against its size; it fails on a file a writer still holds (its
-    consistency flags are set), which is then opened in SWMR mode as the spec says.
+    A plain read-only open checks the file's stored end against its size and reads each
+    metadata block once, so a truncated or corrupt closed trace fails at once. It fails on a
+    file a writer holds (its consistency flags are set, live or killed), which is then opened
+    in SWMR mode as the spec says, with HDF5's metadata retries bounded (`open_swmr`): HDF5
+    skips its truncation check there, hence `_shorter_than_stored_eof`.
     """
     try:
-        with h5py.File(path, "r", locking=False):
-            pass
-    except OSError as exc:
+        return h5py.File(path, "r", locking=False)
+    except (OSError, RuntimeError) as exc:
         text = str(exc)
         if not h5py.is_hdf5(path):
             with path.open("rb") as fh:
@@ -106,8 +111,8 @@ def _open_h5(path: Path) -> h5py.File:
             msg = f"{path} is a truncated or corrupt HDF5 file ({_first_line(text)})"
             raise TraceFormatError(msg) from None
     try:
-        return h5py.File(path, "r", swmr=True, locking=False)
-    except OSError as exc:
+        return open_swmr(path)
+    except (OSError, RuntimeError) as exc:
         msg = f"{path} is a truncated or corrupt HDF5 file ({_first_line(str(exc))})"
         raise TraceFormatError(msg) from None
 
@@ -141,20 +146,26 @@ class Shard:
     path: Path
     file: h5py.File
     attrs: dict[str, Any]
+    bounds: DatasetBounds
+    closed: bool = False
 
     @classmethod
     def open(cls, path: Path) -> Shard:
         file = _open_h5(path)
         try:
+            # Before any data is read: nothing may point outside the file or declare more
+            # than it stores.
+            bounds = check_objects(file, path)
             attrs = {key: _decode(file.attrs[key]) for key in file.attrs}
-            shard = cls(path=path, file=file, attrs=attrs)
+            shard = cls(path=path, file=file, attrs=attrs, bounds=bounds)
             shard._validate()
+            shard._check_invariants()
         except TraceError:
             file.close()
             raise
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
             file.close()
-            msg = f"{path} is a truncated or corrupt trace ({exc})"
+            msg = f"{path} is a truncated or corrupt trace ({_first_line(str(exc))})"
             raise TraceFormatError(msg) from None
         return shard
 
@@ -188,6 +199,48 @@ class Shard:
                         "%s: attribute %s is not valid JSON; kept as text", self.path, key
                     )
 
+    def _check_invariants(self) -> None:
+        """The documented invariants (docs/trace-format.md) that do not need the visits read."""
+        closed = self.read("status", "closed", 0, 1) if self.has("status", "closed") else []
+        self.closed = len(closed) == 1 and int(closed[0]) == 1
+        if self.closed:
+            self.bounds.check_complete(self.path)
+        for group in ("layers", "sample_info"):  # written once: always of equal length
+            self._equal_lengths(group)
+        if self.closed:
+            for group in ("steps", "visits", "evals", "thumbnails"):
+                self._equal_lengths(group)
+        names = [str(x) for x in self.read("layers", "name")]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            msg = f"{self.path}: /layers/name lists {dup[0]!r} twice; the trace is corrupt"
+            raise TraceFormatError(msg)
+        for column in ("visits/grad_sq", "visits/alignment", "steps/grad_sq"):
+            if column in self.file:
+                shape = self.file[column].shape
+                if len(shape) != 2 or shape[1] != len(names):
+                    msg = (
+                        f"{self.path}: /{column} has shape {shape}, not (rows, {len(names)}) "
+                        "for the trace's layers; the trace is corrupt"
+                    )
+                    raise TraceFormatError(msg)
+        if self.has("sample_info", "sample_id"):
+            ids = np.asarray(self.read("sample_info", "sample_id"))
+            if len(np.unique(ids)) != len(ids):
+                msg = f"{self.path}: /sample_info/sample_id lists an id twice; it is corrupt"
+                raise TraceFormatError(msg)
+
+    def _equal_lengths(self, group: str) -> None:
+        lengths = {name: self._declared(group, name) for name in self.columns(group)}
+        if len(set(lengths.values())) > 1:
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(lengths.items()))
+            msg = f"{self.path}: the columns of /{group} differ in length ({detail}); it is corrupt"
+            raise TraceFormatError(msg)
+
+    def _declared(self, group: str, name: str) -> int:
+        shape = self.file[f"{group}/{name}"].shape
+        return shape[0] if shape else 1
+
     @property
     def rank(self) -> int:
         return int(self.attrs.get("rank", 0))
@@ -206,7 +259,12 @@ class Shard:
 
     def rows(self, group: str) -> int:
         """Row count of a group: the minimum length of its columns (the last flush may differ)."""
-        lengths = [self.file[f"{group}/{name}"].shape[0] for name in self.columns(group)]
+        lengths = [
+            min(
+                self._declared(group, name), self.bounds.stored_rows.get(f"{group}/{name}", 1 << 62)
+            )
+            for name in self.columns(group)
+        ]
         return min(lengths) if lengths else 0
 
     def read(self, group: str, column: str, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -216,7 +274,7 @@ class Shard:
             if h5py.check_string_dtype(dataset.dtype) is not None:
                 return np.asarray(dataset.asstr()[start:stop], dtype=object)
             return dataset[start:stop]
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             msg = f"{self.path}: cannot read /{group}/{column} ({exc}); the file is corrupt"
             raise TraceFormatError(msg) from None
 
@@ -265,12 +323,34 @@ def _read_steps(shard: Shard) -> _ShardSteps:
         for c in ("step", "epoch", "lr", "batch_size", "visit_start")
     }
     n_visit_rows = shard.rows("visits")
+    _check_steps(shard, cols, n_visit_rows)
     ends = cols["visit_start"] + cols["batch_size"]
     # Keep the steps whose visits are all flushed: a coherent snapshot of a live trace.
     keep = int(np.searchsorted(np.maximum.accumulate(ends) > n_visit_rows, True))
     cols = {k: np.asarray(v[:keep]) for k, v in cols.items()}
     n_visits = int(cols["visit_start"][-1] + cols["batch_size"][-1]) if keep else 0
     return _ShardSteps(shard=shard, n_visits=n_visits, **cols)
+
+
+def _check_steps(shard: Shard, cols: dict[str, np.ndarray], n_visit_rows: int) -> None:
+    """Steps count up, and each step's visits are its own rows of /visits, in order."""
+    step, start, size = cols["step"], cols["visit_start"], cols["batch_size"]
+    problem = ""
+    if len(step) and (np.any(step < 0) or np.any(np.diff(step) <= 0)):
+        problem = "/steps/step does not count up"
+    elif np.any(size < 0) or np.any(start < 0):
+        problem = "/steps has a negative batch_size or visit_start"
+    elif len(step) > 1 and np.any(start[1:] < start[:-1] + size[:-1]):
+        row = int(np.flatnonzero(start[1:] < start[:-1] + size[:-1])[0])
+        problem = f"steps {int(step[row])} and {int(step[row + 1])} claim the same /visits rows"
+    elif shard.closed and len(step) and int(start[-1] + size[-1]) > n_visit_rows:
+        problem = (
+            f"/steps places {int(start[-1] + size[-1]):,} visits but /visits holds "
+            f"{n_visit_rows:,} rows, and the trace says it was closed"
+        )
+    if problem:
+        msg = f"{shard.path}: {problem}; the trace is corrupt"
+        raise TraceFormatError(msg)
 
 
 class TraceData:
@@ -284,6 +364,7 @@ class TraceData:
             self._check_shards()
             self.shards.sort(key=lambda s: s.rank)
             self.steps = [_read_steps(s) for s in self.shards]
+            self.warnings = self._warnings()
             self.layer_names = [str(x) for x in self.shards[0].read("layers", "name")]
         except BaseException:
             self.close()
@@ -304,6 +385,24 @@ class TraceData:
         if len(set(ranks)) != len(ranks):
             msg = f"two files with the same rank among {[str(s.path) for s in self.shards]}"
             raise TraceError(msg)
+
+    def _warnings(self) -> list[str]:
+        """What a reader must know before trusting totals: partial runs, unfinished files."""
+        out = []
+        world = max(s.world_size for s in self.shards)
+        missing = sorted(set(range(world)) - {s.rank for s in self.shards})
+        if missing:
+            out.append(
+                f"partial run: world_size is {world} but rank(s) "
+                f"{', '.join(map(str, missing))} are missing; totals cover the given shards only"
+            )
+        for shard, steps in zip(self.shards, self.steps, strict=True):
+            if not shard.closed:
+                out.append(
+                    f"incomplete trace: {shard.path} was not closed (still being written, or "
+                    f"the writer stopped); read up to its last flush, {len(steps.step)} steps"
+                )
+        return out
 
     @property
     def n_layers(self) -> int:

@@ -18,7 +18,58 @@ import duckdb
 
 from samplescope.analysis.errors import QueryError
 
-__all__ = ["QueryNames", "query_names"]
+__all__ = ["QueryNames", "check_statements", "query_names", "sandboxed_connection"]
+
+# A trace's connection is a query engine over the trace, not a shell: no file or network
+# access, no extensions, and the settings locked so a query cannot turn any of it back on.
+# The trace's own tables are registered from Python objects (Arrow), which these leave open.
+_SANDBOX = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "allow_unsigned_extensions": False,
+    "lock_configuration": True,
+}
+# Statements that only read. PRAGMA and CALL run table functions (pragma_table_info); the
+# locked configuration stops the ones that would change a setting.
+_READING = ("SELECT", "EXPLAIN", "PRAGMA", "CALL")
+
+
+def sandboxed_connection() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with external access, extensions and settings locked."""
+    return duckdb.connect(config=dict(_SANDBOX))
+
+
+def check_statements(query: str, con: duckdb.DuckDBPyConnection) -> None:
+    """Refuse empty SQL and any statement that is not a read (DROP, CREATE, SET, COPY, ...).
+
+    The trace's tables are views the session rebuilds as queries need columns; a statement
+    that replaces or drops one would break every later query, and the answer would be wrong.
+
+    Raises:
+        QueryError: empty text, a syntax error, or a statement that is not a read.
+    """
+    if not query.strip():
+        msg = "empty SQL query; give a statement such as SELECT count(*) FROM visits"
+        raise QueryError(msg)
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"SQL syntax error: {first}"
+        raise QueryError(msg) from None
+    if not statements:
+        msg = "empty SQL query; give a statement such as SELECT count(*) FROM visits"
+        raise QueryError(msg)
+    for statement in statements:
+        kind = statement.type.name
+        if kind not in _READING:
+            msg = (
+                f"{kind} statements are not allowed: SQL over a trace only reads its tables "
+                "(SELECT, EXPLAIN, DESCRIBE, SUMMARIZE); export results with --output"
+            )
+            raise QueryError(msg)
 
 
 @dataclass

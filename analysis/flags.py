@@ -110,7 +110,12 @@ def score_names(trace: Any) -> list[str]:
 
 
 def _budget_count(budget: float, n: int) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, float))
+        or not math.isfinite(budget)
+        or budget <= 0
+    ):
         msg = f"budget must be a fraction in (0, 1] or a count of samples >= 1, not {budget!r}"
         raise FlagError(msg)
     if isinstance(budget, float) and budget <= 1:
@@ -152,6 +157,16 @@ def flag(
         msg = f"unknown score {name!r}; choose one of {', '.join(names)}"
         raise FlagError(msg)
     count = _budget_count(budget, table.height)
+    if table.height and table.get_column(name).fill_nan(None).null_count() == table.height:
+        # Ranking samples that all lack the score would flag the first ids: refuse instead.
+        scored = [
+            n for n in names if table.get_column(n).fill_nan(None).null_count() < table.height
+        ]
+        msg = (
+            f"score {name!r} has no value for any sample (it needs data this trace did not "
+            f"record, such as logits and targets); choose one of {', '.join(scored) or 'none'}"
+        )
+        raise FlagError(msg)
     quality = "label_quality" if kind == "mislabeled" else "informativeness"
     # Mislabeled: flag the hardest first. Redundant: flag the easiest (least useful) first.
     hard_first = kind == "mislabeled"
@@ -161,6 +176,9 @@ def flag(
     frame = (
         frame.sort([quality, "sample_id"])
         .with_row_index("rank")
-        .with_columns(pl.col("rank").cast(pl.Int64), (pl.col("rank") < count).alias("flagged"))
+        .with_columns(
+            pl.col("rank").cast(pl.Int64),
+            ((pl.col("rank") < count) & pl.col("score").is_not_null()).alias("flagged"),
+        )
     )
     return frame.select("sample_id", "target", quality, "score", "rank", "flagged")

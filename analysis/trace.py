@@ -26,7 +26,7 @@ from polars.io.plugins import register_io_source
 
 from samplescope.analysis import scores
 from samplescope.analysis._hdf5 import VISIT_COLUMNS, TraceData, resolve_paths
-from samplescope.analysis._sql import query_names
+from samplescope.analysis._sql import check_statements, query_names, sandboxed_connection
 from samplescope.analysis._streaming import stream_sample_scores
 from samplescope.analysis.errors import EmptyTraceError, QueryError, TraceError
 
@@ -111,7 +111,7 @@ class Trace:
         _check_source(source)
         self.paths = resolve_paths(source)
         self._data = TraceData(self.paths)
-        self._con = duckdb.connect()
+        self._con = sandboxed_connection()
         self._loaded: dict[str, dict[str, pa.Array]] = {}
         self._frames: dict[Any, pl.DataFrame] = {}
         self._registered: set[str] = set()
@@ -136,6 +136,12 @@ class Trace:
         )
 
     # -- metadata -------------------------------------------------------------------
+    @property
+    def warnings(self) -> list[str]:
+        """Facts that qualify every number from this trace: a shard not closed (live or
+        crashed), ranks of a multi-rank run that were not given. Empty for a whole run."""
+        return list(self._data.warnings)
+
     @property
     def steps_index(self) -> np.ndarray:
         """The recorded global step numbers (one copy per step)."""
@@ -165,6 +171,7 @@ class Trace:
             optional_columns=[c for c in _OPTIONAL_VISITS if self._data.has_visit_column(c)],
             has_evals=shards[0].has("evals"),
             has_sample_info=shards[0].has("sample_info"),
+            warnings=list(self.warnings),
         )
         return meta
 
@@ -390,14 +397,23 @@ class Trace:
             query: a DuckDB SQL statement over the tables in `table_names`.
             params: values for `?` or `$name` placeholders.
 
+        Only reading statements run (SELECT, EXPLAIN, DESCRIBE, ...): the connection sees the
+        trace's tables only, no files, no extensions, no setting changes (docs/analysis.md).
+
         Raises:
-            QueryError: syntax error, unknown table or column, or other SQL error.
+            QueryError: syntax error, unknown table or column, a statement that would change
+                the session or reach outside it, or other SQL error.
         """
+        check_statements(query, self._con)
         self._prepare(query)
         try:
-            return self._con.sql(query, params=params)
+            relation = self._con.sql(query, params=params)
         except duckdb.Error as exc:
             raise QueryError(f"SQL error: {_one_line(exc)}") from None
+        if relation is None:
+            msg = "the statement returned no result; give a query such as SELECT ..."
+            raise QueryError(msg)
+        return relation
 
     def query(
         self,
@@ -411,8 +427,8 @@ class Trace:
         """
         relation = self.sql(query, params)
         try:
-            return relation.pl()
-        except duckdb.Error as exc:
+            return _to_polars(relation)
+        except (duckdb.Error, pl.exceptions.PolarsError) as exc:
             raise QueryError(f"SQL error: {_one_line(exc)}") from None
 
     def _prepare(self, query: str) -> None:
@@ -666,6 +682,19 @@ class Trace:
             if k == _DEFAULT_K and seed == 0:
                 self._frames["clusters"] = self._frames[key]
         return self._frames[key]
+
+
+def _to_polars(relation: duckdb.DuckDBPyRelation) -> pl.DataFrame:
+    """The relation as a Polars frame; INTERVAL columns (which Polars cannot import) as text,
+    e.g. the run's duration ``max(time) - min(time)`` of timestamps."""
+    types = [str(t) for t in relation.types]
+    if any("INTERVAL" in t for t in types):
+        exprs = []
+        for name, kind in zip(relation.columns, types, strict=True):
+            quoted = '"' + name.replace('"', '""') + '"'
+            exprs.append(f"CAST({quoted} AS VARCHAR) AS {quoted}" if "INTERVAL" in kind else quoted)
+        relation = relation.project(", ".join(exprs))
+    return relation.pl()
 
 
 def _importance_select(

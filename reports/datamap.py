@@ -40,7 +40,7 @@ def _pages(data: ReportData) -> Iterator[Figure]:
         "correctness (fraction of visits predicted right)",
     )
     importance = samples["importance"].to_numpy().astype(float)
-    positive = importance[importance > 0]
+    positive = importance[(importance > 0) & np.isfinite(importance)]
     norm = LogNorm(*np.percentile(positive, [1, 99])) if positive.size else None
     _map(
         fig,

@@ -31,7 +31,8 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     share = {
         r["layer_index"]: _column_share(data.grid(deciles, r["layer_index"], 10)) for r in rows
     }
-    positive = np.concatenate([g[g > 0] for g in raw.values()] or [np.ones(1)])
+    # Finite values only: an infinite lr (a damaged or diverged run) made the range invalid.
+    positive = np.concatenate([g[(g > 0) & np.isfinite(g)] for g in raw.values()] or [np.ones(1)])
     if positive.size == 0:
         positive = np.ones(1)
     # Clip the colour range to the 1st–99.9th percentiles so a few outliers do not wash out.

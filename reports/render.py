@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from samplescope._paths import ensure_writable_dir
+from samplescope._paths import atomic_output, ensure_writable_dir, same_file
 from samplescope.analysis import open_trace
 from samplescope.reports import (
     candidates,
@@ -28,6 +29,7 @@ from samplescope.reports import (
 )
 from samplescope.reports._data import ReportData
 from samplescope.reports._section import Section
+from samplescope.reports._text import escape_math
 from samplescope.reports.errors import ReportError, ReportOutputError, UnknownSectionError
 
 __all__ = ["FORMATS", "SECTIONS", "render_report"]
@@ -110,6 +112,10 @@ def render_report(
     owned = not _is_trace(trace_or_path)
     data = _open(trace_or_path)
     try:
+        for path in getattr(data.trace, "paths", []):
+            if same_file(out, path):
+                msg = f"the report's output {out} is the trace it reads; choose another file"
+                raise ReportOutputError(msg)
         return _render(data, sections, out, title, fmt, progress)
     finally:
         if owned:
@@ -179,16 +185,25 @@ def _figures(
 
 def _footer(fig: Figure, title: str, number: int) -> None:
     fig.text(
-        0.97, 0.012, f"{title} · page {number}", ha="right", va="bottom", fontsize=7, color="0.5"
+        0.97,
+        0.012,
+        f"{title} · page {number}",
+        ha="right",
+        va="bottom",
+        fontsize=7,
+        color="0.5",
     )
 
 
 def _write_pdf(out: Path, figures: Iterable[tuple[str, Figure]], data: ReportData) -> Path:
+    meta = {"Title": data.report_title, "Creator": "samplescope"}
     try:
-        with PdfPages(out, metadata={"Title": data.report_title, "Creator": "samplescope"}) as pdf:
+        # Into a temporary file, renamed at the end: a failed or interrupted report leaves
+        # no partial PDF, and an older report at `out` stays until the new one is whole.
+        with atomic_output(out) as temp, PdfPages(temp, metadata=meta) as pdf:
             for number, (_sid, fig) in enumerate(figures, 1):
                 _footer(fig, data.report_title or "", number)
-                pdf.savefig(fig)
+                pdf.savefig(escape_math(fig))
     except PermissionError as exc:
         msg = f"cannot write {out}: {exc.strerror or exc}"
         raise ReportOutputError(msg) from None
@@ -196,9 +211,20 @@ def _write_pdf(out: Path, figures: Iterable[tuple[str, Figure]], data: ReportDat
 
 
 def _write_png(out: Path, figures: Iterable[tuple[str, Figure]], dpi: int = 100) -> Path:
-    for old in out.glob("[0-9][0-9]-*.png"):
-        old.unlink()
-    for number, (sid, fig) in enumerate(figures, 1):
-        FigureCanvasAgg(fig)
-        fig.savefig(out / f"{number:02d}-{sid}.png", dpi=dpi)
+    """One PNG per page. Pages are rendered to temporary files and renamed only once all
+    rendered, so a failure leaves the folder as it was; no other file in it is touched."""
+    pages: list[tuple[Path, Path]] = []
+    try:
+        for number, (sid, fig) in enumerate(figures, 1):
+            FigureCanvasAgg(fig)
+            fd, name = tempfile.mkstemp(prefix=f".{number:02d}-", suffix=".png.part", dir=out)
+            os.close(fd)
+            pages.append((Path(name), out / f"{number:02d}-{sid}.png"))
+            escape_math(fig).savefig(name, dpi=dpi, format="png")
+        for temp, target in pages:
+            os.chmod(temp, 0o644)
+            os.replace(temp, target)
+    finally:
+        for temp, _ in pages:
+            temp.unlink(missing_ok=True)
     return out

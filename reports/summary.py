@@ -35,7 +35,12 @@ def _fmt(value: Any) -> str:
 def _hparams(meta: dict[str, Any]) -> str:
     raw = meta.get("optimizer_hparams") or {}
     if isinstance(raw, str):
-        raw = json.loads(raw or "{}")
+        try:
+            raw = json.loads(raw or "{}")
+        except json.JSONDecodeError:
+            return raw[:50] or "–"  # not JSON (a foreign or damaged trace): shown as text
+    if not isinstance(raw, dict):
+        return str(raw)[:50] or "–"
     keep = ("lr", "momentum", "weight_decay", "betas", "eps")
     parts = [f"{k}={_fmt(raw[k])}" for k in keep if k in raw]
     if raw.get("nesterov"):
@@ -103,6 +108,8 @@ def _run_rows(data: ReportData) -> list[tuple[str, str]]:
     config = _config(meta)
     if config:
         rows.insert(3, ("config", config))
+    # An incomplete (live or crashed) trace or a partial set of shards says so on page 1.
+    rows[1:1] = [("warning", _short(w, 90)) for w in meta.get("warnings") or []]
     return rows
 
 

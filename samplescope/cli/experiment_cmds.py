@@ -7,13 +7,14 @@ Each command parses its options, calls one function of `samplescope.experiments`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 import click
 import polars as pl
 
-from samplescope.cli.output import frame_output
+from samplescope.cli.output import frame_output, warn_about
 from samplescope.errors import SamplescopeError
 
 __all__ = ["register"]
@@ -167,6 +168,7 @@ def findings(trace: tuple[str, ...], headlines: bool) -> pl.DataFrame:
     from samplescope.analysis.findings import headlines as summarise
 
     with open_trace(list(trace)) as opened:
+        warn_about(opened)
         results = check(opened)
         if headlines:
             return pl.DataFrame({"headline": summarise(opened, results)})
@@ -179,6 +181,9 @@ def _budget(text: str) -> float | int:
     except ValueError:
         msg = f"--budget must be a fraction like 0.1 or a count like 50, not {text!r}"
         raise _BadOptionError(msg) from None
+    if not math.isfinite(value) or value <= 0:
+        msg = f"--budget must be a fraction in (0, 1] or a count >= 1, not {text!r}"
+        raise _BadOptionError(msg)
     return int(value) if value > 1 and value == int(value) else value
 
 
@@ -216,6 +221,7 @@ def flag(
     from samplescope.analysis.flags import flag as rank
 
     with open_trace(list(trace)) as opened:
+        warn_about(opened)
         frame = rank(opened, kind=kind, budget=_budget(budget), score=score)
     return frame if top is None else frame.head(top)
 

@@ -8,6 +8,7 @@ a one-line `Error: ...` with exit status 2, so commands behave the same under an
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,18 @@ from typing import Any, TypeVar
 import click
 import polars as pl
 
+from samplescope._paths import atomic_output, same_file
 from samplescope.errors import SamplescopeError
 
-__all__ = ["FORMATS", "CommandError", "format_table", "frame_output", "one_line", "write_frame"]
+__all__ = [
+    "FORMATS",
+    "CommandError",
+    "format_table",
+    "frame_output",
+    "one_line",
+    "warn_about",
+    "write_frame",
+]
 
 FORMATS = ("table", "csv", "json", "parquet")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,6 +38,12 @@ class CommandError(click.ClickException):
     """A user mistake reported in one line with exit status 2."""
 
     exit_code = 2
+
+
+def warn_about(trace: Any) -> None:
+    """Print the trace's warnings (incomplete file, missing ranks) to stderr, one a line."""
+    for warning in getattr(trace, "warnings", []):
+        click.echo(f"Warning: {warning}", err=True)
 
 
 def one_line(error: BaseException) -> str:
@@ -66,18 +82,54 @@ def format_table(frame: pl.DataFrame) -> str:
     return "\n".join(rows)
 
 
+def _simple(dtype: pl.DataType) -> bool:
+    """Polars writes this dtype to CSV (after `_flat`) and JSON itself: not bytes, objects,
+    structs or maps (DuckDB MAP arrives as a list of key/value structs)."""
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return dtype.inner.is_numeric() or dtype.inner == pl.String
+    return not dtype.is_nested() and dtype not in (pl.Binary, pl.Object)
+
+
 def _flat(frame: pl.DataFrame) -> pl.DataFrame:
-    """Nested columns (grad_sq arrays) as comma-separated text, for CSV."""
+    """Nested columns as text, for CSV: arrays of numbers comma-separated (grad_sq), anything
+    else (structs, maps, bytes) as JSON text, bytes as hex."""
     out = []
     for name, dtype in frame.schema.items():
-        column = pl.col(name)
+        if not _simple(dtype):
+            texts = [_json_text(v) for v in frame.get_column(name).to_list()]
+            out.append(pl.Series(name, texts, dtype=pl.String))
+            continue
+        column = frame.get_column(name)
         if isinstance(dtype, pl.Array):
             column = column.arr.to_list()
-            dtype = pl.List(dtype.inner)
-        if isinstance(dtype, pl.List):
+        if isinstance(dtype, (pl.Array, pl.List)):
             column = column.cast(pl.List(pl.String)).list.join(",")
         out.append(column.alias(name))
-    return frame.select(out)
+    return pl.DataFrame(out)
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(_jsonable(value), default=str)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _json(frame: pl.DataFrame) -> str:
+    if all(_simple(dtype) for dtype in frame.dtypes):
+        return frame.write_json()
+    # Polars cannot write bytes or maps as JSON (a panic for bytes): rows built here.
+    rows = [_jsonable(row) for row in frame.iter_rows(named=True)]
+    return json.dumps(rows, default=str)
 
 
 def write_frame(frame: pl.DataFrame, fmt: str, output: str | None) -> None:
@@ -86,18 +138,33 @@ def write_frame(frame: pl.DataFrame, fmt: str, output: str | None) -> None:
         if output is None:
             msg = "--format parquet needs --output FILE"
             raise click.UsageError(msg)
-        frame.write_parquet(output)
+        with atomic_output(output) as temp:
+            frame.write_parquet(temp)
         return
     if fmt == "csv":
         text = _flat(frame).write_csv()
     elif fmt == "json":
-        text = frame.write_json() + "\n"
+        text = _json(frame) + "\n"
     else:
         text = format_table(frame) + "\n"
     if output is None:
         click.echo(text, nl=False)
     else:
-        Path(output).write_text(text, encoding="utf-8")
+        with atomic_output(output) as temp:
+            temp.write_text(text, encoding="utf-8")
+
+
+_INPUT_OPTIONS = ("trace", "traces", "out")
+
+
+def _refuse_input_as_output(output: str, kwargs: dict[str, Any]) -> None:
+    """--output may not name a trace the command reads or writes (`train --out X -o X`)."""
+    for key in _INPUT_OPTIONS:
+        value = kwargs.get(key)
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(path, (str, Path)) and same_file(output, path):
+                msg = f"--output {output} is also the trace {path}; choose another output file"
+                raise CommandError(msg)
 
 
 def frame_output(func: F) -> F:
@@ -123,6 +190,8 @@ def frame_output(func: F) -> F:
         if fmt == "parquet" and output is None:
             msg = "--format parquet needs --output FILE"
             raise click.UsageError(msg)
+        if output is not None:
+            _refuse_input_as_output(output, kwargs)
         try:
             frame = func(*args, **kwargs)
         except SamplescopeError as error:

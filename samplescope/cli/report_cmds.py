@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from samplescope.cli.output import warn_about
+
 __all__ = ["register"]
 
 
@@ -53,17 +55,31 @@ def report(
 
     Example: samplescope report run.h5 -o report.pdf --pages summary,heatmaps
     """
+    from samplescope.analysis import open_trace
     from samplescope.reports import render_report
     from samplescope.reports.render import select_sections
 
     select_sections(pages)  # an unknown section fails before the trace is read
     source = trace[0] if len(trace) == 1 else list(trace)
-    path = render_report(source, out, pages=pages, title=title, fmt=fmt, progress=not quiet)
+    before = _pages(out) if fmt == "png" else {}
+    with open_trace(source) as opened:
+        warn_about(opened)
+        path = render_report(opened, out, pages=pages, title=title, fmt=fmt, progress=not quiet)
     if fmt == "png":
-        count = len(list(path.glob("[0-9][0-9]-*.png")))
+        # Other files (an earlier, longer report's pages) may remain: count this run's only,
+        # the names whose file was replaced (a new inode) or created.
+        count = sum(1 for name, key in _pages(path).items() if before.get(name) != key)
         click.echo(f"Wrote {count} page images to {path}/")
     else:
         click.echo(f"Wrote {path}")
+
+
+def _pages(folder: Path) -> dict[str, tuple[int, int]]:
+    if not folder.is_dir():
+        return {}
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("[0-9][0-9]-*.png")
+    }
 
 
 @click.command()

@@ -9,7 +9,7 @@ import click
 import polars as pl
 
 from samplescope.analysis import compare_traces, open_trace
-from samplescope.cli.output import frame_output
+from samplescope.cli.output import frame_output, warn_about
 
 __all__ = ["register"]
 
@@ -39,6 +39,7 @@ def info(trace: tuple[str, ...]) -> pl.DataFrame:
     Example: samplescope info runs/exp1.h5
     """
     with open_trace(list(trace)) as t:
+        warn_about(t)
         return t.summary()
 
 
@@ -63,6 +64,7 @@ def sql(trace: tuple[str, ...], query: str, params: tuple[str, ...]) -> pl.DataF
     GROUP BY 1 ORDER BY 1" --format csv
     """
     with open_trace(list(trace)) as t:
+        warn_about(t)
         return t.query(query, [_param(p) for p in params] or None)
 
 
@@ -88,6 +90,7 @@ def samples(
     Example: samplescope samples runs/exp1.h5 --sort importance --top 20
     """
     with open_trace(list(trace)) as t:
+        warn_about(t)
         return t.samples(early_epochs=early_epochs, sort=sort, descending=not ascending, top=top)
 
 

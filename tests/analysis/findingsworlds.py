@@ -39,6 +39,7 @@ def write_world(
     epochs: int = EPOCHS,
     sample_offset: int = 0,
     flat_loss: bool = False,
+    data_seed: int | None = None,
     **kwargs: Any,
 ) -> Path:
     """Write one synthetic run (positive, or its permuted null) and return its path.
@@ -50,12 +51,15 @@ def write_world(
         epochs: epochs to record.
         sample_offset: added to every sample id (a run of other data).
         flat_loss: the loss never falls (a run that learns nothing).
+        data_seed: draws the samples' difficulty and input norms (default ``seed``): two
+            runs with one data_seed and different seeds are two seeds on the same data.
         kwargs: passed to `write_trace` (closed, evals, run_id, ...).
     """
-    rng = np.random.default_rng(seed)
+    data_rng = np.random.default_rng(seed if data_seed is None else data_seed)
     n = N_SAMPLES
-    difficulty = rng.permutation(n) / (n - 1)  # sample i's difficulty
-    input_sq = rng.lognormal(np.log(100.0), 0.3, size=n)
+    difficulty = data_rng.permutation(n) / (n - 1)  # sample i's difficulty
+    input_sq = data_rng.lognormal(np.log(100.0), 0.3, size=n)
+    rng = np.random.default_rng(seed if data_seed is None else seed + 10_000)
     steps: dict[str, list[Any]] = {"step": [], "epoch": [], "lr": [], "batch_size": []}
     sample_ids, losses, grads, norms = [], [], [], []
     step = 0

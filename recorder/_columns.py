@@ -83,7 +83,11 @@ def np32(t: Tensor) -> np.ndarray:
 
 
 def derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """pred, p_target and margin from raw logits, for many steps' visits at once."""
+    """pred, p_target, margin and el2n from raw logits, for many steps' visits at once.
+
+    el2n is ‖softmax(logits) − onehot(target)‖₂ (Paul et al., 2021), exact: the writer sees
+    every logit, the trace keeps only these columns.
+    """
     if table != "visits" or "_logits" not in columns:
         return columns
     columns = dict(columns)
@@ -99,6 +103,9 @@ def derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.n
         columns["pred"] = logits.argmax(1).astype(np.int64)
         columns["p_target"] = np.exp(target_logit - log_norm).astype(np.float32)
         columns["margin"] = (target_logit - others.max(1)).astype(np.float32)
+        error = np.exp(logits - log_norm[:, None])
+        error[rows, target] -= 1.0
+        columns["el2n"] = np.sqrt(np.square(error).sum(1)).astype(np.float32)
     return columns
 
 

@@ -60,6 +60,7 @@ _OUTPUT_COLUMNS = {
     "pred": np.int64,
     "p_target": np.float32,
     "margin": np.float32,
+    "el2n": np.float32,  # optional since format 1: readers treat its absence as not recorded
 }
 _EVAL_COLUMNS = {
     "step": np.int64,

@@ -29,7 +29,7 @@ run's (``difficulty_from``), since defining difficulty by the same run's final l
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from samplescope.analysis import _findings_effects as fx
 from samplescope.analysis._bootstrap import N_BOOT, Interval, interval, pool, replicate_sums
 from samplescope.analysis._findings_data import (
     MIN_DECILE,
@@ -132,246 +133,6 @@ class Finding:
     run: str = "0"
     agreement: float | None = None
     difficulty_source: str = "this run's final loss"
-
-
-# -- the sums every effect is computed from --------------------------------------------------
-
-
-@dataclass
-class _Features:
-    """Per-sample columns whose weighted sums give every effect."""
-
-    data: RunData
-    imp: np.ndarray  # [S, L*E]
-    normed: np.ndarray | None  # [S, E]: input layer / (‖x‖² + 1)
-    timed: np.ndarray  # [S, L+1]: total importance · the sample's mean visited epoch
-    ranks: np.ndarray  # [S, L]: rank of total importance per layer
-    loss_rank: np.ndarray  # [S]
-    input_rank: np.ndarray | None  # [S]
-    epoch_ranks: np.ndarray  # [S, L, E]
-    known: np.ndarray  # [S] bool: difficulty known
-
-
-def _rank(values: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean rank), as Spearman's rho uses."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values))
-    sorted_values = values[order]
-    start = np.r_[0, np.flatnonzero(sorted_values[1:] != sorted_values[:-1]) + 1]
-    stop = np.r_[start[1:], len(values)]
-    means = (start + stop - 1) / 2
-    ranks[order] = np.repeat(means, stop - start)
-    return ranks
-
-
-def _features(data: RunData) -> _Features:
-    s, n_layers, n_epochs = data.imp.shape
-    total = data.imp.sum(axis=2)  # [S, L]
-    visits = data.visits.sum(axis=1)
-    mean_epoch = (data.visits * data.epochs).sum(axis=1) / np.maximum(visits, 1)
-    normed = None
-    timed = total * mean_epoch[:, None]
-    if data.input_sq is not None and data.input_norm_exact:
-        normed = data.imp[:, 0, :] / (data.input_sq[:, None] + 1.0)
-        timed = np.concatenate([timed, (normed.sum(axis=1) * mean_epoch)[:, None]], axis=1)
-    known = ~np.isnan(data.final_loss)
-    loss = np.where(known, data.final_loss, 0.0)
-    epoch_ranks = np.stack(
-        [np.stack([_rank(data.imp[:, i, e]) for e in range(n_epochs)], 1) for i in range(n_layers)],
-        1,
-    )
-    return _Features(
-        data=data,
-        imp=data.imp.reshape(s, n_layers * n_epochs),
-        normed=normed,
-        timed=timed,
-        ranks=np.stack([_rank(total[:, i]) for i in range(n_layers)], 1),
-        loss_rank=_rank(loss),
-        input_rank=None if data.input_sq is None else _rank(data.input_sq),
-        epoch_ranks=epoch_ranks,
-        known=known,
-    )
-
-
-def _corr_sums(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Weighted Pearson correlation of the columns of ``x`` [S, K] with ``y`` [S], per row of w."""
-    # Centred first: moments from sums lose every digit to cancellation otherwise.
-    x = x - x.mean(axis=0)
-    y = y - y.mean()
-    sw = w.sum(axis=1, keepdims=True)
-    mx, my = (w @ x) / sw, (w @ y)[:, None] / sw
-    vx = (w @ (x * x)) / sw - mx * mx
-    vy = (w @ (y * y))[:, None] / sw - my * my
-    cov = (w @ (x * y[:, None])) / sw - mx * my
-    # A column constant within a replicate has no correlation (NaN), not a rounding error's.
-    tiny = 1e-9 * max(float((x * x).mean()), float((y * y).mean()), 1e-300)
-    with np.errstate(all="ignore"):
-        r = np.where((vx > tiny) & (vy > tiny), cov / np.sqrt(vx * vy), np.nan)
-    return np.clip(r, -1.0, 1.0)
-
-
-def _sums(f: _Features) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    data = f.data
-    easy, hard = data.easy, data.hard
-    n_layers, n_epochs = data.imp.shape[1], data.imp.shape[2]
-
-    def sums(w: np.ndarray) -> dict[str, np.ndarray]:
-        r = w.shape[0]
-        shape = (r, n_layers, n_epochs)
-        out = {
-            "easy": (w[:, easy] @ f.imp[easy]).reshape(shape),
-            "hard": (w[:, hard] @ f.imp[hard]).reshape(shape),
-            "all": (w @ f.imp).reshape(shape),
-            "easy_timed": w[:, easy] @ f.timed[easy],
-            "hard_timed": w[:, hard] @ f.timed[hard],
-        }
-        if f.normed is not None:
-            out |= {
-                "easy_n0": w[:, easy] @ f.normed[easy],
-                "hard_n0": w[:, hard] @ f.normed[hard],
-                "all_n0": w @ f.normed,
-            }
-        wk = w * f.known
-        out["rho"] = _corr_sums(wk, f.ranks, f.loss_rank)
-        out["rho_epoch"] = np.stack(
-            [_corr_sums(wk, f.epoch_ranks[:, :, e], f.loss_rank) for e in range(n_epochs)], 2
-        )
-        if f.input_rank is not None:
-            out["r_xz"] = _corr_sums(wk, f.ranks, f.input_rank)
-            out["r_yz"] = _corr_sums(wk, f.input_rank[:, None], f.loss_rank)[:, 0]
-        return out
-
-    return sums
-
-
-# -- effects: functions of the sums, one value per replicate --------------------------------
-
-Sums = dict[str, np.ndarray]
-
-
-def _log(x: np.ndarray) -> np.ndarray:
-    with np.errstate(all="ignore"):
-        return np.log(x)
-
-
-def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    with np.errstate(all="ignore"):
-        return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
-
-
-def _share(s: Sums, group: str, layer: int, normed: bool = False) -> np.ndarray:
-    if normed and layer == 0:
-        return _div(s[f"{group}_n0"].sum(-1), s["all_n0"].sum(-1))
-    return _div(s[group][:, layer].sum(-1), s["all"][:, layer].sum(-1))
-
-
-def _ends(claim: str, n_layers: int) -> tuple[str, int, int]:
-    out = n_layers - 1
-    return ("easy", out, 0) if claim == "easy_output" else ("hard", 0, out)
-
-
-def _layer_effects(claim: str, s: Sums, f: _Features) -> dict[str, np.ndarray | None]:
-    group, favoured, other = _ends(claim, f.data.n_layers)
-    n = f.data.n_params
-    per_layer = {g: s[g].sum(-1) / n for g in ("easy", "hard")}  # [R, L] per parameter
-    depth_axis = np.arange(f.data.n_layers) / max(f.data.n_layers - 1, 1)
-    depth = {g: _div((per_layer[g] * depth_axis).sum(-1), per_layer[g].sum(-1)) for g in per_layer}
-    within = _log(_div(s[group][:, favoured], s["all"][:, favoured])) - _log(
-        _div(s[group][:, other], s["all"][:, other])
-    )
-    within = np.where(np.isfinite(within), within, np.nan)
-    with np.errstate(all="ignore"):
-        same_period = np.nanmean(within, axis=1) if within.shape[1] > 1 else None
-    normed = None
-    if "all_n0" in s:
-        normed = _log(_share(s, group, favoured, True)) - _log(_share(s, group, other, True))
-    return {
-        "raw": _log(_share(s, group, favoured)) - _log(_share(s, group, other)),
-        "per_param": depth["easy"] - depth["hard"],
-        "same_period": same_period,
-        "input_norm": normed,
-    }
-
-
-def _when(values: np.ndarray, epochs: np.ndarray) -> np.ndarray:
-    """Value-weighted mean epoch over the last axis."""
-    return _div((values * epochs).sum(-1), values.sum(-1))
-
-
-def _timing_effects(s: Sums, f: _Features) -> dict[str, np.ndarray | None]:
-    epochs = f.data.epochs.astype(np.float64)
-    span = max(float(epochs[-1] - epochs[0]), 1.0)
-    n = f.data.n_params[None, :, None]
-    raw = (_when(s["hard"], epochs) - _when(s["easy"], epochs)) / span  # [R, L]
-    pp = {g: (s[g] / n).sum(1) for g in ("easy", "hard")}
-    shares = {g: _div(s[g], s["all"]) for g in ("easy", "hard")}
-    within = (_when(shares["hard"], epochs) - _when(shares["easy"], epochs)) / span
-    normed = None
-    if "all_n0" in s:
-        q = {g: _div(s[f"{g}_n0"], s["all_n0"]) for g in ("easy", "hard")}
-        normed = (_when(q["hard"], epochs) - _when(q["easy"], epochs)) / span
-    return {
-        "raw": raw.min(axis=1),
-        "per_param": (_when(pp["hard"], epochs) - _when(pp["easy"], epochs)) / span,
-        "same_period": within.min(axis=1),
-        "input_norm": normed,
-    }
-
-
-def _late_effects(s: Sums, f: _Features) -> dict[str, np.ndarray | None]:
-    epochs = f.data.epochs.astype(np.float64)
-    span = max(float(epochs[-1] - epochs[0]), 1.0)
-    hard = s["hard"][:, 0]
-    uniform = _div(s["hard_timed"][:, 0], hard.sum(-1))
-    share = _div(s["hard"][:, 0], s["all"][:, 0])
-    normed = None
-    if "all_n0" in s:
-        base = _div(s["hard_timed"][:, -1], s["hard_n0"].sum(-1))
-        normed = (_when(s["hard_n0"], epochs) - base) / span
-    return {
-        "raw": (_when(hard, epochs) - uniform) / span,
-        # One layer: dividing by its parameter count changes nothing.
-        "per_param": None,
-        # Within-epoch shares: spread uniformly in time, the share is flat and its weighted
-        # mean epoch is the plain mean of the epochs.
-        "same_period": (_when(share, epochs) - epochs.mean()) / span,
-        "input_norm": normed,
-    }
-
-
-def _partial(r_xy: np.ndarray, r_xz: np.ndarray, r_yz: np.ndarray) -> np.ndarray:
-    # A constant input norm correlates with nothing: there is nothing to partial out.
-    r_xz = np.nan_to_num(r_xz)
-    r_yz = np.nan_to_num(r_yz)[:, None]
-    with np.errstate(all="ignore"):
-        return (r_xy - r_xz * r_yz) / np.sqrt((1 - r_xz**2) * (1 - r_yz**2))
-
-
-def _loss_effects(s: Sums, f: _Features) -> dict[str, np.ndarray | None]:
-    epochs = s["rho_epoch"].shape[2]
-    with np.errstate(all="ignore"):
-        per_epoch = np.nanmedian(s["rho_epoch"], axis=2) if epochs > 1 else None
-    partial = None
-    if "r_xz" in s and f.data.input_norm_exact:
-        partial = _partial(s["rho"], s["r_xz"], s["r_yz"]).min(axis=1)
-    return {
-        "raw": s["rho"].min(axis=1),
-        # A rank correlation within one layer is unchanged by dividing by its size.
-        "per_param": None,
-        "same_period": None if per_epoch is None else per_epoch.min(axis=1),
-        "input_norm": partial,
-    }
-
-
-def _effects(claim: str, s: Sums, f: _Features) -> dict[str, np.ndarray | None]:
-    if claim in ("easy_output", "hard_input"):
-        return _layer_effects(claim, s, f)
-    if claim == "easy_early_hard_late":
-        return _timing_effects(s, f)
-    if claim == "hard_input_late":
-        return _late_effects(s, f)
-    return _loss_effects(s, f)
 
 
 def _min_effect(claim: str, control: str) -> float:
@@ -477,7 +238,7 @@ class _RunResult:
     replicates: dict[str, dict[str, np.ndarray]]  # claim -> control -> [1 + reps]
 
 
-def _numbers(claim: str, s: Sums, data: RunData) -> dict[str, float]:
+def _numbers(claim: str, s: fx.Sums, data: RunData) -> dict[str, float]:
     """Descriptive numbers (point estimates) behind each claim, for tables and headlines."""
     point = {k: v[:1] for k, v in s.items()}
     out = data.n_layers - 1
@@ -487,8 +248,8 @@ def _numbers(claim: str, s: Sums, data: RunData) -> dict[str, float]:
         mask = data.easy if group == "easy" else data.hard
         period = data.period[mask].sum(0) / np.maximum(data.period.sum(0), 1e-300)
         numbers |= {
-            f"{group}_share_output": float(_share(point, group, out)[0]),
-            f"{group}_share_input": float(_share(point, group, 0)[0]),
+            f"{group}_share_output": float(fx.share(point, group, out)[0]),
+            f"{group}_share_input": float(fx.share(point, group, 0)[0]),
             f"{group}_share_output_early": float(period[out, 0]),
             f"{group}_share_input_early": float(period[0, 0]),
             f"{group}_share_output_late": float(period[out, 1]),
@@ -496,7 +257,7 @@ def _numbers(claim: str, s: Sums, data: RunData) -> dict[str, float]:
         }
         if "all_n0" in point:
             numbers[f"{group}_share_input_norm_controlled"] = float(
-                _share(point, group, 0, True)[0]
+                fx.share(point, group, 0, True)[0]
             )
         if data.input_sq is not None:
             easy, hard = data.input_sq[data.easy].mean(), data.input_sq[data.hard].mean()
@@ -508,17 +269,17 @@ def _numbers(claim: str, s: Sums, data: RunData) -> dict[str, float]:
     elif claim == "easy_early_hard_late":
         epochs = data.epochs.astype(np.float64)
         for group in ("easy", "hard"):
-            raw = _when(point[group], epochs)[0]
-            within = _when(_div(point[group], point["all"]), epochs)[0]
+            raw = fx.when(point[group], epochs)[0]
+            within = fx.when(fx.div(point[group], point["all"]), epochs)[0]
             for layer in range(data.n_layers):
                 numbers[f"{group}_when_layer{layer}"] = float(raw[layer])
                 numbers[f"{group}_when_within_epoch_layer{layer}"] = float(within[layer])
     elif claim == "hard_input_late":
         epochs = data.epochs.astype(np.float64)
         hard = point["hard"][:, 0]
-        numbers["hard_when_layer0"] = float(_when(hard, epochs)[0])
+        numbers["hard_when_layer0"] = float(fx.when(hard, epochs)[0])
         numbers["hard_uniform_when_layer0"] = float(
-            _div(point["hard_timed"][:, 0], hard.sum(-1))[0]
+            fx.div(point["hard_timed"][:, 0], hard.sum(-1))[0]
         )
     else:
         for layer in range(data.n_layers):
@@ -529,7 +290,7 @@ def _numbers(claim: str, s: Sums, data: RunData) -> dict[str, float]:
                 )
             if "r_xz" in point:
                 numbers[f"partial_rho_layer{layer}"] = float(
-                    _partial(point["rho"], point["r_xz"], point["r_yz"])[0, layer]
+                    fx.partial(point["rho"], point["r_xz"], point["r_yz"])[0, layer]
                 )
     return numbers
 
@@ -553,16 +314,17 @@ def _one_run(
         label = data.difficulty_source if data is not None else ""
         return _RunResult([_inconclusive(c, why, run, label) for c in CLAIMS], {})
     assert data is not None
-    feats = _features(data)
+    feats = fx.features(data)
     middle = np.flatnonzero(~data.easy & ~data.hard)
     strata = [np.flatnonzero(data.easy), np.flatnonzero(data.hard), middle]
-    s = replicate_sums(strata, len(data.sample_ids), n_boot, _sums(feats), seed)
+    s = replicate_sums(strata, len(data.sample_ids), n_boot, fx.sums(feats), seed)
     results, replicates = [], {}
     for claim in CLAIMS:
-        effects = _effects(claim, s, feats)
-        replicates[claim] = {k: v for k, v in effects.items() if v is not None}
+        measured = fx.effects(claim, s, feats)
+        replicates[claim] = {k: v for k, v in measured.items() if v is not None}
         intervals = {
-            k: None if v is None else interval(v, _min_effect(claim, k)) for k, v in effects.items()
+            k: None if v is None else interval(v, _min_effect(claim, k))
+            for k, v in measured.items()
         }
         if not intervals["raw"].defined:  # type: ignore[union-attr]
             results.append(

@@ -685,6 +685,7 @@ _VISIT_TYPES = {
     "correct": _scalar(pa.bool_()),
     "p_target": _scalar(pa.float32()),
     "margin": _scalar(pa.float32()),
+    "el2n": _scalar(pa.float32()),
     "input_sq": _scalar(pa.float32()),
     "input_grad_sq": _scalar(pa.float32()),
     "lr_scale": _scalar(pa.float64()),

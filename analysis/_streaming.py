@@ -26,12 +26,13 @@ _COLUMNS = (
     "correct",
     "p_target",
     "margin",
+    "el2n",
     "input_sq",
     "input_grad_sq",
     "lr_scale",
     "grad_sq",
 )
-_MEANS = ("aum", "el2n_proxy", "grand", "input_sq", "input_grad_sq")
+_MEANS = ("aum", "aum_after_first", "el2n", "el2n_proxy", "grand", "input_sq", "input_grad_sq")
 
 
 def _sample_ids(data: TraceData) -> np.ndarray:
@@ -56,9 +57,9 @@ def _distinct(ids: np.ndarray) -> np.ndarray:
 class _Accumulator:
     """Per-sample running sums over visits fed in step order."""
 
-    def __init__(self, ids: np.ndarray, n_layers: int, early: set[int]) -> None:
+    def __init__(self, ids: np.ndarray, n_layers: int, early: set[int], first: int) -> None:
         n = len(ids)
-        self.ids, self.n_layers, self.early = ids, n_layers, early
+        self.ids, self.n_layers, self.early, self.first = ids, n_layers, early, first
         zeros = lambda dtype=np.float64: np.zeros(n, dtype=dtype)  # noqa: E731
         self.n_visits = zeros(np.int64)
         self.importance, self.when_num, self.tracin = zeros(), zeros(), zeros()
@@ -69,6 +70,7 @@ class _Accumulator:
         self.final_loss = zeros()
         self.state = np.full(n, -1, dtype=np.int8)  # last visit's correct: 1, 0, -1 = NULL
         self.has_correct, self.forgetting = zeros(bool), zeros(np.int64)
+        self.learned = zeros(bool)  # correct at some visit
         # Cartography: the current epoch's sums, then Σ and Welford moments over epochs.
         self.epoch_sums = {k: zeros() for k in ("p", "p_n", "c", "c_n")}
         self.conf_sum, self.p_epochs, self.p_mean, self.p_m2 = zeros(), zeros(), zeros(), zeros()
@@ -100,11 +102,14 @@ class _Accumulator:
         self.tracin += self._sum(idx, lr_scale * grad_total)
         early = epoch in self.early
         self._mean("aum", idx, cols["margin"])
+        if epoch != self.first:
+            self._mean("aum_after_first", idx, cols["margin"])
         self._mean("input_sq", idx, cols["input_sq"])
         self._mean("input_grad_sq", idx, cols["input_grad_sq"])
         if early:
             p_values, p_valid = cols["p_target"]
             self._mean("el2n_proxy", idx, (1.0 - p_values.astype(np.float64), p_valid))
+            self._mean("el2n", idx, cols["el2n"])
             self._mean("grand", idx, (np.sqrt(grad_total), None))
         self._cartography(idx, cols)
         self._last_and_forgetting(idx, counts, cols)
@@ -169,6 +174,7 @@ class _Accumulator:
         events = (prev == 1) & (cur == 0)
         self.forgetting += np.bincount(sidx[events], minlength=len(self.ids))
         self.has_correct[sidx[cur >= 0]] = True
+        self.learned[sidx[cur == 1]] = True
         rows, where = order[last], sidx[last]
         self.state[where] = cur[last]
         self.final_loss[where] = cols["loss"][0][rows].astype(np.float64)
@@ -201,8 +207,12 @@ class _Accumulator:
                 "final_correct": _masked(
                     "final_correct", self.state == 1, self.state >= 0, pl.Boolean
                 ),
+                # Never learned: the maximum count, as in `scores` (Toneva et al.).
                 "forgetting_events": _masked(
-                    "forgetting_events", self.forgetting, outputs, pl.Int64
+                    "forgetting_events",
+                    np.where(self.learned, self.forgetting, self.n_visits),
+                    outputs,
+                    pl.Int64,
                 ),
                 **{name: mean(name) for name in _MEANS},
                 "tracin_self": self.tracin,
@@ -240,7 +250,8 @@ def stream_sample_scores(data: TraceData, early_epochs: int) -> pl.DataFrame | N
         return None
     visited = np.unique(np.concatenate([s.epoch[s.batch_size > 0] for s in data.steps]))
     early = {int(e) for e in visited[: max(early_epochs, 1)]}
-    acc = _Accumulator(_sample_ids(data), data.n_layers, early)
+    first = int(visited[0]) if len(visited) else 0
+    acc = _Accumulator(_sample_ids(data), data.n_layers, early, first)
     current: int | None = None
     for epoch, masks in chunks:
         if current is not None and epoch != current:

@@ -1,35 +1,72 @@
-"""The paper's claims (Gao & Jojic), checked on a trace, with the controls reviewers asked for.
+"""The paper's claims (Gao & Jojic), checked on one or several runs, with intervals and controls.
 
-`findings(trace)` returns one `Finding` per claim. Each claim is first tested on raw
-importance sums over the whole run; then under up to three controls:
+`findings(trace)` returns one `Finding` per claim. Each claim is an **effect size** with a
+stated **minimum effect** (`MIN_EFFECTS`) and a 90% bootstrap interval over samples
+(`_bootstrap`; over seeds too when several runs are pooled). The effect is measured on raw
+importance over the whole run and again under up to three controls:
 
 - ``per_param``: importance divided by the layer's parameter count (big layers dominate
   raw sums across layers);
 - ``same_period``: the comparison made within each epoch (every sample's importance drifts
   toward the input layer and shrinks as training goes on, so whole-run sums mix periods);
-- ``input_norm``: the input layer's importance divided by ``input_sq + 1`` (a linear
-  layer's per-sample gradient norm scales with ``‖x‖² + 1``, so large inputs look important
-  in the input layer; hard samples may just be larger inputs).
+- ``input_norm``: the input layer's importance divided by ``‖x‖² + 1`` (exact for a linear
+  first layer, whose per-sample gradient norm is ``‖δ‖²(‖x‖² + 1)``; not applied to other
+  first layers, see docs/analysis.md).
 
-A claim that fails raw is ``"not supported"``; one that holds raw and under every control
-that applies is ``"supported"``; one that holds raw but fails a control is
-``"raw sums only"``; too little data (one layer, one epoch, deciles of a handful of
-samples) gives ``"inconclusive"``. Easy and hard are the easiest and hardest deciles by
-final loss (`samples().difficulty_decile`). Everything is read through the analysis API.
+A claim is ``"supported"`` only when the raw interval and the interval under every control
+that applies lie wholly above the minimum effect; ``"raw sums only"`` when the raw interval
+does but a control's does not; ``"not supported"`` when the raw interval does not. A run that
+is too short, not converged, still open or ends in a partial epoch, or whose deciles are a
+handful of samples, gives ``"inconclusive"`` with the reason, never a verdict. On traces
+whose importance is unrelated to difficulty (each step's ``grad_sq`` shuffled among its
+batch-mates) a claim is supported in at most 5% of runs (tests/analysis/test_findings_null.py).
+
+Easy and hard are the easiest and hardest deciles by final loss — this run's, or another
+run's (``difficulty_from``), since defining difficulty by the same run's final loss makes
+"hard samples matter late" nearly true by construction.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-__all__ = ["CLAIMS", "VERDICTS", "Finding", "findings", "findings_frame", "headlines"]
+from samplescope.analysis import _findings_effects as fx
+from samplescope.analysis._bootstrap import N_BOOT, Interval, interval, pool, replicate_sums
+from samplescope.analysis._findings_data import (
+    MIN_DECILE,
+    PERIOD_FRACTION,
+    FindingsError,
+    RunData,
+    difficulty_of,
+    gather,
+    guard,
+)
+
+__all__ = [
+    "CLAIMS",
+    "CONTROLS",
+    "EFFECTS",
+    "MIN_DECILE",
+    "MIN_EFFECTS",
+    "VERDICTS",
+    "Finding",
+    "FindingsError",
+    "findings",
+    "findings_frame",
+    "findings_runs",
+    "group_runs",
+    "headlines",
+]
 
 VERDICTS = ("supported", "not supported", "raw sums only", "inconclusive")
+CONTROLS = ("per_param", "same_period", "input_norm")
 
 CLAIMS = {
     "easy_output": "Easy samples shape the layers near the output: the easiest decile "
@@ -39,21 +76,36 @@ CLAIMS = {
     "easy_early_hard_late": "Easy samples matter early and hard samples late: the "
     "importance-weighted mean epoch of the easiest decile is earlier than the hardest's, "
     "in every layer.",
+    "hard_input_late": "Hard samples shape the input layer late: the hardest decile's "
+    "importance-weighted mean epoch in the input layer is later than if each hard sample's "
+    "importance were spread uniformly over the epochs it was visited.",
     "importance_tracks_loss": "A sample's importance rises with its final loss: "
     "Spearman correlation of importance with final loss is positive in every layer.",
 }
 
-# The first and last fifth of training form the "early" and "late" periods of the headlines.
-PERIOD_FRACTION = 0.2
-# Spearman correlations below this are treated as no relation.
-MIN_RHO = 0.1
-# Deciles of fewer samples than this make a claim inconclusive.
-MIN_DECILE = 3
+# Each claim's effect, and the smallest value that counts as the claim holding.
+EFFECTS = {
+    "easy_output": "log(easy share of output layer / easy share of input layer)",
+    "hard_input": "log(hard share of input layer / hard share of output layer)",
+    "easy_early_hard_late": "min over layers of (hard - easy mean epoch) / run length",
+    "hard_input_late": "(hard mean epoch - uniform-in-time mean epoch) / run length, input layer",
+    "importance_tracks_loss": "min over layers of Spearman(importance, final loss)",
+}
+MIN_EFFECTS = {
+    "easy_output": math.log(1.1),  # a share at least 10% larger
+    "hard_input": math.log(1.1),
+    "easy_early_hard_late": 0.05,  # 5% of the run
+    "hard_input_late": 0.05,
+    "importance_tracks_loss": 0.1,
+}
+# The per-parameter control of the layer claims compares importance-per-parameter-weighted
+# depths (0 = input, 1 = output): easy must sit nearer the output than hard by this much.
+MIN_DEPTH = 0.05
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One claim's verdict on one trace.
+    """One claim's verdict on one run (or on several runs pooled).
 
     Attributes:
         claim: short id, a key of `CLAIMS`.
@@ -61,7 +113,13 @@ class Finding:
         verdict: one of `VERDICTS`.
         numbers: the measured values behind the verdict (shares in [0, 1], epochs, rho).
         explanation: one or two sentences saying why the verdict is what it is.
-        controls: each control's outcome: True passed, False failed, None not applicable.
+        controls: each control's outcome: True its interval clears the minimum effect,
+            False it does not, None not applicable.
+        effect: the raw effect's estimate, interval and minimum (None when inconclusive).
+        intervals: the effect under each control that applies.
+        run: which run: its index among the runs given, or "pooled".
+        agreement: for pooled findings, the fraction of runs whose verdict is the pooled one.
+        difficulty_source: where easy and hard came from.
     """
 
     claim: str
@@ -70,423 +128,416 @@ class Finding:
     numbers: dict[str, float]
     explanation: str
     controls: dict[str, bool | None] = field(default_factory=dict)
+    effect: Interval | None = None
+    intervals: dict[str, Interval] = field(default_factory=dict)
+    run: str = "0"
+    agreement: float | None = None
+    difficulty_source: str = "this run's final loss"
 
 
-@dataclass
-class _Data:
-    imp: pl.DataFrame  # step, epoch, sample_id, layer_index, importance, per_param, imp_in, group
-    samples: pl.DataFrame  # sample_id, group, final_loss, input_sq
-    n_layers: int
-    epochs: list[int]
-    input_norm_known: bool
+def _min_effect(claim: str, control: str) -> float:
+    if control == "per_param" and claim in ("easy_output", "hard_input"):
+        return MIN_DEPTH
+    return MIN_EFFECTS[claim]
 
 
-def _gather(trace: Any) -> _Data:
-    layers = trace.layers().sort("layer_index")
-    samples = trace.samples()
-    input_sq = (
-        samples["input_sq"]
-        if "input_sq" in samples.columns
-        else pl.Series("input_sq", [None] * samples.height, dtype=pl.Float64)
-    )
-    top = samples["difficulty_decile"].max()
-    samples = samples.select(
-        "sample_id",
-        "final_loss",
-        input_sq.cast(pl.Float64).alias("input_sq"),
-        pl.when(pl.col("difficulty_decile") == 0)
-        .then(pl.lit("easy"))
-        .when((pl.col("difficulty_decile") == top) & (top > 0))
-        .then(pl.lit("hard"))
-        .otherwise(pl.lit(None, dtype=pl.String))
-        .alias("group"),
-    )
-    n_params = layers.select("layer_index", pl.col("n_params").cast(pl.Float64))
-    imp = (
-        trace.table("importance")
-        .select("step", "epoch", "sample_id", "layer_index", "importance")
-        .collect()
-        .join(n_params, on="layer_index", how="left")
-        .join(samples.select("sample_id", "group", "input_sq"), on="sample_id", how="left")
-    )
-    steps = imp.select("step").unique().sort("step").with_row_index("_pos")
-    n_steps = max(steps.height, 1)
-    imp = (
-        imp.join(steps, on="step")
-        .with_columns(
-            pl.col("importance").cast(pl.Float64),
-            (pl.col("importance") / pl.col("n_params")).alias("per_param"),
-            pl.when(pl.col("layer_index") == 0)
-            .then(pl.col("importance") / (pl.col("input_sq") + 1.0))
-            .otherwise(pl.col("importance"))
-            .alias("imp_in"),
-            pl.when(pl.col("_pos") < PERIOD_FRACTION * n_steps)
-            .then(pl.lit("early"))
-            .when(pl.col("_pos") >= (1 - PERIOD_FRACTION) * n_steps)
-            .then(pl.lit("late"))
-            .otherwise(pl.lit(None, dtype=pl.String))
-            .alias("period"),
-        )
-        .drop("_pos", "n_params", "input_sq")
-    )
-    known = samples["input_sq"].drop_nulls().drop_nans()
-    return _Data(
-        imp=imp,
-        samples=samples,
-        n_layers=layers.height,
-        epochs=sorted(imp["epoch"].unique().to_list()),
-        input_norm_known=known.len() == samples.height and samples.height > 0,
-    )
+# -- verdicts ------------------------------------------------------------------------------
 
 
-def _shares(imp: pl.DataFrame, value: str, by: tuple[str, ...] = ()) -> pl.DataFrame:
-    """Each group's share of each layer's `value` (per `by`): group, layer_index, *by, share."""
-    keys = ["layer_index", *by]
-    total = imp.group_by(keys).agg(pl.col(value).sum().alias("_total"))
-    part = (
-        imp.filter(pl.col("group").is_not_null())
-        .group_by(["group", *keys])
-        .agg(pl.col(value).sum().alias("_part"))
-    )
-    return part.join(total, on=keys).select(
-        "group",
-        *keys,
-        pl.when(pl.col("_total") > 0).then(pl.col("_part") / pl.col("_total")).alias("share"),
-    )
-
-
-def _share(shares: pl.DataFrame, group: str, layer: int, **keys: Any) -> float:
-    frame = shares.filter((pl.col("group") == group) & (pl.col("layer_index") == layer))
-    for key, value in keys.items():
-        frame = frame.filter(pl.col(key) == value)
-    if frame.height == 0 or frame["share"][0] is None:
-        return 0.0
-    return float(frame["share"][0])
-
-
-def _depth(imp: pl.DataFrame, value: str, n_layers: int) -> dict[str, float]:
-    """Value-weighted mean layer depth per group, 0 = input layer, 1 = output layer."""
-    frame = (
-        imp.filter(pl.col("group").is_not_null())
-        .group_by("group")
-        .agg(
-            (
-                (pl.col("layer_index") * pl.col(value)).sum()
-                / pl.col(value).sum()
-                / max(n_layers - 1, 1)
-            ).alias("depth")
-        )
-    )
-    return {row["group"]: _num(row["depth"]) for row in frame.iter_rows(named=True)}
-
-
-def _num(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
-def _verdict(raw: bool, controls: dict[str, bool | None]) -> str:
-    if not raw:
+def _verdict(raw: Interval, intervals: dict[str, Interval]) -> str:
+    if not raw.defined:
+        return "inconclusive"
+    if not raw.clears:
         return "not supported"
-    if all(c is not False for c in controls.values()):
+    if all(i.clears for i in intervals.values()):
         return "supported"
     return "raw sums only"
 
 
-def _too_small(data: _Data) -> str | None:
-    counts = data.samples["group"].value_counts()
-    sizes = {row["group"]: row["count"] for row in counts.iter_rows(named=True)}
-    if min(sizes.get("easy", 0), sizes.get("hard", 0)) < MIN_DECILE:
-        return (
-            f"the easiest and hardest deciles need at least {MIN_DECILE} samples each "
-            f"(this trace has {data.samples.height} samples)"
-        )
-    if float(data.imp["importance"].sum()) <= 0 or not math.isfinite(
-        float(data.imp["importance"].sum())
-    ):
-        return "the trace's total importance is zero or not finite"
-    return None
+_NAMES = {
+    "per_param": "per parameter",
+    "same_period": "same epoch",
+    "input_norm": "input norm",
+}
 
 
-def _inconclusive(claim: str, why: str) -> Finding:
+def _fmt(i: Interval) -> str:
+    return f"{i.estimate:.3g} [{i.low:.3g}, {i.high:.3g}]"
+
+
+def _explain(claim: str, raw: Interval, intervals: dict[str, Interval], skipped: list[str]) -> str:
+    parts = [f"Effect ({EFFECTS[claim]}) {_fmt(raw)}, 90% interval; minimum {raw.min_effect:.3g}."]
+    held = [f"{_NAMES[k]} {_fmt(v)}" for k, v in intervals.items() if v.clears]
+    failed = [f"{_NAMES[k]} {_fmt(v)}" for k, v in intervals.items() if not v.clears]
+    if held:
+        parts.append(f"Clears under {'; '.join(held)}.")
+    if failed:
+        parts.append(f"Does not clear under {'; '.join(failed)}.")
+    if skipped:
+        parts.append(f"Not applicable: {', '.join(skipped)}.")
+    return " ".join(parts)
+
+
+def _inconclusive(claim: str, why: str, run: str = "0", source: str = "") -> Finding:
     return Finding(
         claim,
         CLAIMS[claim],
         "inconclusive",
         {},
         f"Inconclusive: {why}.",
-        {"per_param": None, "same_period": None, "input_norm": None},
+        dict.fromkeys(CONTROLS),
+        run=run,
+        difficulty_source=source or "this run's final loss",
     )
 
 
-def _layer_claim(data: _Data, claim: str) -> Finding:
-    """easy_output / hard_input: a group's share of one end layer beats its share of the other."""
-    if data.n_layers < 2:
-        return _inconclusive(claim, "the trace records a single layer")
+def _finding(
+    claim: str,
+    effects: dict[str, Interval | None],
+    numbers: dict[str, float],
+    run: str,
+    source: str,
+    agreement: float | None = None,
+) -> Finding:
+    raw = effects["raw"]
+    assert raw is not None
+    intervals = {k: v for k, v in effects.items() if k != "raw" and v is not None}
+    skipped = [_NAMES[k] for k in CONTROLS if effects.get(k) is None]
+    controls = {k: (intervals[k].clears if k in intervals else None) for k in CONTROLS}
+    numbers = dict(numbers)
+    numbers.update(effect=raw.estimate, ci_low=raw.low, ci_high=raw.high)
+    for key, value in intervals.items():
+        numbers.update(
+            {
+                f"effect_{key}": value.estimate,
+                f"ci_low_{key}": value.low,
+                f"ci_high_{key}": value.high,
+            }
+        )
+    return Finding(
+        claim,
+        CLAIMS[claim],
+        _verdict(raw, intervals),
+        numbers,
+        _explain(claim, raw, intervals, skipped),
+        controls,
+        raw,
+        intervals,
+        run,
+        agreement,
+        source,
+    )
+
+
+# -- one run -------------------------------------------------------------------------------
+
+
+@dataclass
+class _RunResult:
+    findings: list[Finding]
+    replicates: dict[str, dict[str, np.ndarray]]  # claim -> control -> [1 + reps]
+
+
+def _numbers(claim: str, s: fx.Sums, data: RunData) -> dict[str, float]:
+    """Descriptive numbers (point estimates) behind each claim, for tables and headlines."""
+    point = {k: v[:1] for k, v in s.items()}
     out = data.n_layers - 1
-    group, favoured, other = ("easy", out, 0) if claim == "easy_output" else ("hard", 0, out)
-    raw = _shares(data.imp, "importance")
-    by_epoch = _shares(data.imp, "importance", ("epoch",))
-    by_period = _shares(data.imp.filter(pl.col("period").is_not_null()), "importance", ("period",))
-    wins = [
-        _share(by_epoch, group, favoured, epoch=e) > _share(by_epoch, group, other, epoch=e)
-        for e in data.epochs
-    ]
-    depth_pp = _depth(data.imp, "per_param", data.n_layers)
-    nearer_out = depth_pp.get("easy", math.nan) > depth_pp.get("hard", math.nan)
-    numbers = {
-        f"{group}_share_output": _share(raw, group, out),
-        f"{group}_share_input": _share(raw, group, 0),
-        f"{group}_share_output_early": _share(by_period, group, out, period="early"),
-        f"{group}_share_input_early": _share(by_period, group, 0, period="early"),
-        f"{group}_share_output_late": _share(by_period, group, out, period="late"),
-        f"{group}_share_input_late": _share(by_period, group, 0, period="late"),
-        "epochs_holding_fraction": float(np.mean(wins)) if wins else math.nan,
-        "easy_depth_per_param": depth_pp.get("easy", math.nan),
-        "hard_depth_per_param": depth_pp.get("hard", math.nan),
-    }
-    passes = (
-        numbers[f"{group}_share_{'output' if favoured else 'input'}"]
-        > numbers[f"{group}_share_{'input' if favoured else 'output'}"]
-    )
-    controls: dict[str, bool | None] = {
-        "per_param": bool(nearer_out),
-        "same_period": (numbers["epochs_holding_fraction"] > 0.5) if len(wins) > 1 else None,
-        "input_norm": None,
-    }
-    if data.input_norm_known:
-        normed = _shares(data.imp, "imp_in")
-        numbers[f"{group}_share_input_norm_controlled"] = _share(normed, group, 0)
-        left = _share(normed, group, favoured)
-        right = _share(normed, group, other)
-        controls["input_norm"] = left > right
-        numbers.update(_input_norms(data))
-    verdict = _verdict(passes, controls)
-    end, far = ("output", "input") if favoured else ("input", "output")
-    label = "easiest" if group == "easy" else "hardest"
-    explanation = (
-        f"The {label} decile carried {_pct(numbers[f'{group}_share_{end}'])} of the {end} "
-        f"layer's importance and {_pct(numbers[f'{group}_share_{far}'])} of the {far} layer's "
-        f"over the run. {_control_text(controls)}"
-    )
-    return Finding(claim, CLAIMS[claim], verdict, numbers, explanation, controls)
-
-
-def _input_norms(data: _Data) -> dict[str, float]:
-    means = (
-        data.samples.filter(pl.col("group").is_not_null())
-        .group_by("group")
-        .agg(pl.col("input_sq").mean())
-    )
-    values = {row["group"]: _num(row["input_sq"]) for row in means.iter_rows(named=True)}
-    easy, hard = values.get("easy", math.nan), values.get("hard", math.nan)
-    return {
-        "easy_input_sq": easy,
-        "hard_input_sq": hard,
-        "hard_over_easy_input_sq": hard / easy if easy > 0 else math.nan,
-    }
-
-
-def _control_text(controls: dict[str, bool | None]) -> str:
-    names = {
-        "per_param": "per-parameter normalisation",
-        "same_period": "same-epoch comparison",
-        "input_norm": "input-norm control",
-    }
-    held = [names[k] for k, v in controls.items() if v is True]
-    failed = [names[k] for k, v in controls.items() if v is False]
-    parts = []
-    if held:
-        parts.append(f"Holds under {', '.join(held)}.")
-    if failed:
-        parts.append(f"Fails under {', '.join(failed)}.")
-    skipped = [names[k] for k, v in controls.items() if v is None]
-    if skipped:
-        parts.append(f"Not checked: {', '.join(skipped)}.")
-    return " ".join(parts)
-
-
-def _when(imp: pl.DataFrame, value: str, by_layer: bool) -> pl.DataFrame:
-    keys = ["group", "layer_index"] if by_layer else ["group"]
-    return (
-        imp.filter(pl.col("group").is_not_null())
-        .group_by(keys)
-        .agg(((pl.col("epoch") * pl.col(value)).sum() / pl.col(value).sum()).alias("when"))
-    )
-
-
-def _when_of(frame: pl.DataFrame, group: str, layer: int | None = None) -> float:
-    frame = frame.filter(pl.col("group") == group)
-    if layer is not None:
-        frame = frame.filter(pl.col("layer_index") == layer)
-    return _num(frame["when"][0]) if frame.height else math.nan
-
-
-def _timing_claim(data: _Data) -> Finding:
-    claim = "easy_early_hard_late"
-    if len(data.epochs) < 2:
-        return _inconclusive(claim, "the trace covers a single epoch")
-    imp = data.imp.with_columns(
-        (pl.col("importance") / pl.col("importance").sum().over("epoch", "layer_index")).alias(
-            "epoch_share"
-        ),
-        (pl.col("imp_in") / pl.col("imp_in").sum().over("epoch", "layer_index")).alias(
-            "epoch_share_in"
-        ),
-    )
-    raw = _when(imp, "importance", True)
-    normed = _when(imp, "epoch_share", True)
-    layers = range(data.n_layers)
     numbers: dict[str, float] = {}
-    for layer in layers:
-        for group in ("easy", "hard"):
-            numbers[f"{group}_when_layer{layer}"] = _when_of(raw, group, layer)
-            numbers[f"{group}_when_within_epoch_layer{layer}"] = _when_of(normed, group, layer)
-    per_param = _when(imp, "per_param", False)
-    numbers["easy_when_per_param"] = _when_of(per_param, "easy")
-    numbers["hard_when_per_param"] = _when_of(per_param, "hard")
-    passes = all(numbers[f"easy_when_layer{x}"] < numbers[f"hard_when_layer{x}"] for x in layers)
-    controls: dict[str, bool | None] = {
-        "per_param": numbers["easy_when_per_param"] < numbers["hard_when_per_param"],
-        "same_period": all(
-            numbers[f"easy_when_within_epoch_layer{x}"]
-            < numbers[f"hard_when_within_epoch_layer{x}"]
-            for x in layers
-        ),
-        "input_norm": None,
-    }
-    if data.input_norm_known:
-        normed_in = _when(imp, "epoch_share_in", True)
-        numbers["easy_when_input_norm_controlled"] = _when_of(normed_in, "easy", 0)
-        numbers["hard_when_input_norm_controlled"] = _when_of(normed_in, "hard", 0)
-        controls["input_norm"] = (
-            numbers["easy_when_input_norm_controlled"] < numbers["hard_when_input_norm_controlled"]
-        )
-    last = data.n_layers - 1
-    explanation = (
-        f"Importance-weighted mean epoch, input layer: easy {numbers['easy_when_layer0']:.2f} "
-        f"vs hard {numbers['hard_when_layer0']:.2f}; output layer: easy "
-        f"{numbers[f'easy_when_layer{last}']:.2f} vs hard {numbers[f'hard_when_layer{last}']:.2f}. "
-        f"{_control_text(controls)}"
-    )
-    return Finding(claim, CLAIMS[claim], _verdict(passes, controls), numbers, explanation, controls)
-
-
-def _partial(r_xy: float, r_xz: float, r_yz: float) -> float:
-    # A constant input norm correlates with nothing: there is nothing to partial out.
-    r_xz = 0.0 if math.isnan(r_xz) else r_xz
-    r_yz = 0.0 if math.isnan(r_yz) else r_yz
-    denominator = math.sqrt(max((1 - r_xz**2) * (1 - r_yz**2), 0.0))
-    return (r_xy - r_xz * r_yz) / denominator if denominator > 0 else math.nan
-
-
-def _loss_claim(data: _Data) -> Finding:
-    claim = "importance_tracks_loss"
-    samples = data.samples.select("sample_id", "final_loss", "input_sq")
-    per_layer = (
-        data.imp.group_by("sample_id", "layer_index")
-        .agg(pl.col("importance").sum())
-        .join(samples, on="sample_id")
-    )
-    rho = (
-        per_layer.group_by("layer_index")
-        .agg(
-            pl.corr("importance", "final_loss", method="spearman").alias("rho"),
-            pl.corr("importance", "input_sq", method="spearman").alias("r_xz"),
-            pl.corr("final_loss", "input_sq", method="spearman").alias("r_yz"),
-        )
-        .sort("layer_index")
-    )
-    per_epoch = (
-        data.imp.group_by("sample_id", "layer_index", "epoch")
-        .agg(pl.col("importance").sum())
-        .join(samples, on="sample_id")
-        .group_by("layer_index", "epoch")
-        .agg(pl.corr("importance", "final_loss", method="spearman").alias("rho"))
-        .group_by("layer_index")
-        .agg(pl.col("rho").median().alias("median"), pl.col("rho").min().alias("min"))
-        .sort("layer_index")
-    )
-    numbers: dict[str, float] = {}
-    for row in rho.iter_rows(named=True):
-        layer = row["layer_index"]
-        numbers[f"rho_layer{layer}"] = _num(row["rho"])
-        if data.input_norm_known:
-            numbers[f"partial_rho_layer{layer}"] = _partial(
-                _num(row["rho"]), _num(row["r_xz"]), _num(row["r_yz"])
+    if claim in ("easy_output", "hard_input"):
+        group = "easy" if claim == "easy_output" else "hard"
+        mask = data.easy if group == "easy" else data.hard
+        period = data.period[mask].sum(0) / np.maximum(data.period.sum(0), 1e-300)
+        numbers |= {
+            f"{group}_share_output": float(fx.share(point, group, out)[0]),
+            f"{group}_share_input": float(fx.share(point, group, 0)[0]),
+            f"{group}_share_output_early": float(period[out, 0]),
+            f"{group}_share_input_early": float(period[0, 0]),
+            f"{group}_share_output_late": float(period[out, 1]),
+            f"{group}_share_input_late": float(period[0, 1]),
+        }
+        if "all_n0" in point:
+            numbers[f"{group}_share_input_norm_controlled"] = float(
+                fx.share(point, group, 0, True)[0]
             )
-    for row in per_epoch.iter_rows(named=True):
-        numbers[f"median_epoch_rho_layer{row['layer_index']}"] = _num(row["median"])
-        numbers[f"min_epoch_rho_layer{row['layer_index']}"] = _num(row["min"])
-    layers = range(data.n_layers)
-    if any(math.isnan(numbers.get(f"rho_layer{x}", math.nan)) for x in layers):
-        return _inconclusive(
-            claim, "importance or final loss is constant, so no rank correlation can be computed"
+        if data.input_sq is not None:
+            easy, hard = data.input_sq[data.easy].mean(), data.input_sq[data.hard].mean()
+            numbers |= {
+                "easy_input_sq": float(easy),
+                "hard_input_sq": float(hard),
+                "hard_over_easy_input_sq": float(hard / easy) if easy > 0 else math.nan,
+            }
+    elif claim == "easy_early_hard_late":
+        epochs = data.epochs.astype(np.float64)
+        for group in ("easy", "hard"):
+            raw = fx.when(point[group], epochs)[0]
+            within = fx.when(fx.div(point[group], point["all"]), epochs)[0]
+            for layer in range(data.n_layers):
+                numbers[f"{group}_when_layer{layer}"] = float(raw[layer])
+                numbers[f"{group}_when_within_epoch_layer{layer}"] = float(within[layer])
+    elif claim == "hard_input_late":
+        epochs = data.epochs.astype(np.float64)
+        hard = point["hard"][:, 0]
+        numbers["hard_when_layer0"] = float(fx.when(hard, epochs)[0])
+        numbers["hard_uniform_when_layer0"] = float(
+            fx.div(point["hard_timed"][:, 0], hard.sum(-1))[0]
         )
-    passes = all(numbers[f"rho_layer{x}"] >= MIN_RHO for x in layers)
-    controls: dict[str, bool | None] = {
-        # A rank correlation within one layer is unchanged by dividing by its size.
-        "per_param": True,
-        "same_period": (
-            all(numbers[f"median_epoch_rho_layer{x}"] >= MIN_RHO for x in layers)
-            if len(data.epochs) > 1
-            else None
-        ),
-        "input_norm": (
-            all(numbers[f"partial_rho_layer{x}"] >= MIN_RHO for x in layers)
-            if data.input_norm_known
-            else None
-        ),
-    }
-    values = [numbers[f"rho_layer{x}"] for x in layers]
-    explanation = (
-        f"Spearman ρ of whole-run importance with final loss ranges {min(values):.2f} to "
-        f"{max(values):.2f} over layers (threshold {MIN_RHO}). {_control_text(controls)}"
-    )
-    return Finding(claim, CLAIMS[claim], _verdict(passes, controls), numbers, explanation, controls)
+    else:
+        for layer in range(data.n_layers):
+            numbers[f"rho_layer{layer}"] = float(point["rho"][0, layer])
+            with np.errstate(all="ignore"):
+                numbers[f"median_epoch_rho_layer{layer}"] = float(
+                    np.nanmedian(point["rho_epoch"][0, layer])
+                )
+            if "r_xz" in point:
+                numbers[f"partial_rho_layer{layer}"] = float(
+                    fx.partial(point["rho"], point["r_xz"], point["r_yz"])[0, layer]
+                )
+    return numbers
 
 
-def findings(trace: Any) -> list[Finding]:
-    """Check the paper's four claims on `trace`, each with its controls.
+def _one_run(
+    trace: Any,
+    difficulty: pl.DataFrame | None,
+    source: str,
+    run: str,
+    n_boot: int,
+    seed: int,
+) -> _RunResult:
+    why = guard(trace)
+    data = None
+    if why is None:
+        data = gather(trace, difficulty, source)
+        why = guard(trace, data)
+        if why is None and data.n_layers < 2:
+            why = "the trace records a single layer"
+    if why is not None:
+        label = data.difficulty_source if data is not None else ""
+        return _RunResult([_inconclusive(c, why, run, label) for c in CLAIMS], {})
+    assert data is not None
+    feats = fx.features(data)
+    middle = np.flatnonzero(~data.easy & ~data.hard)
+    strata = [np.flatnonzero(data.easy), np.flatnonzero(data.hard), middle]
+    s = replicate_sums(strata, len(data.sample_ids), n_boot, fx.sums(feats), seed)
+    results, replicates = [], {}
+    for claim in CLAIMS:
+        measured = fx.effects(claim, s, feats)
+        replicates[claim] = {k: v for k, v in measured.items() if v is not None}
+        intervals = {
+            k: None if v is None else interval(v, _min_effect(claim, k))
+            for k, v in measured.items()
+        }
+        if not intervals["raw"].defined:  # type: ignore[union-attr]
+            results.append(
+                _inconclusive(
+                    claim,
+                    "the effect is undefined here (no importance in a layer, or importance or "
+                    "final loss constant)",
+                    run,
+                    data.difficulty_source,
+                )
+            )
+            continue
+        numbers = _numbers(claim, s, data)
+        results.append(_finding(claim, intervals, numbers, run, data.difficulty_source))
+    return _RunResult(results, replicates)
+
+
+def _difficulty(difficulty_from: Any) -> tuple[pl.DataFrame | None, str]:
+    if difficulty_from is None:
+        return None, ""
+    if hasattr(difficulty_from, "samples"):
+        return difficulty_of(difficulty_from), ", ".join(difficulty_from.meta.get("paths", []))
+    from samplescope.analysis.trace import open_trace
+
+    with open_trace(difficulty_from) as other:
+        return difficulty_of(other), str(difficulty_from)
+
+
+def findings(
+    trace: Any,
+    *,
+    difficulty_from: Any = None,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> list[Finding]:
+    """Check the paper's claims on one run, each with its interval and controls.
 
     Args:
         trace: an open `samplescope.analysis.Trace` whose visits recorded targets and
             logits (so final loss, difficulty and input norms are known).
+        difficulty_from: another run of the same data (a path or an open trace) whose
+            final loss defines easy and hard, so difficulty is not taken from the run whose
+            importance is measured.
+        n_boot: bootstrap replicates.
+        seed: the bootstrap's seed.
 
     Returns:
         One `Finding` per entry of `CLAIMS`, in that order.
+
+    Raises:
+        FindingsError: the difficulty run shares too few samples with `trace`.
     """
-    data = _gather(trace)
-    small = _too_small(data)
-    if small is not None:
-        return [_inconclusive(claim, small) for claim in CLAIMS]
-    return [
-        _layer_claim(data, "easy_output"),
-        _layer_claim(data, "hard_input"),
-        _timing_claim(data),
-        _loss_claim(data),
+    difficulty, source = _difficulty(difficulty_from)
+    return _one_run(trace, difficulty, source, "0", n_boot, seed).findings
+
+
+def findings_runs(
+    traces: Sequence[Any],
+    *,
+    difficulty_from: Any = None,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> list[Finding]:
+    """The claims on each of several runs of the same data, then pooled over them.
+
+    Args:
+        traces: open traces (e.g. one per seed); each is checked on its own.
+        difficulty_from: as for `findings`, used for every run.
+        n_boot: bootstrap replicates per run.
+        seed: the bootstrap's seed.
+
+    Returns:
+        Each run's findings (``run`` = its index), then one pooled finding per claim
+        (``run = "pooled"``): the mean effect over runs with an interval from resampling runs
+        and samples together, and ``agreement``, the fraction of runs whose verdict matches.
+        If any run is inconclusive, the pooled findings are too.
+
+    Raises:
+        FindingsError: fewer than two runs, or runs that do not share their samples.
+    """
+    if len(traces) < 2:
+        msg = "findings_runs needs at least two runs; use findings() for one"
+        raise FindingsError(msg)
+    _check_same_data(traces)
+    difficulty, source = _difficulty(difficulty_from)
+    runs = [
+        _one_run(t, difficulty, source, str(i), n_boot, seed + 7919 * i)
+        for i, t in enumerate(traces)
     ]
+    out = [f for r in runs for f in r.findings]
+    for index, claim in enumerate(CLAIMS):
+        per_run = [r.findings[index] for r in runs]
+        bad = [f for f in per_run if f.verdict == "inconclusive" and f.effect is None]
+        label = per_run[0].difficulty_source
+        if bad:
+            out.append(
+                _inconclusive(
+                    claim,
+                    f"run {bad[0].run} is inconclusive ({bad[0].explanation[14:].rstrip('.')})",
+                    "pooled",
+                    label,
+                )
+            )
+            continue
+        keys = runs[0].replicates[claim].keys()
+        effects: dict[str, Interval | None] = dict.fromkeys(CONTROLS)
+        for key in keys:
+            effects[key] = pool(
+                [r.replicates[claim][key] for r in runs], _min_effect(claim, key), seed
+            )
+        means = {
+            k: float(np.mean([f.numbers[k] for f in per_run if k in f.numbers]))
+            for k in per_run[0].numbers
+            if not k.startswith(("effect", "ci_"))
+        }
+        pooled = _finding(claim, effects, means, "pooled", label)
+        agree = float(np.mean([f.verdict == pooled.verdict for f in per_run]))
+        out.append(
+            Finding(
+                **{
+                    **pooled.__dict__,
+                    "agreement": agree,
+                    "explanation": f"{pooled.explanation} {_agreement_text(per_run, pooled)}",
+                }
+            )
+        )
+    return out
+
+
+def _agreement_text(per_run: list[Finding], pooled: Finding) -> str:
+    same = sum(f.verdict == pooled.verdict for f in per_run)
+    verdicts = ", ".join(f.verdict for f in per_run)
+    return f"{same} of {len(per_run)} runs agree ({verdicts})."
+
+
+def _check_same_data(traces: Sequence[Any]) -> None:
+    first = set(
+        np.asarray(
+            traces[0].table("visits").select("sample_id").unique().collect()["sample_id"]
+        ).tolist()
+    )
+    for index, other in enumerate(traces[1:], 1):
+        ids = set(
+            other.table("visits").select("sample_id").unique().collect()["sample_id"].to_list()
+        )
+        shared = len(first & ids)
+        if shared < 0.5 * max(len(first), len(ids)):
+            msg = (
+                f"run {index} shares {shared} of its {len(ids)} samples with run 0 "
+                f"({len(first)}); pool only runs of the same data"
+            )
+            raise FindingsError(msg)
+
+
+def group_runs(paths: Sequence[str | Path]) -> list[list[str]]:
+    """Split trace paths into runs: shards of one run share a run_id, seeds do not.
+
+    Args:
+        paths: files or globs, as `open_trace` takes them.
+
+    Returns:
+        One list of paths per run, in order of first appearance.
+    """
+    import h5py
+
+    from samplescope.analysis._hdf5 import resolve_paths
+
+    runs: dict[str, list[str]] = {}
+    for path in resolve_paths(list(paths)):
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                run_id = str(f.attrs.get("run_id", path))
+        except OSError:
+            run_id = str(path)  # open_trace will say what is wrong with it
+        runs.setdefault(run_id, []).append(str(path))
+    return list(runs.values())
 
 
 def findings_frame(results: list[Finding]) -> pl.DataFrame:
-    """The findings as a table: claim, verdict, one column per control, explanation."""
-    return pl.DataFrame(
-        {
-            "claim": [f.claim for f in results],
-            "verdict": [f.verdict for f in results],
-            "per_param": [f.controls.get("per_param") for f in results],
-            "same_period": [f.controls.get("same_period") for f in results],
-            "input_norm": [f.controls.get("input_norm") for f in results],
-            "explanation": [f.explanation for f in results],
-        },
-        schema={
-            "claim": pl.String,
-            "verdict": pl.String,
-            "per_param": pl.Boolean,
-            "same_period": pl.Boolean,
-            "input_norm": pl.Boolean,
-            "explanation": pl.String,
-        },
-    )
+    """The findings as a table.
+
+    Columns: run (only for several runs), claim, verdict, effect, ci_low, ci_high,
+    min_effect, one boolean column per control, agreement (only for several runs),
+    difficulty, explanation.
+    """
+    several = any(f.run != "0" for f in results)
+
+    def value(f: Finding, attr: str) -> float | None:
+        return None if f.effect is None else getattr(f.effect, attr)
+
+    columns: dict[str, list[Any]] = {}
+    schema: dict[str, Any] = {}
+    if several:
+        columns["run"], schema["run"] = [f.run for f in results], pl.String
+    columns |= {
+        "claim": [f.claim for f in results],
+        "verdict": [f.verdict for f in results],
+        "effect": [value(f, "estimate") for f in results],
+        "ci_low": [value(f, "low") for f in results],
+        "ci_high": [value(f, "high") for f in results],
+        "min_effect": [MIN_EFFECTS[f.claim] for f in results],
+    }
+    schema |= {"claim": pl.String, "verdict": pl.String}
+    schema |= dict.fromkeys(("effect", "ci_low", "ci_high", "min_effect"), pl.Float64)
+    for control in CONTROLS:
+        columns[control] = [f.controls.get(control) for f in results]
+        schema[control] = pl.Boolean
+    if several:
+        columns["agreement"], schema["agreement"] = [f.agreement for f in results], pl.Float64
+    columns["difficulty"] = [f.difficulty_source for f in results]
+    columns["explanation"] = [f.explanation for f in results]
+    schema |= {"difficulty": pl.String, "explanation": pl.String}
+    return pl.DataFrame(columns, schema=schema)
 
 
 def _pct(share: float) -> str:
@@ -497,42 +548,53 @@ def _pct(share: float) -> str:
 
 
 def headlines(trace: Any, results: list[Finding] | None = None) -> list[str]:
-    """Three or four plain-language sentences summarising `findings(trace)`.
+    """Three to five plain-language sentences summarising `findings(trace)`.
 
     Args:
         trace: an open trace.
-        results: `findings(trace)` if already computed.
+        results: `findings(trace)` (or the pooled part of `findings_runs`) if computed.
     """
     results = results if results is not None else findings(trace)
+    if any(f.run == "pooled" for f in results):
+        results = [f for f in results if f.run == "pooled"]
     by_claim = {f.claim: f for f in results}
     if all(f.verdict == "inconclusive" for f in results):
         return [results[0].explanation]
     easy, hard = by_claim["easy_output"].numbers, by_claim["hard_input"].numbers
-    timing, loss = by_claim["easy_early_hard_late"].numbers, by_claim["importance_tracks_loss"]
+    timing, late = by_claim["easy_early_hard_late"].numbers, by_claim["hard_input_late"].numbers
+    loss = by_claim["importance_tracks_loss"]
     lines = []
-    pct = _pct
-    if easy:
+    if "easy_share_output_early" in easy:
         lines.append(
-            f"The easiest 10% of samples carried {pct(easy['easy_share_output_early'])} of the "
+            f"The easiest 10% of samples carried {_pct(easy['easy_share_output_early'])} of the "
             f"output layer's importance in the first {PERIOD_FRACTION:.0%} of training "
-            f"(and {pct(easy['easy_share_input_early'])} of the input layer's)."
+            f"(and {_pct(easy['easy_share_input_early'])} of the input layer's)."
         )
-    if hard:
+    if "hard_share_input_late" in hard:
         lines.append(
-            f"The hardest 10% carried {pct(hard['hard_share_input_late'])} of the input "
+            f"The hardest 10% carried {_pct(hard['hard_share_input_late'])} of the input "
             f"layer's importance in the last {PERIOD_FRACTION:.0%} of training "
-            f"(and {pct(hard['hard_share_output_late'])} of the output layer's)."
+            f"(and {_pct(hard['hard_share_output_late'])} of the output layer's)."
         )
-    if timing:
+    if "easy_when_layer0" in timing:
         lines.append(
             f"Weighted by importance, easy samples mattered at epoch "
             f"{timing['easy_when_layer0']:.1f} on average and hard ones at epoch "
-            f"{timing['hard_when_layer0']:.1f} (input layer)."
+            f"{timing['hard_when_layer0']:.1f} (input layer)"
+            + (
+                f"; spread uniformly in time, the hard ones' would be "
+                f"{late['hard_uniform_when_layer0']:.1f}."
+                if "hard_uniform_when_layer0" in late
+                else "."
+            )
         )
     verdicts = ", ".join(f"{f.claim.replace('_', ' ')}: {f.verdict}" for f in results)
     rhos = [v for k, v in loss.numbers.items() if k.startswith("rho_layer")]
     rho_text = (
         f"importance vs final loss ρ = {np.median(rhos):.2f} (median over layers); " if rhos else ""
     )
-    lines.append(f"Under the controls, {rho_text}{verdicts}.")
+    source = results[0].difficulty_source
+    lines.append(
+        f"With 90% intervals and minimum effects, difficulty from {source}: {rho_text}{verdicts}."
+    )
     return lines

@@ -30,10 +30,15 @@ _SAMPLE_SCORES: dict[str, tuple[str, float]] = {
     "importance": ("importance", 1.0),
     "final_loss": ("final_loss", 1.0),
     "aum": ("aum", -1.0),
+    # Pleiss et al.'s reference runs start averaging margins after the first epoch.
+    "aum_after_first": ("aum_after_first", -1.0),
     "forgetting": ("forgetting_events", 1.0),
     "confidence": ("confidence", -1.0),
     "variability": ("variability", 1.0),
-    "el2n": ("el2n_proxy", 1.0),
+    # The true ||softmax - onehot||_2 where the trace recorded it; older traces only offer
+    # the 1 - p_target proxy, under its own name so nobody mistakes one for the other.
+    "el2n": ("el2n", 1.0),
+    "el2n_proxy": ("el2n_proxy", 1.0),
     "grand": ("grand", 1.0),
     "tracin_self": ("tracin_self", 1.0),
 }
@@ -57,7 +62,7 @@ def score_table(trace: Any) -> pl.DataFrame:
     samples = trace.samples()
     columns = [pl.col("sample_id"), pl.col("target")]
     for name, (column, sign) in _SAMPLE_SCORES.items():
-        if column in samples.columns:
+        if column in samples.columns and _offered(name, samples):
             columns.append((sign * pl.col(column).cast(pl.Float64)).alias(name))
     layers = trace.layers().sort("layer_index")
     for index in layers["layer_index"].to_list():
@@ -67,6 +72,16 @@ def score_table(trace: Any) -> pl.DataFrame:
             )
     table = samples.select(*columns, *_info_columns(trace, samples))
     return table.join(_epoch_scores(trace), on="sample_id", how="left")
+
+
+def _offered(name: str, samples: pl.DataFrame) -> bool:
+    """EL2N only where recorded (not all NULL); its proxy only where EL2N is not."""
+    recorded = samples["el2n"].null_count() < samples.height if "el2n" in samples.columns else False
+    if name == "el2n":
+        return recorded
+    if name == "el2n_proxy":
+        return not recorded
+    return True
 
 
 def _info_columns(trace: Any, samples: pl.DataFrame) -> list[pl.Expr]:

@@ -55,6 +55,7 @@ def prepare_visits(
         *per_layer,
         grad.arr.sum().alias("grad_sq_total"),
         pl.col("epoch").is_in(early).alias("early"),
+        (pl.col("epoch") == (early[0] if early else 0)).alias("first_epoch"),
     ).with_columns(
         pl.sum_horizontal(_imp(layer) for layer in range(n_layers)).alias("importance"),
     )
@@ -83,10 +84,22 @@ def _visit_aggregates(n_layers: int) -> list[pl.Expr]:
         (pl.col("epoch") * pl.col("importance")).sum().alias("_when_num"),
         pl.col("loss").last().cast(pl.Float64).alias("final_loss"),
         pl.col("correct").last().alias("final_correct"),
-        _when_outputs((pl.col("correct").shift(1) & ~pl.col("correct")).sum())
+        # Toneva et al.: a sample never classified correctly gets the maximum count (their
+        # code adds the number of presentations), so it ranks above every forgettable one.
+        _when_outputs(
+            pl.when(pl.col("correct").any())
+            .then((pl.col("correct").shift(1) & ~pl.col("correct")).sum())
+            .otherwise(pl.len())
+        )
         .cast(pl.Int64)
         .alias("forgetting_events"),
         pl.col("margin").cast(pl.Float64).mean().alias("aum"),
+        pl.col("margin")
+        .cast(pl.Float64)
+        .filter(~pl.col("first_epoch"))
+        .mean()
+        .alias("aum_after_first"),
+        pl.col("el2n").cast(pl.Float64).filter(early).mean().alias("el2n"),
         (1.0 - pl.col("p_target").cast(pl.Float64)).filter(early).mean().alias("el2n_proxy"),
         pl.col("grad_sq_total").sqrt().filter(early).mean().alias("grand"),
         (pl.col("lr_scale") * pl.col("grad_sq_total")).sum().alias("tracin_self"),
@@ -172,6 +185,8 @@ def finish_sample_scores(
         "correctness",
         "forgetting_events",
         "aum",
+        "aum_after_first",
+        "el2n",
         "el2n_proxy",
         "grand",
         "tracin_self",

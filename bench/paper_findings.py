@@ -38,7 +38,19 @@ def main() -> None:
     run = run_findings(setting, args.out_dir, time_plain=True)
     print(setting.describe())
     with pl.Config(tbl_rows=20, fmt_str_lengths=200, tbl_width_chars=200):
-        print(run.table.select("claim", "verdict", "per_param", "same_period", "input_norm"))
+        print(
+            run.table.select(
+                "claim",
+                "verdict",
+                "effect",
+                "ci_low",
+                "ci_high",
+                "min_effect",
+                "per_param",
+                "same_period",
+                "input_norm",
+            )
+        )
     for line in run.headlines:
         print("-", line)
     ratio = run.recorded_seconds / run.plain_seconds if run.plain_seconds else float("nan")

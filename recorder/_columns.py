@@ -226,11 +226,12 @@ class StepRows:
 
 
 def derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """pred, p_target and margin from raw logits, for many steps' visits at once.
+    """pred, p_target, margin and el2n from raw logits, for many steps' visits at once.
 
-    Rows whose target is negative had no logits, and rows whose target is not a class of
-    their logits (unchecked targets on an accelerator): both get the documented missing
-    values (pred -1, p_target and margin NaN).
+    el2n is ‖softmax(logits) − onehot(target)‖₂ (Paul et al., 2021), exact: the writer sees
+    every logit, the trace keeps only these columns. Rows whose target is negative had no
+    logits, and rows whose target is not a class of their logits (unchecked targets on an
+    accelerator): both get the documented missing values (pred -1, the others NaN).
     """
     if table != "visits" or "_logits" not in columns:
         return columns
@@ -241,6 +242,7 @@ def derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.n
     pred = np.full(n, -1, dtype=np.int64)
     p_target = np.full(n, np.nan, dtype=np.float32)
     margin = np.full(n, np.nan, dtype=np.float32)
+    el2n = np.full(n, np.nan, dtype=np.float32)
     known = np.flatnonzero((target >= 0) & (target < logits.shape[1]))
     if known.size and logits.shape[1]:
         logits = logits[known]
@@ -255,9 +257,13 @@ def derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.n
             pred[known] = logits.argmax(1)
             p_target[known] = np.exp(target_logit - log_norm)
             margin[known] = target_logit - others.max(1)
+            error = np.exp(logits - log_norm[:, None])
+            error[rows, t] -= 1.0
+            el2n[known] = np.sqrt(np.square(error).sum(1))
     columns["pred"] = pred
     columns["p_target"] = p_target
     columns["margin"] = margin
+    columns["el2n"] = el2n
     return columns
 
 

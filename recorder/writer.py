@@ -87,6 +87,7 @@ OUTPUT_COLUMNS = {
     "pred": np.int64,
     "p_target": np.float32,
     "margin": np.float32,
+    "el2n": np.float32,  # written since format 2; older traces lack it (readers: el2n_proxy)
 }
 _EVAL_COLUMNS = {
     "step": np.int64,

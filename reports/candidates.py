@@ -3,9 +3,9 @@ ranked tables; and a gallery of their thumbnails when the trace stored them.
 
 Scores (each in [0, 1], higher = stronger candidate; ranks are percentiles over samples):
 
-- mislabeled: the mean of three percentile ranks — low area under the margin (AUM, the
-  model keeps preferring another class), low confidence in the label, high total importance
-  (the sample keeps pulling on the weights).
+- mislabeled: `samplescope.analysis.flags.flag(kind="mislabeled")`, the definition
+  `samplescope flag` uses: 1 − label_quality, the percentile rank of low confidence in the
+  label (the best single detector of flipped labels in docs/findings.md).
 - redundant: among samples learned and never forgotten (correct at the end, no forgetting
   events), the percentile rank of low total importance — they moved the weights least.
 """
@@ -40,21 +40,15 @@ def candidate_tables(data: ReportData, top: int = TOP) -> tuple[pl.DataFrame, pl
     Both frames hold sample_id, target, pred, score, aum, confidence, forgetting_events,
     importance and importance_pct (the sample's share of all importance, in %).
     """
+    from samplescope.analysis.flags import flag
+
     total = float(data.samples["importance"].sum()) or 1.0
     frame = data.samples.join(data.final_pred, on="sample_id", how="left").with_columns(
         importance_pct=100 * pl.col("importance") / total
     )
-    mislabeled = (
-        frame.with_columns(
-            score=(
-                _pct_rank("aum", descending=True)
-                + _pct_rank("confidence", descending=True)
-                + _pct_rank("importance")
-            )
-            / 3
-        )
-        .sort("score", descending=True)
-        .head(top)
+    ranked = flag(data.trace, kind="mislabeled", budget=max(top, 1)).head(top)
+    mislabeled = ranked.select("sample_id", (1.0 - pl.col("label_quality")).alias("score")).join(
+        frame, on="sample_id", how="left", maintain_order="left"
     )
     redundant = (
         frame.filter(pl.col("final_correct") & (pl.col("forgetting_events") == 0))
@@ -98,11 +92,12 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     add_caption(
         fig,
         (
-            "Mislabeled score: mean of the percentile ranks of low AUM (area under the margin: "
-            "mean of label logit minus the largest other logit; negative = the model kept "
-            "preferring another class), low confidence (mean probability of the label) and high "
-            "total importance. Redundant score: percentile rank of low total importance among "
-            "samples predicted right at the end that were never forgotten. 'pred' is the "
+            "Mislabeled score: as `samplescope flag --kind mislabeled` ranks them, the "
+            "percentile rank of low confidence (mean probability of the label over epochs). AUM "
+            "is the area under the margin: mean of label logit minus the largest other logit; "
+            "negative = the model kept preferring another class. Redundant score: percentile "
+            "rank of low total importance among samples predicted right at the end that were "
+            "never forgotten. 'pred' is the "
             "prediction at the sample's last visit; 'imp. %' its share of all importance. "
             "Candidates are for inspection, not automatic removal: rare but correct samples "
             "also score as 'mislabeled'."

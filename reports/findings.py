@@ -38,7 +38,7 @@ def run_findings(trace: Any) -> tuple[list[Any], list[str]] | None:
 
 
 def _pages(data: ReportData) -> Iterator[Figure]:
-    fig = new_page("Findings: the paper's claims on this run", caption_lines=3)
+    fig = new_page("Findings: the paper's claims on this run", caption_lines=5)
     try:
         found = run_findings(data.trace)
     except SamplescopeError as exc:
@@ -50,15 +50,25 @@ def _pages(data: ReportData) -> Iterator[Figure]:
         yield fig
         return
     results, headlines = found
-    _draw_blocks(fig, _blocks(results, headlines), top=0.87, bottom=0.16)
+    _draw_blocks(fig, _blocks(results, headlines), top=0.87, bottom=0.26)
+    source = results[0].difficulty_source if results else "this run's final loss"
+    circular = (
+        " (the same run: 'hard samples matter late' is then partly true by construction; "
+        "`samplescope findings --difficulty-from OTHER.h5` takes it from another seed's run)"
+        if source == "this run's final loss"
+        else ""
+    )
     add_caption(
         fig,
         (
-            "Each claim of Gao & Jojic is tested on raw importance sums, then under controls: "
-            "per parameter (importance divided by the layer's size), same epoch (compared within "
-            "each epoch, since gradients shrink over training) and input norm (input-layer "
-            "importance divided by ‖x‖²+1). 'supported' holds raw and under every control that "
-            "applies; 'raw sums only' fails a control; 'inconclusive' means too little data."
+            "Each claim of Gao & Jojic is an effect size with a 90% bootstrap interval over "
+            "samples and a stated minimum effect, measured on raw importance, then under "
+            "controls: per parameter (importance divided by the layer's size), same epoch "
+            "(compared within each epoch, since gradients shrink over training) and input norm "
+            "(input-layer importance divided by ‖x‖²+1, exact only for a linear first layer). "
+            "'supported': the raw interval and every applicable control's clear the minimum; "
+            "'raw sums only': a control's does not; 'inconclusive': too short, not converged, "
+            f"still open, a partial last epoch or too few samples. Difficulty: {source}{circular}."
         ),
     )
     yield fig

@@ -154,24 +154,44 @@ def train(seed: int, out: str, overwrite: bool, **kwargs: Any) -> pl.DataFrame:
 @click.command()
 @click.argument("trace", nargs=-1, required=True)
 @click.option("--headlines", is_flag=True, help="Print the plain-language summary instead.")
+@click.option(
+    "--difficulty-from",
+    "difficulty_from",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Take easy and hard from this other run's final loss (another seed of the same "
+    "data), so difficulty is not measured on the run whose importance is tested.",
+)
 @frame_output
-def findings(trace: tuple[str, ...], headlines: bool) -> pl.DataFrame:
-    """Check the paper's claims on a trace, each under its controls.
+def findings(trace: tuple[str, ...], headlines: bool, difficulty_from: str | None) -> pl.DataFrame:
+    """Check the paper's claims on a run, each with a 90% interval and its controls.
 
-    Verdicts: supported, not supported, raw sums only (fails a control), inconclusive.
+    Verdicts: supported (the interval clears the claim's minimum effect, raw and under every
+    control), raw sums only (a control's does not), not supported, inconclusive (too short,
+    not converged, still open, a partial last epoch, too few samples). Several runs of the
+    same data (traces with different run ids; shards of one run are joined) give each run's
+    verdicts, then pooled ones with the fraction of runs that agree.
 
-    Example: samplescope findings run.h5 --format csv
+    Example: samplescope findings s0.h5 s1.h5 s2.h5 --difficulty-from other.h5 --format csv
     """
+    from contextlib import ExitStack
+
     from samplescope.analysis import open_trace
     from samplescope.analysis.findings import findings as check
-    from samplescope.analysis.findings import findings_frame
+    from samplescope.analysis.findings import findings_frame, findings_runs, group_runs
     from samplescope.analysis.findings import headlines as summarise
 
-    with open_trace(list(trace)) as opened:
-        warn_about(opened)
-        results = check(opened)
+    runs = group_runs(trace)
+    with ExitStack() as stack:
+        opened = [stack.enter_context(open_trace(paths)) for paths in runs]
+        for each in opened:
+            warn_about(each)
+        if len(opened) == 1:
+            results = check(opened[0], difficulty_from=difficulty_from)
+        else:
+            results = findings_runs(opened, difficulty_from=difficulty_from)
         if headlines:
-            return pl.DataFrame({"headline": summarise(opened, results)})
+            return pl.DataFrame({"headline": summarise(opened[0], results)})
         return findings_frame(results)
 
 

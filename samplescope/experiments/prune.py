@@ -5,13 +5,19 @@ higher = harder). For each keep fraction and score, the hardest fraction is kept
 is trained on it from the same initialisation, without recording; ``random`` keeps a
 uniformly random subset. Keeping the hardest is the EL2N / GraNd convention (Paul et al.,
 2021): easy samples are the redundant ones.
+
+Every subset trains for the **same number of SGD steps** as the full set (``epochs`` times
+the full set's batches per epoch): the kept samples are reshuffled as often as needed. At
+equal epochs a subset of half the data would get half the steps, and pruning would be
+judged on its training budget instead of its choice of samples (Paul et al. compare at
+equal steps too).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +31,7 @@ from samplescope.experiments._common import (
     reference_run,
 )
 
-__all__ = ["DEFAULT_PRUNE_SCORES", "run_prune"]
+__all__ = ["DEFAULT_PRUNE_SCORES", "equal_step_batches", "run_prune"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,40 @@ def _kept(ids: np.ndarray, scores: pl.DataFrame, name: str, keep: float, seed: i
     return np.sort(ids[order[:count]])
 
 
+def equal_step_batches(
+    kept: np.ndarray, n_full: int, batch_size: int, rng: np.random.Generator
+) -> Callable[[int], list[np.ndarray]]:
+    """``batches(epoch)``: as many full batches per epoch as the full set has, from ``kept``.
+
+    The kept ids are drawn from a stream of reshuffles, so each is seen equally often (to
+    within one pass) and every subset gets the full set's number of SGD steps.
+    """
+    per_epoch = -(-n_full // batch_size)
+    stream: list[np.ndarray] = []
+    buffered = 0
+
+    def take(count: int) -> np.ndarray:
+        nonlocal buffered
+        while buffered < count:
+            stream.append(rng.permutation(kept))
+            buffered += len(kept)
+        joined = np.concatenate(stream)
+        out, rest = joined[:count], joined[count:]
+        stream[:] = [rest]
+        buffered = len(rest)
+        return out
+
+    def batches(epoch: int) -> list[np.ndarray]:
+        del epoch
+        if len(kept) == n_full:  # the full set: plain epochs, the last batch may be short
+            order = take(n_full)
+            return [order[i : i + batch_size] for i in range(0, n_full, batch_size)]
+        size = min(batch_size, len(kept))
+        return [take(size) for _ in range(per_epoch)]
+
+    return batches
+
+
 def run_prune(
     setting: Setting,
     out_dir: str | Path,
@@ -76,9 +116,12 @@ def run_prune(
 ) -> pl.DataFrame:
     """Retrain on the subset kept by each score (and at random) at each keep fraction.
 
+    Every subset trains for as many SGD steps as the full set (`equal_step_batches`).
+
     Returns:
         One row per (keep, score): final test accuracy and loss, mean and std over seeds,
-        plus the full-data accuracy as ``keep = 1.0, score = "all"``. Also ``prune.csv``.
+        SGD steps per run, plus the full-data accuracy as ``keep = 1.0, score = "all"``.
+        Also ``prune.csv``.
     """
     for keep in keeps:
         if not 0 < keep <= 1:
@@ -107,17 +150,9 @@ def run_prune(
         results = []
         for seed in range(setting.seeds):
             kept = ids if name == "all" else _kept(ids, table, name, keep, seed)
-            rng = np.random.default_rng(seed)
-
-            def batches(
-                epoch: int, kept: np.ndarray = kept, rng: np.random.Generator = rng
-            ) -> list[np.ndarray]:
-                order = rng.permutation(kept)
-                return [
-                    order[i : i + setting.batch_size]
-                    for i in range(0, len(order), setting.batch_size)
-                ]
-
+            batches = equal_step_batches(
+                kept, len(ids), setting.batch_size, np.random.default_rng(seed)
+            )
             history = plain_train(setting, data, seed, batches)
             results.append((history["test_accuracy"][-1], history["test_loss"][-1]))
         acc, acc_std = mean_std([r[0] for r in results])
@@ -128,6 +163,7 @@ def run_prune(
                 "keep": keep,
                 "score": name,
                 "seeds": setting.seeds,
+                "steps": setting.epochs * -(-len(ids) // setting.batch_size),
                 "test_accuracy": acc,
                 "test_accuracy_std": acc_std,
                 "test_loss": loss,

@@ -38,6 +38,7 @@ EXPECTED = {
     "correctness": [0.5, 0.5, 1.0, 0.5],
     "forgetting_events": [0, 1, 0, 0],
     "aum": [-0.45, 0.0, 2.0, -0.9],
+    "aum_after_first": [0.1, -0.5, 3.0, 0.2],
     "el2n_proxy": [0.8, 0.5, 0.4, 0.9],
     "grand": [2.0, math.sqrt(2), 2.0, 3.0],
     "tracin_self": [1.0, 1.5, 3.0, 3.25],

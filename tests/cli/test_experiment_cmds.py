@@ -53,7 +53,8 @@ def test_findings_command(trace: Path) -> None:
     assert {r["verdict"] for r in rows} <= set(VERDICTS)
     lines = _run("findings", str(trace), "--headlines", "--format", "csv").splitlines()
     assert lines[0] == "headline"
-    assert 4 <= len(lines) <= 5
+    # Two epochs are too short for a verdict: one line says why.
+    assert lines[1].startswith("Inconclusive: the trace covers 2 epoch(s)")
 
 
 def test_flag_command(trace: Path) -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from samplescope.experiments._common import ExperimentError
 from samplescope.experiments.noise import flip_labels
-from samplescope.experiments.prune import _kept
+from samplescope.experiments.prune import _kept, equal_step_batches
 
 
 @settings(max_examples=30, deadline=None)
@@ -41,3 +41,23 @@ def test_prune_keeps_the_hardest_and_random_keeps_the_count() -> None:
     kept = _kept(ids, scores, "random", 0.4, seed=0)
     assert len(kept) == 2
     assert set(kept) <= set(ids)
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.3, 0.07])
+def test_every_subset_gets_the_full_sets_sgd_steps(keep: float) -> None:
+    # 1,000 samples in batches of 64: 16 steps per epoch (the last one 40 samples).
+    n, batch = 1000, 64
+    kept = np.sort(np.random.default_rng(1).permutation(n)[: round(keep * n)])
+    batches = equal_step_batches(kept, n, batch, np.random.default_rng(0))
+    epochs = [batches(e) for e in range(3)]
+    assert [len(b) for b in epochs] == [16, 16, 16]
+    seen = np.concatenate([np.concatenate(b) for b in epochs])
+    assert set(seen.tolist()) <= set(kept.tolist())
+    if keep < 1:
+        assert all(len(x) == min(batch, len(kept)) for b in epochs for x in b)
+        # Reshuffled passes: no kept sample is seen more than once more than another.
+        counts = np.bincount(np.searchsorted(kept, seen), minlength=len(kept))
+        assert counts.max() - counts.min() <= 1
+    else:
+        assert len(seen) == 3 * n
+        assert np.all(np.bincount(seen, minlength=n) == 3)

@@ -1,0 +1,256 @@
+"""The effects behind `findings`: per-sample features, their weighted sums, and each claim's
+effect under each control, one value per bootstrap replicate.
+
+`features(data)` lays out the per-sample columns once; `sums(features)` is the linear map
+from replicate weights to group sums that `_bootstrap.replicate_sums` calls; `effects(claim,
+sums, features)` turns the sums into ``{control: [replicates]}`` (None where a control does
+not apply). Definitions are in docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from samplescope.analysis._findings_data import RunData
+
+__all__ = ["Features", "Sums", "div", "effects", "features", "partial", "share", "sums", "when"]
+
+
+@dataclass
+class Features:
+    """Per-sample columns whose weighted sums give every effect."""
+
+    data: RunData
+    imp: np.ndarray  # [S, L*E]
+    normed: np.ndarray | None  # [S, E]: input layer / (‖x‖² + 1)
+    timed: np.ndarray  # [S, L+1]: total importance · the sample's mean visited epoch
+    ranks: np.ndarray  # [S, L]: rank of total importance per layer
+    loss_rank: np.ndarray  # [S]
+    input_rank: np.ndarray | None  # [S]
+    epoch_ranks: np.ndarray  # [S, L, E]
+    known: np.ndarray  # [S] bool: difficulty known
+
+
+def _rank(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean rank), as Spearman's rho uses."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    sorted_values = values[order]
+    start = np.r_[0, np.flatnonzero(sorted_values[1:] != sorted_values[:-1]) + 1]
+    stop = np.r_[start[1:], len(values)]
+    means = (start + stop - 1) / 2
+    ranks[order] = np.repeat(means, stop - start)
+    return ranks
+
+
+def features(data: RunData) -> Features:
+    s, n_layers, n_epochs = data.imp.shape
+    total = data.imp.sum(axis=2)  # [S, L]
+    visits = data.visits.sum(axis=1)
+    mean_epoch = (data.visits * data.epochs).sum(axis=1) / np.maximum(visits, 1)
+    normed = None
+    timed = total * mean_epoch[:, None]
+    if data.input_sq is not None and data.input_norm_exact:
+        normed = data.imp[:, 0, :] / (data.input_sq[:, None] + 1.0)
+        timed = np.concatenate([timed, (normed.sum(axis=1) * mean_epoch)[:, None]], axis=1)
+    known = ~np.isnan(data.final_loss)
+    loss = np.where(known, data.final_loss, 0.0)
+    epoch_ranks = np.stack(
+        [np.stack([_rank(data.imp[:, i, e]) for e in range(n_epochs)], 1) for i in range(n_layers)],
+        1,
+    )
+    return Features(
+        data=data,
+        imp=data.imp.reshape(s, n_layers * n_epochs),
+        normed=normed,
+        timed=timed,
+        ranks=np.stack([_rank(total[:, i]) for i in range(n_layers)], 1),
+        loss_rank=_rank(loss),
+        input_rank=None if data.input_sq is None else _rank(data.input_sq),
+        epoch_ranks=epoch_ranks,
+        known=known,
+    )
+
+
+def _corr_sums(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Weighted Pearson correlation of the columns of ``x`` [S, K] with ``y`` [S], per row of w."""
+    # Centred first: moments from sums lose every digit to cancellation otherwise.
+    x = x - x.mean(axis=0)
+    y = y - y.mean()
+    sw = w.sum(axis=1, keepdims=True)
+    mx, my = (w @ x) / sw, (w @ y)[:, None] / sw
+    vx = (w @ (x * x)) / sw - mx * mx
+    vy = (w @ (y * y))[:, None] / sw - my * my
+    cov = (w @ (x * y[:, None])) / sw - mx * my
+    # A column constant within a replicate has no correlation (NaN), not a rounding error's.
+    tiny = 1e-9 * max(float((x * x).mean()), float((y * y).mean()), 1e-300)
+    with np.errstate(all="ignore"):
+        r = np.where((vx > tiny) & (vy > tiny), cov / np.sqrt(vx * vy), np.nan)
+    return np.clip(r, -1.0, 1.0)
+
+
+def sums(f: Features) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    data = f.data
+    easy, hard = data.easy, data.hard
+    n_layers, n_epochs = data.imp.shape[1], data.imp.shape[2]
+
+    def weighted(w: np.ndarray) -> dict[str, np.ndarray]:
+        r = w.shape[0]
+        shape = (r, n_layers, n_epochs)
+        out = {
+            "easy": (w[:, easy] @ f.imp[easy]).reshape(shape),
+            "hard": (w[:, hard] @ f.imp[hard]).reshape(shape),
+            "all": (w @ f.imp).reshape(shape),
+            "easy_timed": w[:, easy] @ f.timed[easy],
+            "hard_timed": w[:, hard] @ f.timed[hard],
+        }
+        if f.normed is not None:
+            out |= {
+                "easy_n0": w[:, easy] @ f.normed[easy],
+                "hard_n0": w[:, hard] @ f.normed[hard],
+                "all_n0": w @ f.normed,
+            }
+        wk = w * f.known
+        out["rho"] = _corr_sums(wk, f.ranks, f.loss_rank)
+        out["rho_epoch"] = np.stack(
+            [_corr_sums(wk, f.epoch_ranks[:, :, e], f.loss_rank) for e in range(n_epochs)], 2
+        )
+        if f.input_rank is not None:
+            out["r_xz"] = _corr_sums(wk, f.ranks, f.input_rank)
+            out["r_yz"] = _corr_sums(wk, f.input_rank[:, None], f.loss_rank)[:, 0]
+        return out
+
+    return weighted
+
+
+# -- effects: functions of the sums, one value per replicate --------------------------------
+
+Sums = dict[str, np.ndarray]
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.log(x)
+
+
+def div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
+
+
+def share(s: Sums, group: str, layer: int, normed: bool = False) -> np.ndarray:
+    if normed and layer == 0:
+        return div(s[f"{group}_n0"].sum(-1), s["all_n0"].sum(-1))
+    return div(s[group][:, layer].sum(-1), s["all"][:, layer].sum(-1))
+
+
+def _ends(claim: str, n_layers: int) -> tuple[str, int, int]:
+    out = n_layers - 1
+    return ("easy", out, 0) if claim == "easy_output" else ("hard", 0, out)
+
+
+def _layer_effects(claim: str, s: Sums, f: Features) -> dict[str, np.ndarray | None]:
+    group, favoured, other = _ends(claim, f.data.n_layers)
+    n = f.data.n_params
+    per_layer = {g: s[g].sum(-1) / n for g in ("easy", "hard")}  # [R, L] per parameter
+    depth_axis = np.arange(f.data.n_layers) / max(f.data.n_layers - 1, 1)
+    depth = {g: div((per_layer[g] * depth_axis).sum(-1), per_layer[g].sum(-1)) for g in per_layer}
+    within = _log(div(s[group][:, favoured], s["all"][:, favoured])) - _log(
+        div(s[group][:, other], s["all"][:, other])
+    )
+    within = np.where(np.isfinite(within), within, np.nan)
+    with np.errstate(all="ignore"):
+        same_period = np.nanmean(within, axis=1) if within.shape[1] > 1 else None
+    normed = None
+    if "all_n0" in s:
+        normed = _log(share(s, group, favoured, True)) - _log(share(s, group, other, True))
+    return {
+        "raw": _log(share(s, group, favoured)) - _log(share(s, group, other)),
+        "per_param": depth["easy"] - depth["hard"],
+        "same_period": same_period,
+        "input_norm": normed,
+    }
+
+
+def when(values: np.ndarray, epochs: np.ndarray) -> np.ndarray:
+    """Value-weighted mean epoch over the last axis."""
+    return div((values * epochs).sum(-1), values.sum(-1))
+
+
+def _timing_effects(s: Sums, f: Features) -> dict[str, np.ndarray | None]:
+    epochs = f.data.epochs.astype(np.float64)
+    span = max(float(epochs[-1] - epochs[0]), 1.0)
+    n = f.data.n_params[None, :, None]
+    raw = (when(s["hard"], epochs) - when(s["easy"], epochs)) / span  # [R, L]
+    pp = {g: (s[g] / n).sum(1) for g in ("easy", "hard")}
+    shares = {g: div(s[g], s["all"]) for g in ("easy", "hard")}
+    within = (when(shares["hard"], epochs) - when(shares["easy"], epochs)) / span
+    normed = None
+    if "all_n0" in s:
+        q = {g: div(s[f"{g}_n0"], s["all_n0"]) for g in ("easy", "hard")}
+        normed = (when(q["hard"], epochs) - when(q["easy"], epochs)) / span
+    return {
+        "raw": raw.min(axis=1),
+        "per_param": (when(pp["hard"], epochs) - when(pp["easy"], epochs)) / span,
+        "same_period": within.min(axis=1),
+        "input_norm": normed,
+    }
+
+
+def _late_effects(s: Sums, f: Features) -> dict[str, np.ndarray | None]:
+    epochs = f.data.epochs.astype(np.float64)
+    span = max(float(epochs[-1] - epochs[0]), 1.0)
+    hard = s["hard"][:, 0]
+    uniform = div(s["hard_timed"][:, 0], hard.sum(-1))
+    hard_share = div(s["hard"][:, 0], s["all"][:, 0])
+    normed = None
+    if "all_n0" in s:
+        base = div(s["hard_timed"][:, -1], s["hard_n0"].sum(-1))
+        normed = (when(s["hard_n0"], epochs) - base) / span
+    return {
+        "raw": (when(hard, epochs) - uniform) / span,
+        # One layer: dividing by its parameter count changes nothing.
+        "per_param": None,
+        # Within-epoch shares: spread uniformly in time, the share is flat and its weighted
+        # mean epoch is the plain mean of the epochs.
+        "same_period": (when(hard_share, epochs) - epochs.mean()) / span,
+        "input_norm": normed,
+    }
+
+
+def partial(r_xy: np.ndarray, r_xz: np.ndarray, r_yz: np.ndarray) -> np.ndarray:
+    # A constant input norm correlates with nothing: there is nothing to partial out.
+    r_xz = np.nan_to_num(r_xz)
+    r_yz = np.nan_to_num(r_yz)[:, None]
+    with np.errstate(all="ignore"):
+        return (r_xy - r_xz * r_yz) / np.sqrt((1 - r_xz**2) * (1 - r_yz**2))
+
+
+def _loss_effects(s: Sums, f: Features) -> dict[str, np.ndarray | None]:
+    epochs = s["rho_epoch"].shape[2]
+    with np.errstate(all="ignore"):
+        per_epoch = np.nanmedian(s["rho_epoch"], axis=2) if epochs > 1 else None
+    partial_rho = None
+    if "r_xz" in s and f.data.input_norm_exact:
+        partial_rho = partial(s["rho"], s["r_xz"], s["r_yz"]).min(axis=1)
+    return {
+        "raw": s["rho"].min(axis=1),
+        # A rank correlation within one layer is unchanged by dividing by its size.
+        "per_param": None,
+        "same_period": None if per_epoch is None else per_epoch.min(axis=1),
+        "input_norm": partial_rho,
+    }
+
+
+def effects(claim: str, s: Sums, f: Features) -> dict[str, np.ndarray | None]:
+    if claim in ("easy_output", "hard_input"):
+        return _layer_effects(claim, s, f)
+    if claim == "easy_early_hard_late":
+        return _timing_effects(s, f)
+    if claim == "hard_input_late":
+        return _late_effects(s, f)
+    return _loss_effects(s, f)

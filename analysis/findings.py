@@ -363,9 +363,12 @@ def _timing_claim(data: _Data) -> Finding:
         )
     last = data.n_layers - 1
     explanation = (
-        f"Importance-weighted mean epoch, input layer: easy {numbers['easy_when_layer0']:.2f} "
-        f"vs hard {numbers['hard_when_layer0']:.2f}; output layer: easy "
-        f"{numbers[f'easy_when_layer{last}']:.2f} vs hard {numbers[f'hard_when_layer{last}']:.2f}. "
+        # Sentences count epochs from 1, as the report's axes do; `numbers` keep the trace's
+        # 0-based epochs.
+        f"Importance-weighted mean epoch (1 = first), input layer: easy "
+        f"{numbers['easy_when_layer0'] + 1:.2f} vs hard {numbers['hard_when_layer0'] + 1:.2f}; "
+        f"output layer: easy {numbers[f'easy_when_layer{last}'] + 1:.2f} vs hard "
+        f"{numbers[f'hard_when_layer{last}'] + 1:.2f}. "
         f"{_control_text(controls)}"
     )
     return Finding(claim, CLAIMS[claim], _verdict(passes, controls), numbers, explanation, controls)
@@ -526,8 +529,8 @@ def headlines(trace: Any, results: list[Finding] | None = None) -> list[str]:
     if timing:
         lines.append(
             f"Weighted by importance, easy samples mattered at epoch "
-            f"{timing['easy_when_layer0']:.1f} on average and hard ones at epoch "
-            f"{timing['hard_when_layer0']:.1f} (input layer)."
+            f"{timing['easy_when_layer0'] + 1:.1f} on average and hard ones at epoch "
+            f"{timing['hard_when_layer0'] + 1:.1f} (input layer; epoch 1 = the first)."
         )
     verdicts = ", ".join(f"{f.claim.replace('_', ' ')}: {f.verdict}" for f in results)
     rhos = [v for k, v in loss.numbers.items() if k.startswith("rho_layer")]

@@ -26,7 +26,7 @@ from samplescope.reports import (
     heatmaps,
     summary,
 )
-from samplescope.reports._data import ReportData
+from samplescope.reports._data import ReportData, ReportPlan
 from samplescope.reports._section import Section
 from samplescope.reports.errors import ReportError, ReportOutputError, UnknownSectionError
 
@@ -124,22 +124,27 @@ def _render(
     fmt: str,
     progress: bool,
 ) -> Path:
-    data.report_title = title or (
-        f"samplescope report: {data.path.name}" if data.path else "samplescope report"
-    )
-    chosen = []
-    for section in sections:
-        if section.needs_outputs and not data.has_outputs:
-            data.omitted.append(
-                (section.id, section.title, "needs logits/targets, which this trace did not record")
-            )
-        else:
-            chosen.append(section)
-    data.included = [(s.id, s.title) for s in chosen]
+    chosen, plan = plan_report(data, sections, title)
+    data = data.with_plan(plan)
     figures = _figures(chosen, data, progress)
     if fmt == "pdf":
         return _write_pdf(out, figures, data)
     return _write_png(out, figures)
+
+
+def plan_report(
+    data: ReportData, sections: Sequence[Section], title: str | None
+) -> tuple[list[Section], ReportPlan]:
+    """The sections this trace supports among `sections`, and the report's plan."""
+    chosen = [s for s in sections if not (s.needs_outputs and not data.has_outputs)]
+    why = "needs logits/targets, which this trace did not record"
+    plan = ReportPlan(
+        title=title
+        or (f"samplescope report: {data.path.name}" if data.path else "samplescope report"),
+        included=tuple((s.id, s.title) for s in chosen),
+        omitted=tuple((s.id, s.title, why) for s in sections if s not in chosen),
+    )
+    return chosen, plan
 
 
 def _is_trace(value: Any) -> bool:

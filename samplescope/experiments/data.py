@@ -27,6 +27,39 @@ class DataError(SamplescopeError):
     """A dataset is missing or unreadable."""
 
 
+_DIGITS = [str(i) for i in range(10)]
+# Label order of each dataset's own distribution.
+CLASS_NAMES: dict[str, list[str]] = {
+    "digits": _DIGITS,
+    "mnist": _DIGITS,
+    "mnist1d": _DIGITS,
+    "fashion-mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
+    "cifar10": [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ],
+}
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Train and test splits; ``x`` float32 with shape [N, *input_shape], ``y`` int64."""
@@ -37,6 +70,12 @@ class Dataset:
     x_test: Tensor
     y_test: Tensor
     n_classes: int
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Names of the classes by label, when the dataset has them (stored in a trace's
+        ``config["class_names"]`` so reports and `samplescope samples` can show them)."""
+        return CLASS_NAMES.get(self.name)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -129,7 +129,7 @@ def train_run(
             out,
             model,
             optimizer,
-            config=vars(config),
+            config=_trace_config(config, data),
             reduction=config.reduction,
             thumbnails=thumbnails,
             sample_info=sample_info,
@@ -172,6 +172,15 @@ def train_run(
             bar.set_postfix(test_acc=f"{test_acc:.3f}", train_acc=f"{correct / max(seen, 1):.3f}")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _trace_config(config: RunConfig, data: Dataset) -> dict[str, Any]:
+    """The run's settings as stored in the trace, plus the dataset's class names (an
+    optional ``class_names`` entry that readers use for labels when present)."""
+    stored: dict[str, Any] = dict(vars(config))
+    if data.class_names is not None and len(data.class_names) == data.n_classes:
+        stored["class_names"] = list(data.class_names)
+    return stored
 
 
 @torch.no_grad()

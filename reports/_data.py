@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-__all__ = ["EPOCH_BASE", "ReportData", "ReportPlan"]
+__all__ = [
+    "EPOCH_BASE",
+    "ReportData",
+    "ReportPlan",
+    "average_precision",
+    "mislabeled_score",
+    "pct_rank",
+    "precision_recall",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +344,53 @@ class ReportData:
             .collect()
         )
 
+    @cached_property
+    def scores(self) -> pl.DataFrame:
+        """sample_id, target and every per-sample score, oriented higher = more suspect
+        (`samplescope.analysis.flags.score_table`), plus the report's mislabeled score."""
+        from samplescope.analysis.flags import score_table
+
+        table = score_table(self.trace).select(pl.exclude("^info_.*$"))
+        if self.has_outputs:
+            table = table.join(
+                self.samples.select("sample_id", mislabeled_score().alias("candidate score")),
+                on="sample_id",
+                how="left",
+            )
+        return table
+
+    def flag_quality(self, flag: str) -> pl.DataFrame:
+        """For one /sample_info flag: per score, its average precision and its precision
+        and recall when flagging as many samples as are truly flagged (k = #flagged)."""
+        truth_frame = self.flags().select("sample_id", pl.col(flag).fill_null(False))
+        table = self.scores.join(truth_frame, on="sample_id", how="inner")
+        truth = table[flag].to_numpy().astype(bool)
+        k = int(truth.sum())
+        rows = []
+        for name in table.columns:
+            if name in ("sample_id", "target", flag):
+                continue
+            score = table[name].cast(pl.Float64).to_numpy()
+            precision, recall = precision_recall(score, truth)
+            rows.append(
+                {
+                    "score": name,
+                    "average_precision": average_precision(score, truth),
+                    "precision_at_k": float(precision[k - 1]) if k else float("nan"),
+                    "recall_at_k": float(recall[k - 1]) if k else float("nan"),
+                    "k": k,
+                }
+            )
+        return pl.DataFrame(rows).sort("average_precision", descending=True, nulls_last=True)
+
+    def flag_curve(self, flag: str, score: str) -> tuple[np.ndarray, np.ndarray]:
+        """(precision, recall) of `score` against `flag` at every k."""
+        truth_frame = self.flags().select("sample_id", pl.col(flag).fill_null(False))
+        table = self.scores.join(truth_frame, on="sample_id", how="inner")
+        return precision_recall(
+            table[score].cast(pl.Float64).to_numpy(), table[flag].to_numpy().astype(bool)
+        )
+
     def trajectories(self, sample_ids: Sequence[int]) -> pl.DataFrame:
         """sample_id, epoch, layer_index, importance, loss: each sample's importance per
         layer and mean training loss per epoch (loss repeats over the layers)."""
@@ -378,3 +433,39 @@ def class_names_of(meta: dict[str, Any]) -> list[str] | None:
     if not isinstance(names, list) or not names:
         return None
     return [str(n) for n in names]
+
+
+def precision_recall(score: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall after flagging the k highest-scoring samples, k = 1..n.
+
+    Ties keep input order; NaN scores rank last.
+    """
+    order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")
+    hits = np.cumsum(truth[order].astype(np.int64))
+    k = np.arange(1, len(score) + 1)
+    return hits / k, hits / max(int(truth.sum()), 1)
+
+
+def average_precision(score: np.ndarray, truth: np.ndarray) -> float:
+    """Mean of the precision at the rank of each truly flagged sample (NaN without any)."""
+    if not truth.any():
+        return float("nan")
+    precision, _recall = precision_recall(score, truth)
+    order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")
+    return float(precision[truth[order].astype(bool)].mean())
+
+
+def pct_rank(column: str, *, descending: bool = False) -> pl.Expr:
+    """Percentile rank in [0, 1] of a column, 1 = the largest (or smallest if descending)."""
+    expr = -pl.col(column) if descending else pl.col(column)
+    return (expr.rank("average") - 1) / pl.max_horizontal(pl.len() - 1, 1)
+
+
+def mislabeled_score() -> pl.Expr:
+    """The mislabeled score of each sample in `samples()`: the mean of the percentile
+    ranks of low AUM, low confidence and high total importance (1 = most suspect)."""
+    return (
+        pct_rank("aum", descending=True)
+        + pct_rank("confidence", descending=True)
+        + pct_rank("importance")
+    ) / 3

@@ -141,21 +141,25 @@ def epoch_axis(ax: Any, epochs: Sequence[int], *, axis: str = "x") -> None:
 
 
 def keep_inside(fig: Figure, margin: float = 0.01) -> None:
-    """Shift axes whose tick or axis labels stick out of the page's left edge to the right
-    (shrinking them), so long layer names on a deep model are never clipped."""
+    """Shrink axes whose tick labels, axis labels or legends stick out of the page's left or
+    right edge, so long layer names on a deep model are never clipped."""
     canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)
     renderer = canvas.get_renderer()
     width = fig.get_figwidth() * fig.dpi
-    overflow = 0.0
-    for ax in fig.axes:
-        box = ax.get_tightbbox(renderer)
-        if box is not None:
-            overflow = max(overflow, margin - box.x0 / width)
-    if overflow <= 0:
-        return
-    for ax in fig.axes:
-        pos = ax.get_position()
-        if pos.x0 < 0.5:
-            ax.set_position(
-                (pos.x0 + overflow, pos.y0, max(pos.width - overflow, 0.05), pos.height)
-            )
+    for _ in range(3):  # a moved axes may push its neighbours' labels; settle in a few passes
+        moved = False
+        for ax in fig.axes:
+            box = ax.get_tightbbox(renderer)
+            if box is None:
+                continue
+            left = margin - box.x0 / width
+            right = box.x1 / width - (1 - margin)
+            if left <= 0 and right <= 0:
+                continue
+            pos = ax.get_position()
+            x0 = pos.x0 + max(left, 0)
+            x1 = pos.x1 - max(right, 0)
+            ax.set_position((x0, pos.y0, max(x1 - x0, 0.05), pos.height))
+            moved = True
+        if not moved:
+            return

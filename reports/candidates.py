@@ -19,7 +19,7 @@ import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from samplescope.reports._data import ReportData
+from samplescope.reports._data import ReportData, mislabeled_score, pct_rank
 from samplescope.reports._page import (
     add_caption,
     draw_table,
@@ -30,7 +30,7 @@ from samplescope.reports._page import (
 )
 from samplescope.reports._section import Section
 
-__all__ = ["SECTION", "candidate_tables", "draw_thumbnail"]
+__all__ = ["SECTION", "candidate_tables", "draw_thumbnail", "mislabeled_score"]
 
 TOP = 15
 GALLERY = 16
@@ -54,12 +54,6 @@ def draw_thumbnail(ax, image: np.ndarray | None) -> None:
     ax.imshow(image, cmap="gray_r", interpolation="nearest")
 
 
-def _pct_rank(column: str, *, descending: bool = False) -> pl.Expr:
-    """Percentile rank in [0, 1] of a column, 1 = the largest (or smallest if descending)."""
-    expr = -pl.col(column) if descending else pl.col(column)
-    return (expr.rank("average") - 1) / pl.max_horizontal(pl.len() - 1, 1)
-
-
 def candidate_tables(data: ReportData, top: int = TOP) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The `top` mislabeled and redundant candidates, best first, with their scores.
 
@@ -71,20 +65,11 @@ def candidate_tables(data: ReportData, top: int = TOP) -> tuple[pl.DataFrame, pl
         importance_pct=100 * pl.col("importance") / total
     )
     mislabeled = (
-        frame.with_columns(
-            score=(
-                _pct_rank("aum", descending=True)
-                + _pct_rank("confidence", descending=True)
-                + _pct_rank("importance")
-            )
-            / 3
-        )
-        .sort("score", descending=True)
-        .head(top)
+        frame.with_columns(score=mislabeled_score()).sort("score", descending=True).head(top)
     )
     redundant = (
         frame.filter(pl.col("final_correct") & (pl.col("forgetting_events") == 0))
-        .with_columns(score=_pct_rank("importance", descending=True))
+        .with_columns(score=pct_rank("importance", descending=True))
         .sort("score", "sample_id", descending=[True, False])
         .head(top)
     )

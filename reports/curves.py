@@ -12,6 +12,7 @@ from samplescope.reports._data import ReportData
 from samplescope.reports._page import (
     add_caption,
     epoch_axis,
+    keep_inside,
     layer_colors,
     layer_label,
     new_page,
@@ -23,7 +24,7 @@ __all__ = ["SECTION"]
 
 def _pages(data: ReportData) -> Iterator[Figure]:
     fig = new_page("Training curves")
-    grid = fig.add_gridspec(2, 2, left=0.09, right=0.86, wspace=0.45)
+    grid = fig.add_gridspec(2, 2, left=0.09, right=0.86, wspace=0.25)
     _loss(fig.add_subplot(grid[0, 0]), data)
     _accuracy(fig.add_subplot(grid[0, 1]), data)
     _importance(
@@ -53,6 +54,7 @@ def _pages(data: ReportData) -> Iterator[Figure]:
             "each layer's share of the epoch's importance (right; lr and batch size were "
             "constant, so ‖g‖² would only rescale the left panel)"
         )
+    keep_inside(fig)
     add_caption(
         fig,
         (
@@ -139,7 +141,8 @@ def _importance(ax, data: ReportData, column: str, title: str, ylabel: str) -> N
     ax.set_title(title, loc="left")
     epoch_axis(ax, data.epochs)
     ax.set_ylabel(ylabel)
-    _layer_legend(ax, data)
+    if column == "grad_sq":
+        _layer_legend(ax, data)
 
 
 def _layer_share(ax, data: ReportData) -> None:

@@ -89,7 +89,7 @@ def _mean_epoch(ax, data: ReportData, deciles: pl.DataFrame) -> None:
     )
     _lines(ax, data, when, "epoch")
     # The whole run's span, so a small shift does not look dramatic.
-    if data.epochs:
+    if len(data.epochs) > 1:
         ax.set_ylim(min(data.epochs), max(data.epochs))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("importance-weighted mean epoch\n(1 = first)")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from samplescope._paths import ensure_writable_dir
 from samplescope.analysis import open_trace
 from samplescope.reports import (
+    alignment,
     candidates,
     classes,
     correlation,
@@ -24,6 +25,7 @@ from samplescope.reports import (
     deciles,
     findings,
     heatmaps,
+    labelflags,
     summary,
 )
 from samplescope.reports._data import ReportData, ReportPlan
@@ -44,7 +46,9 @@ SECTIONS: tuple[Section, ...] = (
     correlation.SECTION,
     datamap.SECTION,
     candidates.SECTION,
+    labelflags.SECTION,
     classes.SECTION,
+    alignment.SECTION,
 )
 FORMATS = ("pdf", "png")
 
@@ -136,13 +140,13 @@ def plan_report(
     data: ReportData, sections: Sequence[Section], title: str | None
 ) -> tuple[list[Section], ReportPlan]:
     """The sections this trace supports among `sections`, and the report's plan."""
-    chosen = [s for s in sections if not (s.needs_outputs and not data.has_outputs)]
-    why = "needs logits/targets, which this trace did not record"
+    reasons = {s.id: s.left_out_because(data) for s in sections}
+    chosen = [s for s in sections if reasons[s.id] is None]
     plan = ReportPlan(
         title=title
         or (f"samplescope report: {data.path.name}" if data.path else "samplescope report"),
         included=tuple((s.id, s.title) for s in chosen),
-        omitted=tuple((s.id, s.title, why) for s in sections if s not in chosen),
+        omitted=tuple((s.id, s.title, reasons[s.id]) for s in sections if s not in chosen),
     )
     return chosen, plan
 

@@ -50,7 +50,7 @@ SECTIONS: tuple[Section, ...] = (
     classes.SECTION,
     alignment.SECTION,
 )
-FORMATS = ("pdf", "png")
+FORMATS = ("pdf", "png", "html")
 
 
 def select_sections(pages: str | Sequence[str] | None) -> list[Section]:
@@ -85,6 +85,7 @@ def render_report(
     title: str | None = None,
     fmt: str = "pdf",
     progress: bool = True,
+    overlay: Sequence[Any] = (),
 ) -> Path:
     """Render the report of a trace.
 
@@ -95,8 +96,11 @@ def render_report(
             one ``NN-section.png`` per page.
         pages: section ids to include (see `SECTIONS`), a list or "a,b,c"; all by default.
         title: the report's title (default: the trace's file name).
-        fmt: ``"pdf"`` or ``"png"``.
+        fmt: ``"pdf"``, ``"png"`` or ``"html"`` (one self-contained interactive file;
+            needs plotly, ``pip install 'samplescope[html]'``).
         progress: show a progress bar over the sections.
+        overlay: other runs (traces or paths) whose training curves the HTML report
+            overlays on this one's, e.g. other seeds.
 
     Returns:
         The PDF file or the PNG directory.
@@ -107,17 +111,44 @@ def render_report(
         samplescope.analysis.errors.TraceError: the input is not a readable trace.
     """
     if fmt not in FORMATS:
-        msg = f"unknown report format {fmt!r}; choose pdf or png"
+        msg = f"unknown report format {fmt!r}; choose pdf, png or html"
         raise ReportError(msg)
     sections = select_sections(pages)
     out = _check_output(Path(out), fmt)
     owned = not _is_trace(trace_or_path)
     data = _open(trace_or_path)
     try:
+        if fmt == "html":
+            return _render_html(data, sections, out, title, overlay)
         return _render(data, sections, out, title, fmt, progress)
     finally:
         if owned:
             data.trace.close()
+
+
+def _render_html(
+    data: ReportData,
+    sections: Sequence[Section],
+    out: Path,
+    title: str | None,
+    overlay: Sequence[Any],
+) -> Path:
+    from samplescope.reports.html import write_html
+
+    chosen, plan = plan_report(data, sections, title)
+    data = data.with_plan(plan)
+    others = [_open(o) for o in overlay]
+    try:
+        runs = [(_run_label(data), data)] + [(_run_label(o), o) for o in others]
+        return write_html(out, runs, [s.id for s in chosen])
+    finally:
+        for other, source in zip(others, overlay, strict=True):
+            if not _is_trace(source):
+                other.trace.close()
+
+
+def _run_label(data: ReportData) -> str:
+    return data.path.name if data.path is not None else "run"
 
 
 def _render(
@@ -166,8 +197,11 @@ def _open(trace_or_path: Any) -> ReportData:
 
 def _check_output(out: Path, fmt: str) -> Path:
     target_dir = out if fmt == "png" else out.parent
-    if fmt == "pdf" and out.is_dir():
-        msg = f"{out} is a directory; give the PDF file to write, e.g. {out / 'report.pdf'}"
+    if fmt in ("pdf", "html") and out.is_dir():
+        msg = (
+            f"{out} is a directory; give the {fmt.upper()} file to write, "
+            f"e.g. {out / ('report.' + fmt)}"
+        )
         raise ReportOutputError(msg)
     if fmt == "png" and out.exists() and not out.is_dir():
         msg = f"{out} is a file; with --format png give a directory for the page images"

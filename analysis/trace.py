@@ -210,6 +210,16 @@ class Trace:
         return found
 
     @property
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names by label (``config["class_names"]``), or None when
+        the trace does not store them."""
+        config = self.meta.get("config")
+        names = config.get("class_names") if isinstance(config, dict) else None
+        if not isinstance(names, list) or not names:
+            return None
+        return [str(n) for n in names]
+
+    @property
     def table_names(self) -> list[str]:
         """Names of the tables this trace offers (sample_info only when recorded)."""
         has_info = self._data.shards[0].has("sample_info")

@@ -1,15 +1,18 @@
 """One output decorator for every command that returns a Polars frame.
 
-`@frame_output` adds `--format table|csv|json|parquet` and `--output FILE`; the command
-returns a `pl.DataFrame` and the decorator writes it. It also turns `SamplescopeError` into
-a one-line `Error: ...` with exit status 2, so commands behave the same under any group.
+`@frame_output` adds `--format table|csv|json|ndjson|parquet` and `--output FILE`; the
+command returns a `pl.DataFrame` (or, for key/value facts such as `info`, a dict, which
+json and ndjson write as one object) and the decorator writes it. It also turns
+`SamplescopeError` into a one-line `Error: ...` with exit status 2, so commands behave the
+same under any group.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +23,7 @@ from samplescope.errors import SamplescopeError
 
 __all__ = ["FORMATS", "CommandError", "format_table", "frame_output", "one_line", "write_frame"]
 
-FORMATS = ("table", "csv", "json", "parquet")
+FORMATS = ("table", "csv", "json", "ndjson", "parquet")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -80,8 +83,30 @@ def _flat(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(out)
 
 
-def write_frame(frame: pl.DataFrame, fmt: str, output: str | None) -> None:
-    """Write `frame` in `fmt` to `output`, or to stdout when `output` is None."""
+def _facts_frame(facts: Mapping[str, Any]) -> pl.DataFrame:
+    """key/value rows of `facts`, nested values as compact JSON text (for table and csv)."""
+    return pl.DataFrame(
+        {
+            "key": list(facts),
+            "value": [
+                v if isinstance(v, str) else json.dumps(v, default=str) for v in facts.values()
+            ],
+        }
+    )
+
+
+def write_frame(frame: pl.DataFrame | Mapping[str, Any], fmt: str, output: str | None) -> None:
+    """Write `frame` in `fmt` to `output`, or to stdout when `output` is None.
+
+    A mapping (key/value facts) is written as one JSON object for json and ndjson, and as
+    key/value rows otherwise.
+    """
+    if isinstance(frame, Mapping):
+        if fmt in ("json", "ndjson"):
+            text = json.dumps(frame, default=str, indent=None if fmt == "ndjson" else 2) + "\n"
+            _emit(text, output)
+            return
+        frame = _facts_frame(frame)
     if fmt == "parquet":
         if output is None:
             msg = "--format parquet needs --output FILE"
@@ -92,8 +117,15 @@ def write_frame(frame: pl.DataFrame, fmt: str, output: str | None) -> None:
         text = _flat(frame).write_csv()
     elif fmt == "json":
         text = frame.write_json() + "\n"
+    elif fmt == "ndjson":
+        # One JSON object per line: streams into jq, pandas.read_json(lines=True), duckdb.
+        text = frame.write_ndjson()
     else:
         text = format_table(frame) + "\n"
+    _emit(text, output)
+
+
+def _emit(text: str, output: str | None) -> None:
     if output is None:
         click.echo(text, nl=False)
     else:

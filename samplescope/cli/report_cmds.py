@@ -106,7 +106,7 @@ def report(
     type=int,
     default=0,
     show_default=True,
-    help="Seed for the split, initialisation and batch order.",
+    help="Seed for the initialisation and batch order (the train/test split is fixed).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(out: Path, epochs: int | None, seed: int, quiet: bool) -> None:

@@ -182,6 +182,11 @@ def plan_report(
     return chosen, plan
 
 
+def open_report_data(trace_or_path: Any) -> tuple[ReportData, bool]:
+    """`ReportData` of a trace or a path, and whether the caller must close its trace."""
+    return _open(trace_or_path), not _is_trace(trace_or_path)
+
+
 def _is_trace(value: Any) -> bool:
     return hasattr(value, "samples") and hasattr(value, "sql")
 

@@ -192,3 +192,32 @@ def test_flag_and_alignment_pages_only_when_recorded(
     assert "flipped" in fig._suptitle.get_text()
     (fig,) = _pages(alignment.SECTION, full)
     assert fig.axes[0].get_lines()
+
+
+def test_each_section_is_callable_from_python(two_epochs: ReportData, tmp_path: Path) -> None:
+    from samplescope.reports import UnknownSectionError
+    from samplescope.reports.figures import section_figure, section_figures
+
+    fig = section_figure(two_epochs.trace, "heatmaps")
+    assert isinstance(fig, Figure)
+    assert "Importance by sample difficulty" in fig._suptitle.get_text()
+    assert len(section_figures(two_epochs.trace, "candidates")) == 2  # no thumbnails here
+    assert section_figures(two_epochs.trace, "alignment") == []  # not recorded
+    with pytest.raises(UnknownSectionError):
+        section_figure(two_epochs.trace, "nope")
+    # From a path, the trace is opened and closed for the call.
+    assert section_figure(two_epochs.path, "curves").axes
+
+
+def test_trace_renders_in_jupyter(two_epochs: ReportData) -> None:
+    page = two_epochs.trace._repr_html_()
+    assert "samplescope trace" in page
+    assert "<th>1</th><th>2</th>" in page  # epochs counted from 1
+    for name in ("enc", "mid", "head"):
+        assert name in page
+    # Each epoch's column of shares sums to 100%.
+    import re
+
+    shares = [float(v) for v in re.findall(r"title='([0-9.]+)%'", page)]
+    assert len(shares) == 3 * 2
+    assert sum(shares[0::2]) == pytest.approx(100, abs=0.2)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from samplescope.errors import SamplescopeError
 from samplescope.reports._data import ReportData
 from samplescope.reports.candidates import candidate_tables
 from samplescope.reports.errors import ReportError
@@ -127,9 +128,7 @@ def _findings(data: ReportData) -> str:
 
     try:
         found = run_findings(data.trace)
-    except ReportError:
-        found = None
-    except Exception as exc:  # noqa: BLE001 - a findings failure must not lose the report
+    except SamplescopeError as exc:
         return _section("Findings", f"<p>No findings: {html.escape(str(exc))}</p>")
     if not found:
         return _section("Findings", "<p>No findings for this trace.</p>")

@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 # the range the library supports.
 PIP := $(BIN)/pip install --quiet -c constraints.txt
 STAMP := $(VENV)/.installed
-# Programs the tests drive as a reader would (pdftoppm renders report pages); Debian packages.
+# Programs the tests drive as a reader would (pdftoppm renders report pages, chromium opens
+# the HTML report); Debian packages.
 TOOLS := $(VENV)/.tools
-DEBS := poppler-utils
+DEBS := poppler-utils chromium
 
 .PHONY: demo test lint bench clean
 
@@ -22,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/samplescope demo --out samplescope-demo/
 
 $(TOOLS): Makefile
-	command -v pdftoppm >/dev/null || (apt-get update -qq && apt-get install -y -qq $(DEBS))
+	(command -v pdftoppm && command -v chromium) >/dev/null || (apt-get update -qq && apt-get install -y -qq $(DEBS))
 	touch $(TOOLS)
 
 test: $(STAMP) $(TOOLS)

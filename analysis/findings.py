@@ -579,11 +579,11 @@ def headlines(trace: Any, results: list[Finding] | None = None) -> list[str]:
     if "easy_when_layer0" in timing:
         lines.append(
             f"Weighted by importance, easy samples mattered at epoch "
-            f"{timing['easy_when_layer0']:.1f} on average and hard ones at epoch "
-            f"{timing['hard_when_layer0']:.1f} (input layer)"
+            f"{timing['easy_when_layer0'] + 1:.1f} on average and hard ones at epoch "
+            f"{timing['hard_when_layer0'] + 1:.1f} (input layer; epoch 1 = the first)"
             + (
                 f"; spread uniformly in time, the hard ones' would be "
-                f"{late['hard_uniform_when_layer0']:.1f}."
+                f"{late['hard_uniform_when_layer0'] + 1:.1f}."
                 if "hard_uniform_when_layer0" in late
                 else "."
             )

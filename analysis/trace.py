@@ -217,6 +217,21 @@ class Trace:
                 found.setdefault(int(ids[row]), image)
         return found
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view of a trace: the run's key facts and a small layer × epoch heatmap
+        of each layer's share of the epoch's importance (no plotting library needed)."""
+        return _notebook_html(self)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names by label (``config["class_names"]``), or None when
+        the trace does not store them."""
+        config = self.meta.get("config")
+        names = config.get("class_names") if isinstance(config, dict) else None
+        if not isinstance(names, list) or not names:
+            return None
+        return [str(n) for n in names]
+
     @property
     def table_names(self) -> list[str]:
         """Names of the tables this trace offers (sample_info only when recorded)."""
@@ -775,3 +790,62 @@ def _check_source(source: Any) -> None:
     if not isinstance(source, (str, os.PathLike, list, tuple)):
         msg = f"open_trace takes a path, a list of paths or a glob, not {type(source).__name__}"
         raise TraceError(msg)
+
+
+# Facts the notebook view shows first, when the trace has them.
+_NOTEBOOK_KEYS = (
+    "model",
+    "optimizer",
+    "reduction",
+    "n_samples",
+    "n_epochs",
+    "n_steps",
+    "n_visits",
+    "has_outputs",
+    "created",
+)
+
+
+def _notebook_html(trace: Trace) -> str:
+    import html
+
+    meta = trace.meta
+    facts = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+        f"<td style='text-align:left'>{html.escape(str(meta[k]))}</td></tr>"
+        for k in _NOTEBOOK_KEYS
+        if k in meta
+    )
+    paths = ", ".join(html.escape(str(p)) for p in meta.get("paths", []))
+    share = trace.sql(
+        "SELECT layer_index, epoch, sum(importance) AS imp FROM importance GROUP BY ALL"
+    ).pl()
+    share = share.with_columns(
+        (pl.col("imp") / pl.col("imp").sum().over("epoch")).fill_nan(0.0).alias("share")
+    )
+    epochs = sorted(share["epoch"].unique().to_list())
+    cell = {(r["layer_index"], r["epoch"]): r["share"] for r in share.iter_rows(named=True)}
+    names = trace.layers()["layer"].to_list()
+    head = "".join(f"<th>{e + 1}</th>" for e in epochs)
+    rows = ""
+    for index, name in enumerate(names):
+        cells = ""
+        for epoch in epochs:
+            value = float(cell.get((index, epoch), 0.0) or 0.0)
+            # Darker = larger share; white text on the dark half.
+            level = round(255 * (1 - value))
+            colour = "white" if value > 0.5 else "black"
+            cells += (
+                f"<td title='{100 * value:.1f}%' style='background:rgb({level},{level},255);"
+                f"color:{colour};width:2em;text-align:center'>{100 * value:.0f}</td>"
+            )
+        rows += (
+            f"<tr><th style='text-align:left'>L{index} {html.escape(str(name))}</th>{cells}</tr>"
+        )
+    return (
+        f"<div><b>samplescope trace</b> {paths}"
+        f"<table>{facts}</table>"
+        "<p style='margin:0.5em 0 0.2em'>Each layer's share of the epoch's importance (%), "
+        "epochs from 1:</p>"
+        f"<table><tr><th></th>{head}</tr>{rows}</table></div>"
+    )

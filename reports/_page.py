@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import matplotlib as mpl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "CMAP",
@@ -19,6 +21,8 @@ __all__ = [
     "PAGE_SIZE",
     "add_caption",
     "draw_table",
+    "epoch_axis",
+    "keep_inside",
     "layer_colors",
     "layer_label",
     "new_page",
@@ -123,3 +127,39 @@ def layer_colors(n: int) -> list[Any]:
     if n == 1:
         return [cmap(0.2)]
     return [cmap(0.05 + 0.8 * i / (n - 1)) for i in range(n)]
+
+
+def epoch_axis(ax: Any, epochs: Sequence[int], *, axis: str = "x") -> None:
+    """Label `axis` of `ax` with whole, 1-based epochs (never -0.5 or 2.5), spanning
+    `epochs` with half an epoch of room on each side."""
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if epochs:
+        low, high = min(epochs) - 0.5, max(epochs) + 0.5
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(low, high)
+    (ax.set_xlabel if axis == "x" else ax.set_ylabel)("epoch (1 = first)")
+
+
+def keep_inside(fig: Figure, margin: float = 0.01) -> None:
+    """Shrink axes whose tick labels, axis labels or legends stick out of the page's left or
+    right edge, so long layer names on a deep model are never clipped."""
+    canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    width = fig.get_figwidth() * fig.dpi
+    for _ in range(3):  # a moved axes may push its neighbours' labels; settle in a few passes
+        moved = False
+        for ax in fig.axes:
+            box = ax.get_tightbbox(renderer)
+            if box is None:
+                continue
+            left = margin - box.x0 / width
+            right = box.x1 / width - (1 - margin)
+            if left <= 0 and right <= 0:
+                continue
+            pos = ax.get_position()
+            x0 = pos.x0 + max(left, 0)
+            x1 = pos.x1 - max(right, 0)
+            ax.set_position((x0, pos.y0, max(x1 - x0, 0.05), pos.height))
+            moved = True
+        if not moved:
+            return

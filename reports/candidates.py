@@ -17,21 +17,41 @@ from collections.abc import Iterator
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from samplescope.reports._data import ReportData
-from samplescope.reports._page import add_caption, draw_table, new_page
+from samplescope.reports._data import ReportData, pct_rank
+from samplescope.reports._page import (
+    add_caption,
+    draw_table,
+    epoch_axis,
+    layer_colors,
+    layer_label,
+    new_page,
+)
 from samplescope.reports._section import Section
 
-__all__ = ["SECTION", "candidate_tables"]
+__all__ = ["SECTION", "candidate_tables", "draw_thumbnail"]
 
 TOP = 15
 GALLERY = 16
+TRAJECTORIES = 5
 
 
-def _pct_rank(column: str, *, descending: bool = False) -> pl.Expr:
-    """Percentile rank in [0, 1] of a column, 1 = the largest (or smallest if descending)."""
-    expr = -pl.col(column) if descending else pl.col(column)
-    return (expr.rank("average") - 1) / pl.max_horizontal(pl.len() - 1, 1)
+def draw_thumbnail(ax, image: np.ndarray | None) -> None:
+    """One stored thumbnail in `ax`: an image, or a line plot for a 1-D input (the
+    recorder stores a signal of length L as a 1 × L image)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if image is None:
+        ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=7)
+        return
+    image = np.asarray(image)
+    if image.ndim == 1 or min(image.shape) <= 2:
+        signal = image.reshape(-1, image.shape[-1]).mean(axis=0) if image.ndim > 1 else image
+        ax.plot(np.arange(signal.size), signal.astype(float), color="0.15", linewidth=1)
+        ax.set_ylim(-10, 265)
+        return
+    ax.imshow(image, cmap="gray_r", interpolation="nearest")
 
 
 def candidate_tables(data: ReportData, top: int = TOP) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -52,20 +72,20 @@ def candidate_tables(data: ReportData, top: int = TOP) -> tuple[pl.DataFrame, pl
     )
     redundant = (
         frame.filter(pl.col("final_correct") & (pl.col("forgetting_events") == 0))
-        .with_columns(score=_pct_rank("importance", descending=True))
+        .with_columns(score=pct_rank("importance", descending=True))
         .sort("score", "sample_id", descending=[True, False])
         .head(top)
     )
     return mislabeled, redundant
 
 
-def _rows(frame: pl.DataFrame) -> list[tuple[str, ...]]:
+def _rows(data: ReportData, frame: pl.DataFrame) -> list[tuple[str, ...]]:
     return [
         (
             str(i),
             str(r["sample_id"]),
-            str(r["target"]),
-            "–" if r["pred"] is None else str(r["pred"]),
+            data.class_name(r["target"]),
+            data.class_name(r["pred"]),
             f"{r['score']:.3f}",
             f"{r['aum']:.2f}",
             f"{r['confidence']:.2f}",
@@ -85,10 +105,10 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     fig = new_page("Candidates: likely mislabeled and redundant samples", caption_lines=5)
     left = fig.add_axes((0.04, 0.22, 0.44, 0.62))
     left.set_title("Most likely mislabeled", loc="left", fontweight="bold")
-    draw_table(left, _HEADER, _rows(mislabeled), col_widths=_WIDTHS)
+    draw_table(left, _HEADER, _rows(data, mislabeled), col_widths=_WIDTHS)
     right = fig.add_axes((0.53, 0.22, 0.44, 0.62))
     right.set_title("Most redundant (learned, never forgotten)", loc="left", fontweight="bold")
-    draw_table(right, _HEADER, _rows(redundant), col_widths=_WIDTHS)
+    draw_table(right, _HEADER, _rows(data, redundant), col_widths=_WIDTHS)
     add_caption(
         fig,
         (
@@ -106,6 +126,7 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     yield fig
     if data.has_thumbnails:
         yield _gallery(data, mislabeled.head(GALLERY), redundant.head(GALLERY))
+    yield _trajectories(data, mislabeled.head(TRAJECTORIES), redundant.head(TRAJECTORIES))
 
 
 def _gallery(data: ReportData, mislabeled: pl.DataFrame, redundant: pl.DataFrame) -> Figure:
@@ -123,13 +144,12 @@ def _gallery(data: ReportData, mislabeled: pl.DataFrame, redundant: pl.DataFrame
             ax = fig.add_subplot(inner[i // per_row, i % per_row])
             ax.set_xticks([])
             ax.set_yticks([])
-            image = images.get(int(r["sample_id"]))
-            if image is not None:
-                ax.imshow(np.asarray(image), cmap="gray_r", interpolation="nearest")
-            else:
-                ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=7)
-            pred = "–" if r["pred"] is None else r["pred"]
-            ax.set_title(f"#{r['sample_id']}  label {r['target']}\npred {pred}", fontsize=7.5)
+            draw_thumbnail(ax, images.get(int(r["sample_id"])))
+            ax.set_title(
+                f"#{r['sample_id']}  label {data.class_name(r['target'])}\n"
+                f"pred {data.class_name(r['pred'])}",
+                fontsize=7.5,
+            )
             if i == 0:
                 ax.set_ylabel(
                     title,
@@ -145,7 +165,8 @@ def _gallery(data: ReportData, mislabeled: pl.DataFrame, redundant: pl.DataFrame
         fig,
         (
             "The stored thumbnail of each candidate above (min–max scaled, dark = high input "
-            "value), ranked left to right, top to bottom. Check whether the label under each "
+            "value; a 1-D input is drawn as a line), ranked left to right, top to bottom. "
+            "Check whether the label under each "
             "image is what you see: a wrong label confirms a mislabeled candidate."
         ),
     )
@@ -155,3 +176,66 @@ def _gallery(data: ReportData, mislabeled: pl.DataFrame, redundant: pl.DataFrame
 SECTION = Section(
     "candidates", "Candidates: likely mislabeled and redundant samples", _pages, needs_outputs=True
 )
+
+
+def _trajectories(data: ReportData, mislabeled: pl.DataFrame, redundant: pl.DataFrame) -> Figure:
+    """Per-sample loss and importance per layer over epochs, for the top candidates."""
+    fig = new_page("Candidates: trajectories over training", caption_lines=3)
+    grid = fig.add_gridspec(2, 2, right=0.84, wspace=0.3)
+    colors = layer_colors(data.layers.height)
+    for col, (frame, title) in enumerate(
+        ((mislabeled, "most likely mislabeled"), (redundant, "most redundant"))
+    ):
+        ids = frame["sample_id"].to_list()
+        traj = data.trajectories(ids)
+        loss_ax = fig.add_subplot(grid[0, col])
+        imp_ax = fig.add_subplot(grid[1, col])
+        styles = ("-", "--", ":", "-.", (0, (1, 3)))
+        for number, sample_id in enumerate(ids):
+            part = traj.filter(pl.col("sample_id") == sample_id)
+            style = styles[number % len(styles)]
+            per_epoch = part.group_by("epoch").agg(pl.col("loss").first()).sort("epoch")
+            loss_ax.plot(
+                per_epoch["epoch"],
+                per_epoch["loss"],
+                linestyle=style,
+                marker=".",
+                color="0.15",
+                label=f"#{sample_id} ({data.class_name(frame['target'][number])})",
+            )
+            for row, color in zip(data.layers.iter_rows(named=True), colors, strict=True):
+                layer = part.filter(pl.col("layer_index") == row["layer_index"])
+                values = layer["importance"].to_numpy()
+                imp_ax.plot(
+                    layer["epoch"],
+                    np.where(values > 0, values, np.nan),
+                    linestyle=style,
+                    color=color,
+                    linewidth=1,
+                )
+        loss_ax.set_title(f"Training loss of the {len(ids)} {title}", loc="left")
+        loss_ax.set_ylabel("mean loss over the epoch's visits")
+        epoch_axis(loss_ax, data.epochs)
+        if ids:
+            loss_ax.legend(frameon=False, fontsize=7)
+        imp_ax.set_title(f"Their importance per layer ({title})", loc="left")
+        imp_ax.set_ylabel("importance in the epoch")
+        if traj.height and (traj["importance"] > 0).any():
+            imp_ax.set_yscale("log")
+        epoch_axis(imp_ax, data.epochs)
+    handles = [
+        Line2D([], [], color=c, label=layer_label(r["layer_index"], r["layer"], r["kind"]))
+        for r, c in zip(data.layers.iter_rows(named=True), colors, strict=True)
+    ]
+    fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.85, 0.2), frameon=False)
+    add_caption(
+        fig,
+        (
+            "The top candidates of the previous page, one line style per sample (same style "
+            "top and bottom). Top: the sample's mean training loss in each epoch. Bottom: its "
+            "importance in each epoch, one colour per layer (log scale). A mislabeled sample "
+            "typically keeps a high loss and a high importance; a redundant one is fitted early "
+            "and then barely moves the weights."
+        ),
+    )
+    return fig

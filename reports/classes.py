@@ -9,7 +9,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from samplescope.reports._data import ReportData
-from samplescope.reports._page import CMAP, add_caption, new_page
+from samplescope.reports._page import CMAP, add_caption, keep_inside, new_page
 from samplescope.reports._section import Section
 
 __all__ = ["SECTION"]
@@ -34,9 +34,11 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     classes = per_class["target"].to_list()
     fig = new_page("Per-class breakdown of importance and difficulty", caption_lines=4)
     grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.1], right=0.93)
-    _shares(fig.add_subplot(grid[0, 0]), per_class)
-    _difficulty(fig.add_subplot(grid[0, 1]), samples, classes, n)
-    _layer_heatmap(fig, fig.add_subplot(grid[1, :]), data, classes)
+    labels = [data.class_name(c) for c in classes]
+    _shares(fig.add_subplot(grid[0, 0]), per_class, labels)
+    _difficulty(fig.add_subplot(grid[0, 1]), samples, classes, n, labels)
+    _layer_heatmap(fig, fig.add_subplot(grid[1, :]), data, classes, labels)
+    keep_inside(fig)
     add_caption(
         fig,
         (
@@ -51,7 +53,19 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     yield fig
 
 
-def _shares(ax, per_class: pl.DataFrame) -> None:
+def _class_ticks(ax, labels: list[str]) -> None:
+    """Class names under the bars; slanted when they are words, small when there are many."""
+    long = max((len(label) for label in labels), default=0) > 3
+    ax.set_xticks(
+        np.arange(len(labels)),
+        labels,
+        fontsize=8 if len(labels) <= 20 else 6,
+        rotation=30 if long else 0,
+        ha="right" if long else "center",
+    )
+
+
+def _shares(ax, per_class: pl.DataFrame, labels: list[str]) -> None:
     x = np.arange(per_class.height)
     sample_share = 100 * per_class["n"].to_numpy() / max(per_class["n"].sum(), 1)
     imp_share = (
@@ -59,14 +73,17 @@ def _shares(ax, per_class: pl.DataFrame) -> None:
     )
     ax.bar(x - 0.2, sample_share, width=0.4, color="0.75", label="share of samples")
     ax.bar(x + 0.2, imp_share, width=0.4, color="0.2", label="share of importance")
-    ax.set_xticks(x, [str(c) for c in per_class["target"]], fontsize=8 if len(x) <= 20 else 6)
+    _class_ticks(ax, labels)
     ax.set_xlabel("class (label)")
     ax.set_ylabel("% of all samples / importance")
-    ax.set_title("Importance vs size, per class", loc="left")
-    ax.legend(frameon=False)
+    ax.set_title("Importance vs size, per class", loc="left", pad=18)
+    # Above the axes, where it cannot cover a bar.
+    ax.legend(
+        frameon=False, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, borderaxespad=0.1
+    )
 
 
-def _difficulty(ax, samples: pl.DataFrame, classes: list[int], n: int) -> None:
+def _difficulty(ax, samples: pl.DataFrame, classes: list[int], n: int, labels: list[str]) -> None:
     groups = [
         100 * samples.filter(pl.col("target") == c)["difficulty_rank"].to_numpy() / n
         for c in classes
@@ -88,15 +105,15 @@ def _difficulty(ax, samples: pl.DataFrame, classes: list[int], n: int) -> None:
     for i, w in enumerate(wrong):
         ax.text(i, 103, f"{w:.0f}%", ha="center", va="bottom", fontsize=7, color="0.3")
     ax.set_ylim(0, 112)
-    ax.set_xticks(
-        np.arange(len(classes)), [str(c) for c in classes], fontsize=8 if len(classes) <= 20 else 6
-    )
+    _class_ticks(ax, labels)
     ax.set_xlabel("class (label); above: % wrong at the end")
     ax.set_ylabel("difficulty rank percentile\n(0 = easiest)")
     ax.set_title("Difficulty per class", loc="left")
 
 
-def _layer_heatmap(fig: Figure, ax, data: ReportData, classes: list[int]) -> None:
+def _layer_heatmap(
+    fig: Figure, ax, data: ReportData, classes: list[int], labels: list[str]
+) -> None:
     table = data.class_layer.drop_nulls("target")
     index = {c: i for i, c in enumerate(classes)}
     n_layers = data.layers.height
@@ -117,9 +134,7 @@ def _layer_heatmap(fig: Figure, ax, data: ReportData, classes: list[int]) -> Non
                 fontsize=8,
                 color="black" if image.norm(value) > 0.6 else "white",
             )
-    ax.set_xticks(
-        np.arange(len(classes)), [str(c) for c in classes], fontsize=8 if len(classes) <= 20 else 6
-    )
+    _class_ticks(ax, labels)
     ax.set_yticks(np.arange(n_layers), [f"L{i} {name}" for i, name in enumerate(data.layer_names)])
     ax.set_xlabel("class (label)")
     ax.set_title("Share of each layer's importance by class (%)", loc="left")

@@ -10,14 +10,20 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from samplescope.reports._data import ReportData
-from samplescope.reports._page import add_caption, layer_colors, layer_label, new_page
+from samplescope.reports._page import (
+    add_caption,
+    epoch_axis,
+    layer_colors,
+    layer_label,
+    new_page,
+)
 from samplescope.reports._section import Section
 
 __all__ = ["SECTION"]
 
 
 def _pages(data: ReportData) -> Iterator[Figure]:
-    fig = new_page("Does importance track difficulty? Correlation with final loss", caption_lines=4)
+    fig = new_page("Does importance track difficulty? Correlation with final loss", caption_lines=5)
     grid = fig.add_gridspec(1, 2, width_ratios=[1.6, 1])
     _correlation(fig.add_subplot(grid[0, 0]), data)
     _concentration(fig.add_subplot(grid[0, 1]), data)
@@ -25,7 +31,9 @@ def _pages(data: ReportData) -> Iterator[Figure]:
         fig,
         (
             "Left: for each epoch and layer, the Spearman rank correlation across samples between "
-            "the importance a sample had in that epoch and its final training loss. Near +1: the "
+            "the importance a sample had in that epoch and its final training loss. The last epoch "
+            "is shaded and drawn hollow: its importance and the final loss come from the same "
+            "visit, so its ρ near 1 is circular, not evidence. Near +1: the "
             "samples that move the layer are the ones that end up hard; near 0: importance says "
             "nothing about final difficulty; negative: easy samples dominate. The paper reports "
             "a correlation that grows over training. Right: how concentrated each layer's "
@@ -38,23 +46,48 @@ def _pages(data: ReportData) -> Iterator[Figure]:
 
 def _correlation(ax, data: ReportData) -> None:
     corr = data.correlations
+    last = max(data.epochs) if data.epochs else None
     for row, color in zip(
         data.layers.iter_rows(named=True), layer_colors(data.layers.height), strict=True
     ):
         part = corr.filter(pl.col("layer_index") == row["layer_index"])
+        earlier = part.filter(pl.col("epoch") != last) if len(data.epochs) > 1 else part
         ax.plot(
-            part["epoch"],
-            part["spearman"],
+            earlier["epoch"],
+            earlier["spearman"],
             marker=".",
             color=color,
             label=layer_label(row["layer_index"], row["layer"], row["kind"]),
         )
+        if len(data.epochs) > 1:
+            # The final loss is measured at each sample's last visit, the same pass that
+            # gives its last-epoch gradient: that correlation is near 1 by construction.
+            final = part.filter(pl.col("epoch") == last)
+            ax.plot(
+                final["epoch"],
+                final["spearman"],
+                linestyle="none",
+                marker="o",
+                markerfacecolor="none",
+                color=color,
+            )
+    if len(data.epochs) > 1:
+        ax.axvspan(last - 0.5, last + 0.5, color="0.93", zorder=0)
+        ax.text(
+            last,
+            -1.0,
+            "last epoch:\ncircular\n(same pass as\nthe final loss)",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color="0.35",
+        )
     ax.axhline(0, color="0.6", linewidth=0.8)
     ax.set_ylim(-1.05, 1.05)
-    ax.set_xlabel("epoch")
+    epoch_axis(ax, data.epochs)
     ax.set_ylabel("Spearman ρ (importance in epoch vs final loss)")
     ax.set_title("Rank correlation of importance with final loss", loc="left")
-    ax.legend(frameon=False, loc="lower right", ncols=2 if data.layers.height > 4 else 1)
+    ax.legend(frameon=False, loc="upper left", ncols=2 if data.layers.height > 4 else 1)
 
 
 def _concentration(ax, data: ReportData) -> None:

@@ -8,9 +8,17 @@ from collections.abc import Iterator
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from samplescope.reports._data import ReportData
-from samplescope.reports._page import CMAP, add_caption, layer_colors, layer_label, new_page
+from samplescope.reports._page import (
+    CMAP,
+    add_caption,
+    keep_inside,
+    layer_colors,
+    layer_label,
+    new_page,
+)
 from samplescope.reports._section import Section
 
 __all__ = ["SECTION"]
@@ -19,10 +27,11 @@ __all__ = ["SECTION"]
 def _pages(data: ReportData) -> Iterator[Figure]:
     deciles = data.decile_epoch()
     fig = new_page("Where and when importance lives, by difficulty decile", caption_lines=4)
-    grid = fig.add_gridspec(2, 2, height_ratios=[1.1, 1], left=0.13)
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.1, 1], left=0.13, wspace=0.55)
     _share(fig, fig.add_subplot(grid[0, :]), data, deciles)
     _mean_epoch(fig.add_subplot(grid[1, 0]), data, deciles)
     _mean_depth(fig.add_subplot(grid[1, 1]), data, deciles)
+    keep_inside(fig)
     add_caption(
         fig,
         (
@@ -79,7 +88,11 @@ def _mean_epoch(ax, data: ReportData, deciles: pl.DataFrame) -> None:
         .sort("layer_index", "bin")
     )
     _lines(ax, data, when, "epoch")
-    ax.set_ylabel("importance-weighted mean epoch")
+    # The whole run's span, so a small shift does not look dramatic.
+    if len(data.epochs) > 1:
+        ax.set_ylim(min(data.epochs), max(data.epochs))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("importance-weighted mean epoch\n(1 = first)")
     ax.set_title("When each decile mattered", loc="left")
 
 
@@ -101,9 +114,8 @@ def _mean_depth(ax, data: ReportData, deciles: pl.DataFrame) -> None:
     ax.set_xlabel("difficulty decile (0 = easiest)")
     ax.set_ylabel("importance-weighted layer position\n(0 = input, 1 = output)")
     ax.set_title("Where each decile mattered", loc="left")
-    low, high = float(where["depth"].min()), float(where["depth"].max())
-    pad = max(0.02, 0.2 * (high - low))
-    ax.set_ylim(max(0, low - pad), min(1, high + pad))
+    # The full 0–1 range: a zoomed axis made a 0.04 difference look dramatic.
+    ax.set_ylim(0, 1)
 
 
 def _lines(ax, data: ReportData, frame: pl.DataFrame, column: str) -> None:
@@ -121,7 +133,13 @@ def _lines(ax, data: ReportData, frame: pl.DataFrame, column: str) -> None:
         )
     ax.set_xticks(range(10))
     ax.set_xlabel("difficulty decile (0 = easiest)")
-    ax.legend(frameon=False, fontsize=7, ncols=2 if data.layers.height > 4 else 1)
+    ax.legend(
+        frameon=False,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        ncols=1 if data.layers.height <= 8 else 2,
+    )
 
 
 SECTION = Section("deciles", "Where and when importance lives", _pages)

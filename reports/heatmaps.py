@@ -15,7 +15,14 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from samplescope.reports._data import ReportData
-from samplescope.reports._page import CMAP, add_caption, layer_label, new_page
+from samplescope.reports._page import (
+    CMAP,
+    add_caption,
+    epoch_axis,
+    keep_inside,
+    layer_label,
+    new_page,
+)
 from samplescope.reports._section import Section
 
 __all__ = ["SECTION"]
@@ -53,11 +60,11 @@ def _pages(data: ReportData) -> Iterator[Figure]:
             image_top = _heatmap(top, raw[index], epochs, raw_norm, n_bins)
             top.set_title(layer_label(index, row["layer"], row["kind"]), fontsize=9)
             top.set_ylabel("samples by final loss\n(rank %, 0 = easiest)" if col == 0 else "")
+            top.set_xlabel("")
             bottom = fig.add_subplot(grid[1, col])
             image_bottom = _heatmap(bottom, share[index], epochs, share_norm, 10)
             bottom.set_yticks(range(10))
             bottom.set_ylabel("difficulty decile\n(0 = easiest)" if col == 0 else "")
-            bottom.set_xlabel("epoch")
         top_pos, bottom_pos = grid[0, -1].get_position(fig), grid[1, -1].get_position(fig)
         fig.colorbar(
             image_top,
@@ -69,6 +76,7 @@ def _pages(data: ReportData) -> Iterator[Figure]:
             cax=fig.add_axes((0.92, bottom_pos.y0, 0.012, bottom_pos.height)),
             label="share of the epoch's importance (%)",
         )
+        keep_inside(fig)
         add_caption(
             fig,
             (
@@ -106,6 +114,7 @@ def _heatmap(ax, values: np.ndarray, epochs: list[int], norm, n_rows: int):
         interpolation="nearest",
         extent=extent,
     )
+    epoch_axis(ax, epochs)
     if n_rows > 10:
         ticks = np.linspace(-0.5, n_rows - 0.5, 5)
         ax.set_yticks(ticks, [f"{p:.0f}" for p in np.linspace(0, 100, 5)])

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from samplescope._paths import atomic_output, ensure_writable_dir, same_file
 from samplescope.analysis import open_trace
 from samplescope.reports import (
+    alignment,
     candidates,
     classes,
     correlation,
@@ -25,9 +26,10 @@ from samplescope.reports import (
     deciles,
     findings,
     heatmaps,
+    labelflags,
     summary,
 )
-from samplescope.reports._data import ReportData
+from samplescope.reports._data import ReportData, ReportPlan
 from samplescope.reports._section import Section
 from samplescope.reports._text import escape_math
 from samplescope.reports.errors import ReportError, ReportOutputError, UnknownSectionError
@@ -46,9 +48,11 @@ SECTIONS: tuple[Section, ...] = (
     correlation.SECTION,
     datamap.SECTION,
     candidates.SECTION,
+    labelflags.SECTION,
     classes.SECTION,
+    alignment.SECTION,
 )
-FORMATS = ("pdf", "png")
+FORMATS = ("pdf", "png", "html")
 
 
 def select_sections(pages: str | Sequence[str] | None) -> list[Section]:
@@ -83,6 +87,7 @@ def render_report(
     title: str | None = None,
     fmt: str = "pdf",
     progress: bool = True,
+    overlay: Sequence[Any] = (),
 ) -> Path:
     """Render the report of a trace.
 
@@ -93,8 +98,11 @@ def render_report(
             one ``NN-section.png`` per page.
         pages: section ids to include (see `SECTIONS`), a list or "a,b,c"; all by default.
         title: the report's title (default: the trace's file name).
-        fmt: ``"pdf"`` or ``"png"``.
+        fmt: ``"pdf"``, ``"png"`` or ``"html"`` (one self-contained interactive file;
+            needs plotly, ``pip install 'samplescope[html]'``).
         progress: show a progress bar over the sections.
+        overlay: other runs (traces or paths) whose training curves the HTML report
+            overlays on this one's, e.g. other seeds.
 
     Returns:
         The PDF file or the PNG directory.
@@ -105,7 +113,7 @@ def render_report(
         samplescope.analysis.errors.TraceError: the input is not a readable trace.
     """
     if fmt not in FORMATS:
-        msg = f"unknown report format {fmt!r}; choose pdf or png"
+        msg = f"unknown report format {fmt!r}; choose pdf, png or html"
         raise ReportError(msg)
     sections = select_sections(pages)
     out = _check_output(Path(out), fmt)
@@ -116,10 +124,37 @@ def render_report(
             if same_file(out, path):
                 msg = f"the report's output {out} is the trace it reads; choose another file"
                 raise ReportOutputError(msg)
+        if fmt == "html":
+            return _render_html(data, sections, out, title, overlay)
         return _render(data, sections, out, title, fmt, progress)
     finally:
         if owned:
             data.trace.close()
+
+
+def _render_html(
+    data: ReportData,
+    sections: Sequence[Section],
+    out: Path,
+    title: str | None,
+    overlay: Sequence[Any],
+) -> Path:
+    from samplescope.reports.html import write_html
+
+    chosen, plan = plan_report(data, sections, title)
+    data = data.with_plan(plan)
+    others = [_open(o) for o in overlay]
+    try:
+        runs = [(_run_label(data), data)] + [(_run_label(o), o) for o in others]
+        return write_html(out, runs, [s.id for s in chosen])
+    finally:
+        for other, source in zip(others, overlay, strict=True):
+            if not _is_trace(source):
+                other.trace.close()
+
+
+def _run_label(data: ReportData) -> str:
+    return data.path.name if data.path is not None else "run"
 
 
 def _render(
@@ -130,22 +165,32 @@ def _render(
     fmt: str,
     progress: bool,
 ) -> Path:
-    data.report_title = title or (
-        f"samplescope report: {data.path.name}" if data.path else "samplescope report"
-    )
-    chosen = []
-    for section in sections:
-        if section.needs_outputs and not data.has_outputs:
-            data.omitted.append(
-                (section.id, section.title, "needs logits/targets, which this trace did not record")
-            )
-        else:
-            chosen.append(section)
-    data.included = [(s.id, s.title) for s in chosen]
+    chosen, plan = plan_report(data, sections, title)
+    data = data.with_plan(plan)
     figures = _figures(chosen, data, progress)
     if fmt == "pdf":
         return _write_pdf(out, figures, data)
     return _write_png(out, figures)
+
+
+def plan_report(
+    data: ReportData, sections: Sequence[Section], title: str | None
+) -> tuple[list[Section], ReportPlan]:
+    """The sections this trace supports among `sections`, and the report's plan."""
+    reasons = {s.id: s.left_out_because(data) for s in sections}
+    chosen = [s for s in sections if reasons[s.id] is None]
+    plan = ReportPlan(
+        title=title
+        or (f"samplescope report: {data.path.name}" if data.path else "samplescope report"),
+        included=tuple((s.id, s.title) for s in chosen),
+        omitted=tuple((s.id, s.title, reasons[s.id]) for s in sections if s not in chosen),
+    )
+    return chosen, plan
+
+
+def open_report_data(trace_or_path: Any) -> tuple[ReportData, bool]:
+    """`ReportData` of a trace or a path, and whether the caller must close its trace."""
+    return _open(trace_or_path), not _is_trace(trace_or_path)
 
 
 def _is_trace(value: Any) -> bool:
@@ -163,8 +208,11 @@ def _open(trace_or_path: Any) -> ReportData:
 
 def _check_output(out: Path, fmt: str) -> Path:
     target_dir = out if fmt == "png" else out.parent
-    if fmt == "pdf" and out.is_dir():
-        msg = f"{out} is a directory; give the PDF file to write, e.g. {out / 'report.pdf'}"
+    if fmt in ("pdf", "html") and out.is_dir():
+        msg = (
+            f"{out} is a directory; give the {fmt.upper()} file to write, "
+            f"e.g. {out / ('report.' + fmt)}"
+        )
         raise ReportOutputError(msg)
     if fmt == "png" and out.exists() and not out.is_dir():
         msg = f"{out} is a file; with --format png give a directory for the page images"

@@ -13,7 +13,7 @@ from samplescope.reports._data import ReportData
 from samplescope.reports._page import add_caption, draw_table, new_page
 from samplescope.reports._section import Section
 
-__all__ = ["SECTION"]
+__all__ = ["SECTION", "run_rows"]
 
 
 def _fmt_bytes(n: float) -> str:
@@ -75,7 +75,7 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def _run_rows(data: ReportData) -> list[tuple[str, str]]:
+def run_rows(data: ReportData) -> list[tuple[str, str]]:
     meta = data.meta
     train = data.train_epochs
     test = data.evals.filter(pl.col("split") == "test")
@@ -130,7 +130,7 @@ def _pages(data: ReportData) -> Iterator[Figure]:
     fig = new_page(data.report_title or "samplescope report", caption_lines=4)
     left = fig.add_axes((0.04, 0.32, 0.44, 0.54))
     left.set_title("Run", loc="left", fontweight="bold")
-    draw_table(left, ["", ""], [(k, v) for k, v in _run_rows(data)], col_widths=[0.35, 0.65])
+    draw_table(left, ["", ""], [(k, v) for k, v in run_rows(data)], col_widths=[0.35, 0.65])
     _left_align(left)
 
     right = fig.add_axes((0.53, 0.56, 0.44, 0.30))

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 import polars as pl
 
-from samplescope.cli.output import frame_output, warn_about
+from samplescope.cli.output import CommandError, frame_output, one_line, warn_about
 from samplescope.errors import SamplescopeError
 
 __all__ = ["register"]
@@ -122,14 +124,33 @@ def _setting(seeds: int = 1, **kwargs: Any) -> Any:
     "--out", type=click.Path(dir_okay=False), required=True, help="The trace to write (.h5)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing trace.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where to train: cpu, cuda, cuda:1, mps (the trace is the same).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (none when not a terminal).")
 @frame_output
-def train(seed: int, out: str, overwrite: bool, **kwargs: Any) -> pl.DataFrame:
+def train(
+    seed: int, out: str, overwrite: bool, device: str, quiet: bool, **kwargs: Any
+) -> pl.DataFrame:
     """Train a model on a named dataset and record every sample's gradients.
 
     Example: samplescope train --dataset fashion-mnist --preset paper --epochs 5 --out run.h5
     """
+    import torch
+
     from samplescope.experiments.train import train_run
 
+    if Path(out).exists() and not overwrite:
+        msg = f"trace {out} already exists; choose another --out or pass --overwrite"
+        raise CommandError(msg)
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as error:
+        msg = f"--device {device!r} is not usable here: {one_line(error)}"
+        raise CommandError(msg) from None
     setting = _setting(**kwargs)
     data = setting.load()
     result = train_run(
@@ -138,7 +159,9 @@ def train(seed: int, out: str, overwrite: bool, **kwargs: Any) -> pl.DataFrame:
         data=data,
         train_indices=setting.train_ids(data),
         overwrite=overwrite,
-        progress=False,
+        # The bar goes to stderr; off under -q and when stderr is not a terminal (CI, pipes).
+        progress=not quiet and sys.stderr.isatty(),
+        device=device,
     )
     return pl.DataFrame(
         {

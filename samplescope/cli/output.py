@@ -1,8 +1,10 @@
 """One output decorator for every command that returns a Polars frame.
 
-`@frame_output` adds `--format table|csv|json|parquet` and `--output FILE`; the command
-returns a `pl.DataFrame` and the decorator writes it. It also turns `SamplescopeError` into
-a one-line `Error: ...` with exit status 2, so commands behave the same under any group.
+`@frame_output` adds `--format table|csv|json|ndjson|parquet` and `--output FILE`; the
+command returns a `pl.DataFrame` (or, for key/value facts such as `info`, a dict, which
+json and ndjson write as one object) and the decorator writes it. It also turns
+`SamplescopeError` into a one-line `Error: ...` with exit status 2, so commands behave the
+same under any group.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +32,7 @@ __all__ = [
     "write_frame",
 ]
 
-FORMATS = ("table", "csv", "json", "parquet")
+FORMATS = ("table", "csv", "json", "ndjson", "parquet")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -132,8 +134,37 @@ def _json(frame: pl.DataFrame) -> str:
     return json.dumps(rows, default=str)
 
 
-def write_frame(frame: pl.DataFrame, fmt: str, output: str | None) -> None:
-    """Write `frame` in `fmt` to `output`, or to stdout when `output` is None."""
+def _ndjson(frame: pl.DataFrame) -> str:
+    if all(_simple(dtype) for dtype in frame.dtypes):
+        return frame.write_ndjson()
+    rows = (_jsonable(row) for row in frame.iter_rows(named=True))
+    return "".join(json.dumps(row, default=str) + "\n" for row in rows)
+
+
+def _facts_frame(facts: Mapping[str, Any]) -> pl.DataFrame:
+    """key/value rows of `facts`, nested values as compact JSON text (for table and csv)."""
+    return pl.DataFrame(
+        {
+            "key": list(facts),
+            "value": [
+                v if isinstance(v, str) else json.dumps(v, default=str) for v in facts.values()
+            ],
+        }
+    )
+
+
+def write_frame(frame: pl.DataFrame | Mapping[str, Any], fmt: str, output: str | None) -> None:
+    """Write `frame` in `fmt` to `output`, or to stdout when `output` is None.
+
+    A mapping (key/value facts) is written as one JSON object for json and ndjson, and as
+    key/value rows otherwise.
+    """
+    if isinstance(frame, Mapping):
+        if fmt in ("json", "ndjson"):
+            text = json.dumps(frame, default=str, indent=None if fmt == "ndjson" else 2) + "\n"
+            _emit(text, output)
+            return
+        frame = _facts_frame(frame)
     if fmt == "parquet":
         if output is None:
             msg = "--format parquet needs --output FILE"
@@ -145,8 +176,15 @@ def write_frame(frame: pl.DataFrame, fmt: str, output: str | None) -> None:
         text = _flat(frame).write_csv()
     elif fmt == "json":
         text = _json(frame) + "\n"
+    elif fmt == "ndjson":
+        # One JSON object per line: streams into jq, pandas.read_json(lines=True), duckdb.
+        text = _ndjson(frame)
     else:
         text = format_table(frame) + "\n"
+    _emit(text, output)
+
+
+def _emit(text: str, output: str | None) -> None:
     if output is None:
         click.echo(text, nl=False)
     else:

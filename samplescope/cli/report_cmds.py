@@ -26,26 +26,40 @@ def register(group: click.Group) -> None:
     "out",
     required=True,
     type=click.Path(path_type=Path),
-    help="PDF file to write (a folder for --format png).",
+    help="File to write: .pdf, or .html for the interactive report (a folder for --format png).",
 )
 @click.option(
     "--pages",
     default=None,
     help="Comma-separated sections to include (default: all): summary, findings, "
-    "curves, heatmaps, deciles, correlation, datamap, candidates, classes.",
+    "curves, heatmaps, deciles, correlation, datamap, candidates, flags, classes, alignment.",
 )
 @click.option("--title", default=None, help="Title on the first page.")
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["pdf", "png"]),
-    default="pdf",
-    show_default=True,
-    help="One PDF, or one PNG per page in a folder.",
+    type=click.Choice(["pdf", "png", "html"]),
+    default=None,
+    help="pdf, png (one image per page in a folder) or html; default: from the output's "
+    "suffix (.html is html, anything else pdf).",
+)
+@click.option(
+    "--overlay",
+    "overlay",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Another run's trace whose curves the HTML report overlays (e.g. another seed); "
+    "repeatable.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def report(
-    trace: tuple[str, ...], out: Path, pages: str | None, title: str | None, fmt: str, quiet: bool
+    trace: tuple[str, ...],
+    out: Path,
+    pages: str | None,
+    title: str | None,
+    fmt: str | None,
+    overlay: tuple[Path, ...],
+    quiet: bool,
 ) -> None:
     """Render a trace's report: run summary, training curves, importance by difficulty and
     epoch per layer, deciles, correlation with final loss, data map, mislabeled and
@@ -53,18 +67,27 @@ def report(
 
     TRACE is one .h5 file, several shard files of one run, or a quoted glob.
 
+    \b
     Example: samplescope report run.h5 -o report.pdf --pages summary,heatmaps
+             samplescope report seed0.h5 -o report.html --overlay seed1.h5
     """
     from samplescope.analysis import open_trace
+    from samplescope.cli.output import CommandError
     from samplescope.reports import render_report
     from samplescope.reports.render import select_sections
 
     select_sections(pages)  # an unknown section fails before the trace is read
+    fmt = fmt or ("html" if out.suffix.lower() in (".html", ".htm") else "pdf")
+    if overlay and fmt != "html":
+        msg = "--overlay needs the HTML report (-o report.html or --format html)"
+        raise CommandError(msg)
     source = trace[0] if len(trace) == 1 else list(trace)
     before = _pages(out) if fmt == "png" else {}
     with open_trace(source) as opened:
         warn_about(opened)
-        path = render_report(opened, out, pages=pages, title=title, fmt=fmt, progress=not quiet)
+        path = render_report(
+            opened, out, pages=pages, title=title, fmt=fmt, progress=not quiet, overlay=overlay
+        )
     if fmt == "png":
         # Other files (an earlier, longer report's pages) may remain: count this run's only,
         # the names whose file was replaced (a new inode) or created.
@@ -99,7 +122,7 @@ def _pages(folder: Path) -> dict[str, tuple[int, int]]:
     type=int,
     default=0,
     show_default=True,
-    help="Seed for the split, initialisation and batch order.",
+    help="Seed for the initialisation and batch order (the train/test split is fixed).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(out: Path, epochs: int | None, seed: int, quiet: bool) -> None:

@@ -27,6 +27,41 @@ class DataError(SamplescopeError):
     """A dataset is missing or unreadable."""
 
 
+# The train/test split of scikit-learn's digits, the same whatever the run's seed.
+DIGITS_SPLIT_SEED = 0
+_DIGITS = [str(i) for i in range(10)]
+# Label order of each dataset's own distribution.
+CLASS_NAMES: dict[str, list[str]] = {
+    "digits": _DIGITS,
+    "mnist": _DIGITS,
+    "mnist1d": _DIGITS,
+    "fashion-mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
+    "cifar10": [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ],
+}
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Train and test splits; ``x`` float32 with shape [N, *input_shape], ``y`` int64."""
@@ -39,6 +74,12 @@ class Dataset:
     n_classes: int
 
     @property
+    def class_names(self) -> list[str] | None:
+        """Names of the classes by label, when the dataset has them (stored in a trace's
+        ``config["class_names"]`` so reports and `samplescope samples` can show them)."""
+        return CLASS_NAMES.get(self.name)
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
@@ -49,7 +90,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0) -
     Args:
         name: one of ``DATASETS``.
         data_dir: where the files are; each dataset has a default.
-        seed: for datasets that are split or generated here (digits, mnist1d).
+        seed: for datasets generated here (mnist1d); the digits split is fixed for every seed.
 
     Raises:
         DataError: unknown name, or the files are missing or unreadable.
@@ -73,8 +114,11 @@ def _digits(data_dir: Path | None, seed: int) -> Dataset:
 
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    # One fixed split for every seed: runs of different seeds then train on the same
+    # samples under the same ids, so `samplescope compare` can line them up. The seed
+    # still sets initialisation and batch order.
     x_tr, x_te, y_tr, y_te = train_test_split(
-        x, bunch.target, test_size=0.2, random_state=seed, stratify=bunch.target
+        x, bunch.target, test_size=0.2, random_state=DIGITS_SPLIT_SEED, stratify=bunch.target
     )
     return _as_dataset("digits", x_tr, y_tr, x_te, y_te, 10)
 

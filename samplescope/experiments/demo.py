@@ -71,7 +71,7 @@ def run_demo(
     Args:
         out_dir: folder for ``trace.h5`` and ``report.pdf`` (created; files overwritten).
         epochs: training epochs (the paper's protocol uses 50).
-        seed: seeds the train/test split, the initialisation and the batch order.
+        seed: seeds the initialisation and the batch order (the split is fixed).
         progress: show progress bars for training and for the report.
 
     Returns:

@@ -90,6 +90,7 @@ def train_run(
     overwrite: bool = False,
     progress: bool = True,
     recorder_options: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
 ) -> RunResult:
     """Train ``config`` with plain SGD, recording every sample at every step to ``out``.
 
@@ -103,6 +104,8 @@ def train_run(
         batch_plan: ``(epoch, rng) -> list of index arrays``; default: shuffled batches.
         init_state: a model state_dict to start from (same initialisation across runs).
         sample_info, thumbnails, recorder_options: passed to the Recorder.
+        progress: show a progress bar over the run's batches (epoch, test accuracy).
+        device: where the model and data live, e.g. ``"cuda"``; the trace is the same.
     """
     data = data or load_dataset(config.dataset, data_dir, seed=config.seed)
     torch.manual_seed(config.seed)
@@ -110,6 +113,7 @@ def train_run(
     model = make_model(config.model, data.input_shape, data.n_classes, config.hidden, config.depth)
     if init_state is not None:
         model.load_state_dict(init_state)
+    model = model.to(device)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,
@@ -117,6 +121,8 @@ def train_run(
         weight_decay=config.weight_decay,
     )
     x, y = data.x_train, data.y_train if train_targets is None else train_targets
+    x, y = x.to(device), y.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     ids = np.arange(len(x)) if train_indices is None else np.asarray(train_indices)
     if len(ids) == 0:
         msg = "no training samples left to train on"
@@ -129,7 +135,7 @@ def train_run(
             out,
             model,
             optimizer,
-            config=vars(config),
+            config=_trace_config(config, data),
             reduction=config.reduction,
             thumbnails=thumbnails,
             sample_info=sample_info,
@@ -138,21 +144,15 @@ def train_run(
         )
     start = time.perf_counter()
     with recorder if recorder is not None else contextlib.nullcontext():
-        bar = tqdm(
-            range(config.epochs),
-            desc=f"train {config.dataset}/{config.model}",
-            unit="epoch",
-            disable=not progress,
-            leave=False,
-        )
-        for epoch in bar:
+        bar = _progress_bar(config, None if batch_plan else len(ids), progress)
+        for epoch in range(config.epochs):
             model.train()
             if recorder is not None:
                 recorder.set_epoch(epoch)
             correct = seen = 0
             for batch in plan(epoch, rng):
                 index = torch.as_tensor(batch, dtype=torch.int64)
-                xb, yb = x[index], y[index]
+                xb, yb = x[index.to(device)], y[index.to(device)]
                 logits = model(xb)
                 losses = F.cross_entropy(logits, yb, reduction="none")
                 if recorder is not None:
@@ -163,15 +163,43 @@ def train_run(
                 optimizer.zero_grad(set_to_none=True)
                 correct += int((logits.argmax(1) == yb).sum())
                 seen += len(yb)
-            test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+                bar.update(1)
+            test_loss, test_acc = evaluate(model, x_test, y_test)
             result.train_accuracy.append(correct / max(seen, 1))
             result.test_loss.append(test_loss)
             result.test_accuracy.append(test_acc)
             if recorder is not None:
                 recorder.log_eval("test", loss=test_loss, accuracy=test_acc)
-            bar.set_postfix(test_acc=f"{test_acc:.3f}", train_acc=f"{correct / max(seen, 1):.3f}")
+            bar.set_postfix(
+                epoch=f"{epoch + 1}/{config.epochs}",
+                test_acc=f"{test_acc:.3f}",
+                train_acc=f"{correct / max(seen, 1):.3f}",
+            )
+        bar.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _progress_bar(config: RunConfig, n_train: int | None, progress: bool) -> Any:
+    """One bar over every batch of the run, so a long epoch (a CNN's) still shows life;
+    its length is known for the default shuffled batches (`n_train` samples)."""
+    per_epoch = None if n_train is None else -(-n_train // config.batch_size)
+    return tqdm(
+        total=None if per_epoch is None else per_epoch * config.epochs,
+        desc=f"train {config.dataset}/{config.model}",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    )
+
+
+def _trace_config(config: RunConfig, data: Dataset) -> dict[str, Any]:
+    """The run's settings as stored in the trace, plus the dataset's class names (an
+    optional ``class_names`` entry that readers use for labels when present)."""
+    stored: dict[str, Any] = dict(vars(config))
+    if data.class_names is not None and len(data.class_names) == data.n_classes:
+        stored["class_names"] = list(data.class_names)
+    return stored
 
 
 @torch.no_grad()

@@ -223,3 +223,44 @@ def test_explicit_options_win_over_the_preset(tmp_path: Path) -> None:
     assert config["batch_size"] == 100  # from the preset
     assert config["weight_decay"] == 1e-5
     assert config["epochs"] == 1
+
+
+def test_existing_trace_names_the_cli_flag(trace: Path) -> None:
+    result = CliRunner().invoke(main, ["train", *SMALL, "--out", str(trace)])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"Error: trace {trace} already exists; choose another --out or pass --overwrite\n"
+    )
+    assert "overwrite=True" not in result.output
+
+
+def test_unusable_device_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["train", *SMALL, "--out", str(tmp_path / "d.h5"), "--device", "nonsense"]
+    )
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: --device 'nonsense' is not usable here:")
+    assert len(result.output.splitlines()) == 1
+    assert not (tmp_path / "d.h5").exists()
+
+
+def test_trace_stores_the_class_names(trace: Path) -> None:
+    from samplescope.analysis import open_trace
+
+    with open_trace(trace) as t:
+        assert t.class_names == [str(i) for i in range(10)]
+
+
+def test_train_progress_counts_batches(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from samplescope.experiments.data import load_dataset
+    from samplescope.experiments.train import RunConfig, train_run
+
+    data = load_dataset("digits")
+    config = RunConfig(dataset="digits", model="mlp", epochs=2, batch_size=500, hidden=8, depth=1)
+    train_run(config, None, data=data, progress=True)
+    err = capsys.readouterr().err
+    # 1,437 samples in batches of 500: 3 a epoch, 6 in all, counted batch by batch.
+    assert "/6 [" in err
+    assert "batch" in err
+    train_run(config, None, data=data, progress=False)
+    assert capsys.readouterr().err == ""

@@ -105,3 +105,23 @@ def test_help_has_an_example(command: str) -> None:
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0
     assert f"Example: samplescope {command}" in result.output
+
+
+def test_report_format_follows_the_html_suffix(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    other = write_tiny_trace(tmp_path / "seed1.h5")
+    args = ["report", str(tiny), "-o", str(out), "-q", "--pages", "summary,curves"]
+    result = CliRunner().invoke(main, [*args, "--overlay", str(other)])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"Wrote {out}\n"
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    assert "Curves overlay 2 runs: tiny.h5, seed1.h5." in text
+
+
+def test_overlay_needs_the_html_report(tiny: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["report", str(tiny), "-o", str(tmp_path / "r.pdf"), "--overlay", str(tiny)]
+    )
+    assert "--overlay needs the HTML report" in _error_line(result)
+    assert not (tmp_path / "r.pdf").exists()

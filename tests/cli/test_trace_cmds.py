@@ -114,11 +114,66 @@ def test_samples_parquet_output(tiny: Path, tmp_path: Path) -> None:
 
 def test_info(tiny: Path) -> None:
     out = _ok("info", tiny, "--format", "json")
-    info = {row["key"]: row["value"] for row in json.loads(out)}
-    assert info["n_visits"] == "8"
+    info = json.loads(out)
+    # One object; numbers and JSON attributes as values, not JSON text inside JSON.
+    assert info["n_visits"] == 8
     assert info["layer 0"].startswith("enc (")
     assert info["layer 1"].startswith("head (")
-    assert info["format_version"] == "1"
+    assert info["format_version"] == 1
+    assert info["config"] == {"seed": 0}
+    assert isinstance(info["options"], dict)
+    (line,) = _ok("info", tiny, "--format", "ndjson").splitlines()
+    assert json.loads(line) == info
+    table = _ok("info", tiny)
+    assert 'config           {"seed": 0}' in table or '{"seed": 0}' in table
+
+
+def test_ndjson_is_one_object_per_row(tiny: Path) -> None:
+    lines = _ok("samples", tiny, "--format", "ndjson").splitlines()
+    assert len(lines) == 4
+    rows = [json.loads(line) for line in lines]
+    assert sorted(r["sample_id"] for r in rows) == [0, 1, 2, 3]
+
+
+def test_tables_and_schema(tiny: Path) -> None:
+    frame = pl.read_csv(_ok("tables", tiny, "--format", "csv").encode())
+    assert {"layers", "steps", "visits", "importance", "samples"} <= set(frame["table"])
+    assert "sample_info" not in set(frame["table"])  # this trace has none
+    assert (frame["columns"] > 0).all()
+    schema = pl.read_csv(_ok("schema", tiny, "--table", "samples", "--format", "csv").encode())
+    assert set(schema["table"]) == {"samples"}
+    assert {"sample_id", "importance", "aum"} <= set(schema["column"])
+    assert _error_line("schema", tiny, "--table", "nope").startswith(
+        "Error: unknown table 'nope'; choose from layers"
+    )
+
+
+def test_samples_name_classes_when_the_trace_has_them(tmp_path: Path) -> None:
+    config = json.dumps({"seed": 0, "class_names": ["T-shirt/top", "Trouser"]})
+    named = write_tiny_trace(tmp_path / "named.h5", attrs={"config": config})
+    frame = pl.read_csv(_ok("samples", named, "--format", "csv").encode())
+    assert frame.columns[:3] == ["sample_id", "target", "class"]
+    pairs = set(zip(frame["target"], frame["class"], strict=True))
+    assert pairs == {(0, "T-shirt/top"), (1, "Trouser")}
+    plain = pl.read_csv(
+        _ok("samples", write_tiny_trace(tmp_path / "p.h5"), "--format", "csv").encode()
+    )
+    assert "class" not in plain.columns
+
+
+def test_compare_refuses_runs_on_different_data(tiny: Path, tmp_path: Path) -> None:
+    # Same ids, other labels: what two demo seeds with different splits looked like.
+    from tracefiles import TINY_VISITS
+
+    visits = dict(TINY_VISITS, target=[1 - t for t in TINY_VISITS["target"]])
+    other = write_tiny_trace(tmp_path / "other.h5")
+    swapped = tmp_path / "swapped.h5"
+    from tracefiles import TINY_LAYERS, TINY_STEPS, write_trace
+
+    write_trace(swapped, layers=TINY_LAYERS, steps=TINY_STEPS, visits=visits)
+    assert _ok("compare", tiny, other, "--format", "csv")
+    line = _error_line("compare", tiny, swapped)
+    assert "do not share their data: only 0 of 4 samples" in line
 
 
 def test_compare(tiny: Path) -> None:

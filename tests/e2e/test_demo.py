@@ -24,4 +24,5 @@ def test_demo_writes_trace_report_and_headlines(tmp_path: Path) -> None:
     findings = [line for line in lines if line.startswith("  - ")]
     assert 1 <= len(findings) <= 4
     assert (out / "trace.h5").stat().st_size > 0
-    assert len(PdfReader(out / "report.pdf").pages) == 10
+    # One page per section it supports, plus the candidates' gallery and trajectories.
+    assert len(PdfReader(out / "report.pdf").pages) == 11

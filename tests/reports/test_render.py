@@ -21,7 +21,8 @@ from samplescope.reports import (
 # One worker runs every test here, so the session's short demo trains once under xdist.
 pytestmark = pytest.mark.xdist_group("reports-demo")
 
-# Page titles by section, in report order; candidates has a table page and a gallery.
+# Page titles by section, in report order; candidates has a table page, a gallery and
+# the top candidates' trajectories.
 DEMO_PAGES = [
     ("summary", "samplescope demo"),
     ("findings", "Findings: the paper's claims on this run"),
@@ -32,6 +33,7 @@ DEMO_PAGES = [
     ("datamap", "Data map: confidence and variability across epochs"),
     ("candidates", "Candidates: likely mislabeled and redundant samples"),
     ("candidates", "Candidates: thumbnails of the inputs"),
+    ("candidates", "Candidates: trajectories over training"),
     ("classes", "Per-class breakdown of importance and difficulty"),
 ]
 
@@ -55,7 +57,11 @@ def test_demo_report_has_every_section_with_titles_and_captions(demo: DemoResult
         "In this report",
     ):
         assert fact in summary
-    assert "left out" not in summary
+    # Only the sections needing optional data the demo does not record are left out.
+    left_out = [line for line in summary.split("–") if "left out" in line]
+    assert len(left_out) == 2
+    assert "[flags]" in summary
+    assert "[alignment]" in summary
     assert "SUPPORTED" in texts[1] or "INCONCLUSIVE" in texts[1] or "NOT SUPPORTED" in texts[1]
     assert "Most likely mislabeled" in texts[7]
     assert "difficulty decile" in texts[4]
@@ -84,7 +90,12 @@ def test_png_format_writes_one_image_per_page(demo: DemoResult, tmp_path: Path) 
             trace, tmp_path / "pages", pages=["curves", "candidates"], fmt="png", progress=False
         )
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["01-curves.png", "02-candidates.png", "03-candidates.png"]
+    assert names == [
+        "01-curves.png",
+        "02-candidates.png",
+        "03-candidates.png",
+        "04-candidates.png",
+    ]
     assert all(pixel_std(out / name) > 0.05 for name in names)
 
 
@@ -93,7 +104,7 @@ def test_trace_without_outputs_omits_sections_and_says_so(
 ) -> None:
     out = render_report(no_outputs_trace, tmp_path / "plain.pdf", title="Plain run", progress=False)
     texts = page_texts(out)
-    needing = [s for s in SECTIONS if s.needs_outputs]
+    needing = [s for s in SECTIONS if s.needs_outputs or s.missing is not None]
     assert len(texts) == len(SECTIONS) - len(needing)
     summary = texts[0]
     assert "Plain run" in summary

@@ -4,7 +4,8 @@
     python bench/recorder_overhead.py --quick    # fewer steps, for a smoke run
     python bench/recorder_overhead.py --models lstm,gpt2
 
-Models: mlp, cnn, transformer (the recorder issue's three), lstm (a 2-layer LSTM tagger) and
+Models: mlp, cnn, transformer (the recorder issue's three), resnet18 (ResNet-18 for
+32x32 inputs, batch 64), lstm (a 2-layer LSTM tagger) and
 gpt2 (Hugging Face GPT-2 with the small config's sizes, random weights; only when
 transformers is installed, otherwise the row is skipped with a note).
 
@@ -109,6 +110,44 @@ def lstm() -> tuple[nn.Module, Batch]:
     return LSTMTagger(), (torch.randint(0, 1000, (64, 32)), torch.randint(0, 10, (64,)))
 
 
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with BatchNorm and an identity (or 1x1) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+def resnet18() -> tuple[nn.Module, Batch]:
+    """ResNet-18 for 32x32 inputs (CIFAR layout: 3x3 stem, 4 stages of 2 blocks)."""
+    widths, layers, cin = (64, 128, 256, 512), [], 64
+    for i, width in enumerate(widths):
+        layers += [BasicBlock(cin, width, 1 if i == 0 else 2), BasicBlock(width, width, 1)]
+        cin = width
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        *layers,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, 10),
+    )
+    return model, (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
+
+
 class GPT2NextToken(nn.Module):
     """GPT-2 (small config, random weights) predicting the token after the sequence."""
 
@@ -132,6 +171,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Batch]]] = {
     "mlp": mlp,
     "cnn": cnn,
     "transformer": transformer,
+    "resnet18": resnet18,
     "lstm": lstm,
     "gpt2": gpt2,
 }
@@ -359,7 +399,7 @@ def status_mb(field: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps, for a smoke run")
-    parser.add_argument("--models", default="mlp,cnn,transformer,lstm,gpt2")
+    parser.add_argument("--models", default="mlp,cnn,transformer,resnet18,lstm,gpt2")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant (≥ 40)")
     args = parser.parse_args()
     warmup, n = (3, 5) if args.quick else (20, max(40, args.steps))

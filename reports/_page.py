@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from samplescope.reports._text import escape_math
+
 __all__ = [
     "CMAP",
     "CMAP_DIVERGING",
@@ -143,6 +145,8 @@ def epoch_axis(ax: Any, epochs: Sequence[int], *, axis: str = "x") -> None:
 def keep_inside(fig: Figure, margin: float = 0.01) -> None:
     """Shrink axes whose tick labels, axis labels or legends stick out of the page's left or
     right edge, so long layer names on a deep model are never clipped."""
+    # Measuring draws the texts: trace strings must be escaped first (see escape_math).
+    escape_math(fig)
     canvas = fig.canvas if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig)
     renderer = canvas.get_renderer()
     width = fig.get_figwidth() * fig.dpi

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from samplescope._paths import atomic_output
 from samplescope.errors import SamplescopeError
 from samplescope.reports._data import ReportData
 from samplescope.reports.candidates import candidate_tables
@@ -97,7 +98,8 @@ def write_html(
         else ""
     )
     page = _TEMPLATE.format(title=title, run=html.escape(label), overlay=overlay, body=body)
-    out.write_text(page, encoding="utf-8")
+    with atomic_output(out) as temp:  # never a half-written page at the target
+        temp.write_text(page, encoding="utf-8")
     return out
 
 

@@ -37,6 +37,9 @@ from torch import nn
 
 from samplescope import Recorder
 
+sys.path.insert(0, str(Path(__file__).parent))
+import recorder_overhead
+
 warnings.filterwarnings("ignore")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -44,50 +47,9 @@ _BLOCK = 10
 _IDS = torch.arange(1024)  # on the CPU, as a DataLoader yields them
 
 
-def mlp() -> tuple[nn.Module, Batch]:
-    model = nn.Sequential(
-        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
-    )
-    return model, (torch.randn(128, 784), torch.randint(0, 10, (128,)))
-
-
-def cnn() -> tuple[nn.Module, Batch]:
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4096, 256),
-        nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-    return model, (torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,)))
-
-
-class _TokenClassifier(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(1000, 128)
-        self.encoder = nn.TransformerEncoderLayer(
-            128, nhead=4, dim_feedforward=256, dropout=0.0, batch_first=True
-        )
-        self.head = nn.Linear(128, 10)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(tokens)).mean(1))
-
-
-def transformer() -> tuple[nn.Module, Batch]:
-    return _TokenClassifier(), (torch.randint(0, 1000, (64, 64)), torch.randint(0, 10, (64,)))
-
-
+# The same models and batches as the CPU benchmark (the docstring's promise), not copies.
 MODELS: dict[str, Callable[[], tuple[nn.Module, Batch]]] = {
-    "mlp": mlp,
-    "cnn": cnn,
-    "transformer": transformer,
+    name: recorder_overhead.MODELS[name] for name in ("mlp", "cnn", "transformer")
 }
 
 

@@ -97,6 +97,9 @@ def _import(module: str, extra: str) -> ModuleType:
 
 
 def _writable_dir(logdir: Path) -> Path:
+    if logdir.exists() and not logdir.is_dir():
+        msg = f"the log directory {str(logdir)!r} is a file, not a directory"
+        raise PushError(msg)
     try:
         logdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 EPOCH_BASE = 1
+_WANDB_STEP = "samplescope/epoch"
 _EVENT_GLOB = "events.out.tfevents.*.samplescope"
 TARGETS = ("tensorboard", "wandb", "mlflow")
 
@@ -158,8 +159,8 @@ def push_tensorboard(trace: Trace, logdir: str | Path, *, top_k: int = DEFAULT_T
 def push_wandb(trace: Trace, *, project: str | None = None, top_k: int = DEFAULT_TOP_K) -> None:
     """Log `trace`'s summaries to Weights & Biases: the active run, else a new one.
 
-    Scalars per epoch with the epoch as step, then the top-k tables (`top/<score>`) as
-    `wandb.Table`s. Untested here (wandb is not a test dependency).
+    Scalars per epoch against `samplescope/epoch` (the 1-based epoch), then the top-k
+    tables (`top/<score>`) as `wandb.Table`s. Untested here (wandb is not a test dependency).
 
     Raises:
         PushError: `wandb` is not installed.
@@ -170,8 +171,12 @@ def push_wandb(trace: Trace, *, project: str | None = None, top_k: int = DEFAULT
     by_step: dict[int, dict[str, float]] = {}
     for tag, step, value in scalars(summaries):
         by_step.setdefault(step, {})[tag] = value
+    # Our own step key and define_metric on our prefixes only: an active run's step counter
+    # and its other metrics (maybe its own "epoch") are left as they are.
+    for prefix in ("importance", "importance_mean", "decile_share"):
+        run.define_metric(f"{prefix}/*", step_metric=_WANDB_STEP)
     for step in sorted(by_step):
-        run.log({**by_step[step], "epoch": step})
+        run.log({**by_step[step], _WANDB_STEP: step})
     tables = {
         f"top/{score}": wandb.Table(columns=frame.columns, data=frame.rows())
         for score, frame in _tables(summaries)

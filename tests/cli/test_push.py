@@ -166,3 +166,53 @@ def test_api_missing_package(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             push_wandb(t)
         with pytest.raises(PushError, match=r"samplescope\[mlflow\]"):
             push_mlflow(t)
+
+
+class _Recorder:
+    """Stands in for a logger module: records calls (the real packages are not installed)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str):
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return self
+
+        return call
+
+
+def test_wandb_and_mlflow_get_the_same_scalars(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Checks what our pushers send, through stand-ins; not the packages' own behaviour.
+    expected = {
+        (tag, step): v
+        for tag, by_step in _expected_scalars(tiny).items()
+        for step, v in by_step.items()
+    }
+    wandb, mlflow = _Recorder(), _Recorder()
+    wandb.run = None
+    mlflow.active_run = lambda: None
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    with open_trace(tiny) as t:
+        push_wandb(t, top_k=3)
+        push_mlflow(t, top_k=3)
+    logged = {}
+    for name, args, _ in wandb.calls:
+        if name == "log" and "samplescope/epoch" in args[0]:
+            step = args[0]["samplescope/epoch"]
+            logged.update({(k, step): v for k, v in args[0].items() if k != "samplescope/epoch"})
+    assert logged == pytest.approx(expected)
+    tables = [args[0] for name, args, _ in wandb.calls if name == "log" and "top/aum" in args[0]]
+    assert len(tables) == 1
+    metrics = {
+        (args[0], kwargs["step"]): args[1]
+        for name, args, kwargs in mlflow.calls
+        if name == "log_metric"
+    }
+    assert metrics == pytest.approx(expected)
+    names = [name for name, _, _ in mlflow.calls]
+    assert names[0] == "start_run"
+    assert names[-1] == "end_run"
+    artifacts = [kw["artifact_file"] for name, _, kw in mlflow.calls if name == "log_table"]
+    assert "samplescope/top_importance.json" in artifacts

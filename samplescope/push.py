@@ -134,8 +134,9 @@ def push_tensorboard(trace: Trace, logdir: str | Path, *, top_k: int = DEFAULT_T
     from tensorboard.plugins.text.summary_v2 import text_pb
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-    directory = _writable_dir(Path(logdir))
+    # Summaries first: a trace that cannot be summarised leaves no empty log directory.
     summaries = epoch_summaries(trace, top_k=top_k)
+    directory = _writable_dir(Path(logdir))
     before = set(directory.glob(_EVENT_GLOB))
     writer = EventFileWriter(str(directory), filename_suffix=".samplescope")
     now = time.time()

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-from tracefiles import write_tiny_trace
+from tracefiles import write_tiny_trace, write_trace
 
 from samplescope.analysis import open_trace
 from samplescope.cli import main
@@ -126,6 +126,24 @@ def test_cli_logdir_under_a_file(tiny: Path, tmp_path: Path) -> None:
         main, ["push", str(tiny), "--to", "tensorboard", "--logdir", str(target / "tb")]
     )
     assert "cannot create the log directory" in _error_line(result)
+
+
+def test_cli_empty_trace_leaves_no_logdir(tmp_path: Path) -> None:
+    empty = write_trace(
+        tmp_path / "empty.h5",
+        layers=["a"],
+        steps={"step": [], "epoch": [], "lr": [], "batch_size": []},
+        visits={"step": [], "sample_id": [], "loss": [], "grad_sq": np.zeros((0, 1))},
+        closed=False,
+    )
+    result = CliRunner().invoke(
+        main, ["push", str(empty), "--to", "tensorboard", "--logdir", str(tmp_path / "tb")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "Error: " in result.output
+    assert "no recorded visits" in result.output
+    assert not (tmp_path / "tb").exists()
 
 
 def test_cli_tensorboard_needs_logdir(tiny: Path) -> None:

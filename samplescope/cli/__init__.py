@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "samplescope.cli.trace_cmds",
     "samplescope.cli.report_cmds",
     "samplescope.cli.experiment_cmds",
+    "samplescope.cli.push_cmds",
 )
 
 

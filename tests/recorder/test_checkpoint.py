@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import h5py
@@ -192,3 +193,42 @@ def test_bad_calls_are_refused(tmp_path: Path) -> None:
         with pytest.raises(RecorderError, match="between a training forward"):
             rec.score_checkpoint(_loader(x, y, ids), _loss_fn)
         assert rec.n_checkpoints == 0
+
+
+class _Reversed(nn.Module):
+    """Registers its layers in the opposite order to their forward order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(6, C)
+        self.enc = nn.Linear(D, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.enc(x)))
+
+
+def test_compaction_reorders_checkpoint_layers_and_analysis_reads_them(tmp_path: Path) -> None:
+    from samplescope.analysis import open_trace
+
+    torch.manual_seed(0)
+    model = _Reversed().double()
+    x, y, ids = _data()
+    path = tmp_path / "t.h5"
+    with Recorder(path, model, checkpoints=True) as rec:
+        rec.backward(F.cross_entropy(model(x), y, reduction="none"), ids)
+        rec.score_checkpoint(_loader(x, y, ids), _loss_fn)
+    assert _names(path) == ["enc", "head"]  # forward order after compaction
+    with open_trace(path) as trace:
+        table = trace.checkpoints().sort("sample_id")
+        samples = trace.samples().sort("sample_id")
+    for i in range(N):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        enc = sum(
+            float(g.square().sum())
+            for g in torch.autograd.grad(loss, [*model.enc.parameters()], retain_graph=True)
+        )
+        head = sum(
+            float(g.square().sum()) for g in torch.autograd.grad(loss, [*model.head.parameters()])
+        )
+        assert table["grad_sq"][i].to_list() == pytest.approx([enc, head], rel=1e-5)
+        assert samples["grand_ckpt"][i] == pytest.approx(math.sqrt(enc + head), rel=1e-5)

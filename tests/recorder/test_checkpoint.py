@@ -232,3 +232,17 @@ def test_compaction_reorders_checkpoint_layers_and_analysis_reads_them(tmp_path:
         )
         assert table["grad_sq"][i].to_list() == pytest.approx([enc, head], rel=1e-5)
         assert samples["grand_ckpt"][i] == pytest.approx(math.sqrt(enc + head), rel=1e-5)
+
+
+def test_outputs_false_still_scores_el2n_at_checkpoints(tmp_path: Path) -> None:
+    # `outputs` is about /visits; a checkpoint's rows always have the output columns.
+    model = _model()
+    x, y, ids = _data(torch.float32)
+    with Recorder(tmp_path / "t.h5", model, outputs=False, checkpoints=True) as rec:
+        rec.backward(F.cross_entropy(model(x), y, reduction="none"), ids)
+        rec.score_checkpoint(_loader(x, y, ids), _loss_fn)
+    rows = _read(tmp_path / "t.h5", "checkpoints")
+    assert np.isfinite(rows["el2n"]).all()
+    assert rows["target"].tolist() == y.tolist()
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        assert "el2n" not in f["visits"]

@@ -441,6 +441,13 @@ class TraceData:
         if not shards:
             return None
         parts = [self.group_table("checkpoints", s) for s in shards]
+        for shard, part in zip(shards, parts, strict=True):
+            missing = [c for c in _CHECKPOINT_REQUIRED if c not in part]
+            if missing:
+                msg = (
+                    f"{shard.path}: /checkpoints has no {missing[0]!r} column; the trace is corrupt"
+                )
+                raise TraceFormatError(msg)
         names = [c for c in parts[0] if all(c in p for p in parts)]
         return {c: np.concatenate([np.asarray(p[c]) for p in parts]) for c in names}
 
@@ -710,3 +717,4 @@ _VISIT_TYPES = {
     "alignment": lambda n: pa.list_(pa.float32(), n),
 }
 VISIT_COLUMNS = list(_VISIT_TYPES)
+_CHECKPOINT_REQUIRED = ("checkpoint", "step", "epoch", "sample_id", "loss", "grad_sq")

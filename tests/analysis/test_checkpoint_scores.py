@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from tracefiles import write_tiny_trace
 
 from samplescope.analysis import open_trace
-from samplescope.analysis.errors import QueryError
+from samplescope.analysis.errors import QueryError, TraceFormatError
 from samplescope.analysis.flags import flag, score_names
 from samplescope.cli import main
 
@@ -91,3 +91,11 @@ def test_trace_without_checkpoints(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["flag", str(tmp_path / "t.h5"), "--score", "el2n_ckpt"])
     assert result.exit_code == 2
     assert "unknown score 'el2n_ckpt'" in result.output
+
+
+def test_a_checkpoints_group_without_grad_sq_is_corrupt(tmp_path: Path) -> None:
+    path = _with_checkpoints(tmp_path / "t.h5")
+    with h5py.File(path, "a") as f:
+        del f["checkpoints/grad_sq"]
+    with open_trace(path) as trace, pytest.raises(TraceFormatError, match="grad_sq"):
+        trace.checkpoints()

@@ -246,3 +246,24 @@ def test_outputs_false_still_scores_el2n_at_checkpoints(tmp_path: Path) -> None:
     assert rows["target"].tolist() == y.tolist()
     with h5py.File(tmp_path / "t.h5", "r") as f:
         assert "el2n" not in f["visits"]
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_a_failed_checkpoint_writes_nothing(tmp_path: Path, on_error: str) -> None:
+    model = _model()
+    x, y, ids = _data(torch.float32)
+    weight = torch.ones(1, requires_grad=True)
+
+    def bypass(m: nn.Module, xb: Tensor, yb: Tensor) -> tuple[Tensor, None]:
+        return xb.sum(1) * weight, None  # never calls the model: nothing is recorded
+
+    with Recorder(tmp_path / "t.h5", model, checkpoints=True, on_error=on_error) as rec:
+        if on_error == "raise":
+            with pytest.raises(RecorderError, match="no forward"):
+                rec.score_checkpoint(_loader(x, y, ids), bypass)
+        else:
+            with pytest.warns(UserWarning, match="checkpoint 0 not recorded"):
+                rec.score_checkpoint(_loader(x, y, ids), bypass)
+        assert rec.n_checkpoints == 0
+        assert rec.score_checkpoint(_loader(x, y, ids), _loss_fn) == 0
+    assert _read(tmp_path / "t.h5", "checkpoints")["checkpoint"].tolist() == [0] * N

@@ -208,14 +208,19 @@ class Shard:
         for group in ("layers", "sample_info"):  # written once: always of equal length
             self._equal_lengths(group)
         if self.closed:
-            for group in ("steps", "visits", "evals", "thumbnails"):
+            for group in ("steps", "visits", "evals", "thumbnails", "checkpoints"):
                 self._equal_lengths(group)
         names = [str(x) for x in self.read("layers", "name")]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             msg = f"{self.path}: /layers/name lists {dup[0]!r} twice; the trace is corrupt"
             raise TraceFormatError(msg)
-        for column in ("visits/grad_sq", "visits/alignment", "steps/grad_sq"):
+        for column in (
+            "visits/grad_sq",
+            "visits/alignment",
+            "steps/grad_sq",
+            "checkpoints/grad_sq",
+        ):
             if column in self.file:
                 shape = self.file[column].shape
                 if len(shape) != 2 or shape[1] != len(names):
@@ -426,6 +431,25 @@ class TraceData:
         shard = shard or self.shards[0]
         n = shard.rows(group)
         return {c: shard.read(group, c, 0, n) for c in shard.columns(group)}
+
+    def checkpoint_arrays(self) -> dict[str, np.ndarray] | None:
+        """Every /checkpoints column, the shards' rows concatenated; None without the group.
+
+        Optional (Recorder ``checkpoints=True``): traces without it read as before.
+        """
+        shards = [s for s in self.shards if s.has("checkpoints")]
+        if not shards:
+            return None
+        parts = [self.group_table("checkpoints", s) for s in shards]
+        for shard, part in zip(shards, parts, strict=True):
+            missing = [c for c in _CHECKPOINT_REQUIRED if c not in part]
+            if missing:
+                msg = (
+                    f"{shard.path}: /checkpoints has no {missing[0]!r} column; the trace is corrupt"
+                )
+                raise TraceFormatError(msg)
+        names = [c for c in parts[0] if all(c in p for p in parts)]
+        return {c: np.concatenate([np.asarray(p[c]) for p in parts]) for c in names}
 
     def step_frame_arrays(self) -> dict[str, np.ndarray]:
         """Every /steps column, one copy of each step (lowest rank first)."""
@@ -693,3 +717,4 @@ _VISIT_TYPES = {
     "alignment": lambda n: pa.list_(pa.float32(), n),
 }
 VISIT_COLUMNS = list(_VISIT_TYPES)
+_CHECKPOINT_REQUIRED = ("checkpoint", "step", "epoch", "sample_id", "loss", "grad_sq")

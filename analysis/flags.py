@@ -41,6 +41,10 @@ _SAMPLE_SCORES: dict[str, tuple[str, float]] = {
     "el2n_proxy": ("el2n_proxy", 1.0),
     "grand": ("grand", 1.0),
     "tracin_self": ("tracin_self", 1.0),
+    # Data Diet's scores in eval mode at fixed checkpoints (Recorder.score_checkpoint):
+    # only in traces that scored some, averaged over their checkpoints.
+    "el2n_ckpt": ("el2n_ckpt", 1.0),
+    "grand_ckpt": ("grand_ckpt", 1.0),
 }
 
 
@@ -75,7 +79,10 @@ def score_table(trace: Any) -> pl.DataFrame:
 
 
 def _offered(name: str, samples: pl.DataFrame) -> bool:
-    """EL2N only where recorded (not all NULL); its proxy only where EL2N is not."""
+    """EL2N only where recorded (not all NULL); its proxy only where EL2N is not; the
+    checkpoint scores only where some checkpoint filled them."""
+    if name.endswith("_ckpt"):
+        return samples[name].null_count() < samples.height
     recorded = samples["el2n"].null_count() < samples.height if "el2n" in samples.columns else False
     if name == "el2n":
         return recorded

@@ -203,6 +203,29 @@ def finish_sample_scores(
     return out
 
 
+def checkpoint_scores(checkpoints: pl.DataFrame) -> pl.DataFrame:
+    """Per sample, Data Diet's scores at fixed checkpoints (`Recorder.score_checkpoint`).
+
+    ``grand_ckpt`` is GraNd, ‖∇ℓ_i‖₂ over every recorded layer (the square root of the
+    summed per-layer ``grad_sq``), and ``el2n_ckpt`` EL2N, ‖softmax − onehot‖₂, both in eval
+    mode at the checkpoint. Paul et al. average each score over independent runs at the
+    same checkpoint; one trace is one run, so with several checkpoints in it these are
+    the means over its checkpoints (``n_checkpoints`` says how many scored the sample).
+
+    Args:
+        checkpoints: the `checkpoints` table (one row per checkpoint and sample).
+    """
+    return (
+        checkpoints.group_by("sample_id")
+        .agg(
+            pl.col("el2n").cast(pl.Float64).mean().alias("el2n_ckpt"),
+            pl.col("grand").cast(pl.Float64).mean().alias("grand_ckpt"),
+            pl.col("checkpoint").n_unique().cast(pl.Int64).alias("n_checkpoints"),
+        )
+        .sort("sample_id")
+    )
+
+
 def sample_epochs(visits: pl.DataFrame, layers: pl.DataFrame) -> pl.DataFrame:
     """Long table: one row per (sample, epoch, layer) with within-(epoch, layer) rank and z.
 

@@ -48,6 +48,7 @@ TABLES = (
     "clusters",
     "evals",
     "sample_info",
+    "checkpoints",
 )
 _DERIVED = ("samples", "sample_epochs", "correlations", "groups", "clusters")
 _OPTIONAL_VISITS = (
@@ -235,8 +236,11 @@ class Trace:
     @property
     def table_names(self) -> list[str]:
         """Names of the tables this trace offers (sample_info only when recorded)."""
-        has_info = self._data.shards[0].has("sample_info")
-        return [t for t in TABLES if t != "sample_info" or has_info]
+        has = {
+            "sample_info": self._data.shards[0].has("sample_info"),
+            "checkpoints": any(s.has("checkpoints") for s in self._data.shards),
+        }
+        return [t for t in TABLES if has.get(t, True)]
 
     # -- raw tables -----------------------------------------------------------------
     def layers(self) -> pl.DataFrame:
@@ -248,8 +252,64 @@ class Trace:
         """The /evals table: step, epoch, split, loss, accuracy (empty if none logged)."""
         return self._frame("evals")
 
+    def checkpoints(self) -> pl.DataFrame:
+        """The /checkpoints table (`Recorder.score_checkpoint`): one row per checkpoint and
+        sample: checkpoint, step, epoch, sample_id, loss, target, pred, p_target, margin,
+        el2n, grad_sq (a list, one value per layer, layer_index order) and grand
+        (‖∇ℓ_i‖₂, the square root of the summed grad_sq). Missing outputs are null.
+
+        Raises:
+            QueryError: the trace was recorded without ``checkpoints=True``.
+        """
+        return self._frame("checkpoints")
+
+    def _checkpoint_table(self) -> pl.DataFrame:
+        cols = self._data.checkpoint_arrays()
+        if cols is None:
+            msg = "this trace has no /checkpoints (pass checkpoints=True to the Recorder)"
+            raise QueryError(msg)
+        grad_sq = np.asarray(cols["grad_sq"], dtype=np.float32).reshape(len(cols["sample_id"]), -1)
+        frame = pl.DataFrame(
+            {
+                k: _series(k, v)
+                for k, v in cols.items()
+                if k not in ("grad_sq", "target", "pred", "p_target", "margin", "el2n")
+            }
+        )
+        target = np.asarray(cols.get("target", np.full(frame.height, -1)), dtype=np.int64)
+        missing = target < 0
+        outputs = {}
+        for name in ("target", "pred"):
+            values = np.asarray(cols.get(name, np.full(frame.height, -1)), dtype=np.int64)
+            outputs[name] = pl.Series(name, values, dtype=pl.Int64).scatter(
+                np.flatnonzero(missing), None
+            )
+        for name in ("p_target", "margin", "el2n"):
+            values = np.asarray(cols.get(name, np.full(frame.height, np.nan)), dtype=np.float32)
+            outputs[name] = pl.Series(name, np.where(missing, np.nan, values)).fill_nan(None)
+        return frame.with_columns(
+            *outputs.values(),
+            pl.Series("grad_sq", grad_sq.tolist(), dtype=pl.List(pl.Float32)),
+            pl.Series("grand", np.sqrt(grad_sq.astype(np.float64).sum(1))),
+        ).select(
+            "checkpoint",
+            "step",
+            "epoch",
+            "sample_id",
+            "loss",
+            "target",
+            "pred",
+            "p_target",
+            "margin",
+            "el2n",
+            "grad_sq",
+            "grand",
+        )
+
     def _small_table(self, name: str) -> pl.DataFrame:
         data = self._data
+        if name == "checkpoints":
+            return self._checkpoint_table()
         if name == "layers":
             cols = data.group_table("layers")
             n = len(cols["name"])
@@ -458,7 +518,13 @@ class Trace:
             elif table == "visits":
                 wanted = set(VISIT_COLUMNS) if names.star else names.columns
                 self._load_visits(wanted)
-            elif table in _DERIVED or table in ("layers", "steps", "evals", "sample_info"):
+            elif table in _DERIVED or table in (
+                "layers",
+                "steps",
+                "evals",
+                "sample_info",
+                "checkpoints",
+            ):
                 self._register_small(table)
 
     def _load_visits(self, wanted: set[str]) -> None:
@@ -637,7 +703,13 @@ class Trace:
         key = ("samples", early_epochs)
         if key not in self._frames:
             info = self._frame("sample_info") if "sample_info" in self.table_names else None
-            self._frames[key] = self._sample_scores(early_epochs, info)
+            frame = self._sample_scores(early_epochs, info)
+            if "checkpoints" in self.table_names and self.checkpoints().height:
+                # Data Diet's scores at fixed checkpoints, where the trace has some.
+                frame = frame.join(
+                    scores.checkpoint_scores(self.checkpoints()), on="sample_id", how="left"
+                )
+            self._frames[key] = frame
             if early_epochs == 1:
                 self._frames["samples"] = self._frames[key]
         frame = self._frames[key]

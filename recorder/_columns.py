@@ -22,6 +22,7 @@ __all__ = [
     "check_choice",
     "check_result",
     "check_targets",
+    "checkpoint_rows",
     "derive_outputs",
     "jsonable",
     "param_norms",
@@ -233,7 +234,7 @@ def derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.n
     logits, and rows whose target is not a class of their logits (unchecked targets on an
     accelerator): both get the documented missing values (pred -1, the others NaN).
     """
-    if table != "visits" or "_logits" not in columns:
+    if table not in ("visits", "checkpoints") or "_logits" not in columns:
         return columns
     columns = dict(columns)
     logits = columns.pop("_logits")
@@ -265,6 +266,40 @@ def derive_outputs(table: str, columns: dict[str, np.ndarray]) -> dict[str, np.n
     columns["margin"] = margin
     columns["el2n"] = el2n
     return columns
+
+
+def checkpoint_rows(
+    parts: Sequence[StepRows], index: int, step: int, epoch: int
+) -> dict[str, np.ndarray]:
+    """One checkpoint's /checkpoints rows from its batches (raw logits, derived later).
+
+    ``step`` is the number of training steps recorded before the checkpoint.
+    """
+    batches = [part.visits() for part in parts]
+    n = sum(b["sample_id"].size for b in batches)
+    width = max(b["_logits"].shape[1] for b in batches)
+    # Batches whose logits have fewer classes (or none) are padded with -inf, which changes
+    # neither the softmax nor the arg-max (as the writer does for /visits).
+    logits = np.concatenate(
+        [
+            np.pad(
+                b["_logits"].astype(np.float32, copy=False),
+                ((0, 0), (0, width - b["_logits"].shape[1])),
+                constant_values=-np.inf,
+            )
+            for b in batches
+        ]
+    )
+    return {
+        "checkpoint": np.full(n, index, dtype=np.int64),
+        "step": np.full(n, step, dtype=np.int64),
+        "epoch": np.full(n, epoch, dtype=np.int64),
+        "sample_id": np.concatenate([b["sample_id"] for b in batches]),
+        "loss": np.concatenate([b["loss"] for b in batches]),
+        "grad_sq": np.concatenate([b["grad_sq"] for b in batches]),
+        "_logits": logits,
+        "target": np.concatenate([b["target"] for b in batches]),
+    }
 
 
 def sample_info_arrays(info: Mapping[str, Any] | None) -> dict[str, np.ndarray] | None:

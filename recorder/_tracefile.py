@@ -154,6 +154,10 @@ def growable(
     )
 
 
+# Groups whose 2-D columns have a layer axis, permuted with /layers at compaction.
+_LAYER_TABLES = ("steps", "visits", "checkpoints")
+
+
 def compact(
     path: Path,
     *,
@@ -191,7 +195,7 @@ def compact(
                         continue
                     perm = None
                     if layer_order is not None and (
-                        name == "layers" or (name in ("steps", "visits") and dataset.ndim == 2)
+                        name == "layers" or (name in _LAYER_TABLES and dataset.ndim == 2)
                     ):
                         perm = layer_order
                     _copy_dataset(dataset, out, column, chunk_rows, abort, perm)

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from samplescope.recorder._columns import (
     check_choice,
     check_result,
     check_targets,
+    checkpoint_rows,
     derive_outputs,
     jsonable,
     param_norms,
@@ -89,6 +90,8 @@ class Recorder:
             the missing values (target and pred -1, p_target and margin NaN); at close the
             columns are left out if no step filled them.
         rank, world_size, run_id: for data parallelism: one trace per rank, same run_id.
+        checkpoints: declare the optional ``/checkpoints`` table, filled by
+            `score_checkpoint` (EL2N and GraNd of every sample at a fixed checkpoint).
 
     Works on any torch device without reading tensor values on the training thread (see
     docs/recorder.md, Devices). A layer that gets no gradient in a step records 0 for it.
@@ -121,6 +124,7 @@ class Recorder:
         rank: int = 0,
         world_size: int = 1,
         run_id: str | None = None,
+        checkpoints: bool = False,
     ) -> None:
         check_choice("reduction", reduction, ("mean", "sum"))
         check_choice("on_error", on_error, ("raise", "warn"))
@@ -133,6 +137,9 @@ class Recorder:
             raise RecorderError(msg)
         if outputs not in (True, False, None):
             msg = f"outputs must be True, False or None, not {outputs!r}"
+            raise RecorderError(msg)
+        if not isinstance(checkpoints, bool):
+            msg = f"checkpoints must be True or False, not {checkpoints!r}"
             raise RecorderError(msg)
         _check_config(config)
         self.path = Path(path)
@@ -179,6 +186,9 @@ class Recorder:
         self.step = 0
         self.epoch = 0
         self.n_visits = 0
+        self.checkpoints = checkpoints
+        self.n_checkpoints = 0
+        self._scoring = False  # inside score_checkpoint: eval-mode forwards are recorded
 
     @property
     def n_nonfinite(self) -> int:
@@ -190,8 +200,11 @@ class Recorder:
 
     @property
     def active(self) -> bool:
-        """True while forwards are recorded: inside the block, grad enabled, model training."""
-        return self._entered and self.model.training and torch.is_grad_enabled()
+        """True while forwards are recorded: inside the block, grad enabled, model training;
+        or inside `score_checkpoint`, whose forwards run in eval mode and are recorded."""
+        if not self._entered:
+            return False
+        return self._scoring or (self.model.training and torch.is_grad_enabled())
 
     @property
     def alignment(self) -> bool:
@@ -334,6 +347,148 @@ class Recorder:
             self._batch_size = None
         return loss.detach()
 
+    def score_checkpoint(
+        self,
+        batches: Iterable[tuple[Any, Any, Any]],
+        loss_fn: Callable[[nn.Module, Any, Any], tuple[Tensor, Tensor | None]],
+    ) -> int:
+        """Score every sample at the current parameters, as Data Diet does (EL2N, GraNd).
+
+        Runs the model in eval mode over ``batches`` and writes, per sample, its loss, its
+        per-layer ``grad_sq`` (measured by the same observers as training steps) and, where
+        ``loss_fn`` returns logits, the output columns and EL2N, to ``/checkpoints``. It is
+        not a training step: no ``/steps`` or ``/visits`` row, `step` unchanged, every
+        parameter's ``.grad`` restored as it was (the same tensor objects), every module's
+        training mode restored, and the optimizer untouched; training after it is bit for
+        bit what it would have been without it.
+
+        Args:
+            batches: an iterable of ``(x, y, sample_ids)``, e.g. a DataLoader over the
+                training set (without shuffling or augmentation, as Data Diet scores).
+            loss_fn: ``loss_fn(model, x, y) -> (losses, logits)``: per-sample losses [N]
+                and class scores [N, C] (or None); ``y`` then holds class indices [N].
+
+        Returns:
+            The checkpoint's index (0 for the first call).
+
+        Raises:
+            RecorderError: called outside the block, without ``checkpoints=True``, between a
+                training forward and its backward, with bad batches or losses, or a layer
+                failed (with ``on_error="warn"`` that warns instead and writes nothing).
+        """
+        if not self._entered:
+            msg = "Recorder.score_checkpoint called outside the `with Recorder(...)` block"
+            raise RecorderError(msg)
+        if not self.checkpoints:
+            msg = "score_checkpoint needs Recorder(..., checkpoints=True) (a /checkpoints table)"
+            raise RecorderError(msg)
+        if self._scoring:
+            msg = "score_checkpoint called from inside score_checkpoint"
+            raise RecorderError(msg)
+        if self._model_ran:
+            msg = (
+                "score_checkpoint called between a training forward and its backward: "
+                "call it after Recorder.backward (and the optimizer step)"
+            )
+            raise RecorderError(msg)
+        index = self.n_checkpoints
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]
+        modes = [(m, m.training) for m in self.model.modules()]
+        parts: list[StepRows] = []
+        self._scoring = True
+        try:
+            self.model.eval()
+            for batch in batches:
+                parts.append(self._score_batch(batch, loss_fn, params))
+        except SamplescopeError as error:
+            if self.on_error == "raise" or isinstance(error, _ScoringInputError):
+                raise
+            self._writer.count_error()
+            warnings.warn(f"samplescope: checkpoint {index} not recorded: {error}", stacklevel=2)
+            return index
+        finally:
+            self._scoring = False
+            for p, grad in zip(params, saved, strict=True):
+                p.grad = grad
+            for module, training in modes:
+                module.training = training
+            for observer in self._observers:
+                observer.begin_step()
+            self._inputs = self._input_grad = None
+            self._model_ran, self._skipped = False, None
+            self._batch_size = None
+        if not parts:
+            msg = "score_checkpoint got no batches"
+            raise RecorderError(msg)
+        # One pending item for the whole checkpoint: it reaches the file in one flush, so a
+        # reader never sees part of a checkpoint.
+        step, epoch = self.step, self.epoch  # now, not when the writer thread reads them
+        self._writer.append(
+            "checkpoints", DeferredRows(lambda: checkpoint_rows(parts, index, step, epoch))
+        )
+        self.n_checkpoints += 1
+        return index
+
+    def _score_batch(
+        self,
+        batch: tuple[Any, Any, Any],
+        loss_fn: Callable[[nn.Module, Any, Any], tuple[Tensor, Tensor | None]],
+        params: list[nn.Parameter],
+    ) -> StepRows:
+        try:
+            x, y, sample_ids = batch
+        except (TypeError, ValueError):
+            msg = "score_checkpoint batches must be (x, y, sample_ids) tuples"
+            raise _ScoringInputError(msg) from None
+        try:
+            ids = as_ids(sample_ids)
+        except RecorderError as error:
+            raise _ScoringInputError(str(error)) from None
+        for p in params:
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                out = loss_fn(self.model, x, y)
+                losses, logits = out if isinstance(out, tuple) else (out, None)
+                try:
+                    _, targets = self._check_batch(
+                        losses, ids, logits, y if logits is not None else None, checkpoint=True
+                    )
+                except RecorderError as error:
+                    raise _ScoringInputError(str(error)) from None
+                if not losses.requires_grad:
+                    msg = "score_checkpoint: the losses from loss_fn do not require grad"
+                    raise _ScoringInputError(msg)
+                # Summed, so every sample's back-propagated term is its own gradient (scale 1).
+                losses.sum().backward()
+            n = losses.shape[0]
+            tensors, layer_sizes = self._layer_tensors(n, losses.device, batch_stats=False)
+            with torch.no_grad():
+                tensors["loss"] = losses.detach().to(torch.float32, copy=True)
+                if logits is not None and targets is not None:
+                    tensors["_logits"] = logits.detach().to(torch.float32, copy=True)
+                    tensors["target"] = targets
+        finally:
+            for observer in self._observers:
+                observer.begin_step()
+            self._inputs = self._input_grad = None
+            self._model_ran, self._skipped = False, None
+            self._batch_size = None
+        frame = StepFrame(
+            step=self.step,
+            epoch=self.epoch,
+            sample_id=ids,
+            scale=1.0,
+            lr=math.nan,
+            time=time.time(),
+            layer_sizes=layer_sizes,
+            input_sq=False,
+            input_grad_sq=None,
+            missing_outputs=logits is None,
+        )
+        return StepRows(HostTransfer(tensors), frame, NonfiniteCounter())
+
     def log_eval(
         self, split: str, *, loss: float | None = None, accuracy: float | None = None
     ) -> None:
@@ -365,7 +520,11 @@ class Recorder:
         sample_ids: Tensor | Sequence[int] | np.ndarray,
         logits: Tensor | None,
         targets: Tensor | None,
+        *,
+        checkpoint: bool = False,
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        # A checkpoint's rows always have the output columns (`outputs` is about /visits).
+        outputs = None if checkpoint else self.outputs
         if not isinstance(losses, Tensor) or losses.dim() != 1:
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             msg = (
@@ -391,11 +550,11 @@ class Recorder:
             msg = "pass logits and targets together (or neither)"
             raise RecorderError(msg)
         if logits is None or targets is None:
-            if self.outputs:
+            if outputs:
                 msg = "this Recorder has outputs=True: pass logits and targets at every step"
                 raise RecorderError(msg)
             return ids, None
-        if self.outputs is False:
+        if outputs is False:
             msg = "this Recorder has outputs=False: drop logits/targets or pass outputs=None"
             raise RecorderError(msg)
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != n:
@@ -469,7 +628,7 @@ class Recorder:
         self.n_visits += n
 
     def _layer_tensors(
-        self, n: int, device: torch.device
+        self, n: int, device: torch.device, *, batch_stats: bool = True
     ) -> tuple[dict[str, Tensor], tuple[int, ...]]:
         results = [observer.result() for observer in self._observers]
         ran = [check_result(o.name, r, n) for o, r in zip(self._observers, results, strict=True)]
@@ -494,6 +653,8 @@ class Recorder:
             1,
         )
         batch_grads = [list(r.batch_grad.values()) for r in results]
+        if not batch_stats:  # a checkpoint: per-sample norms only (no /steps row)
+            return {"grad_sq": grad_sq, "param_norms": torch.zeros(0)}, (0,) * len(results)
         tensors = {"grad_sq": grad_sq, "param_norms": param_norms(batch_grads)}
         if self.alignment:
             tensors["alignment"] = torch.stack(
@@ -630,6 +791,7 @@ class Recorder:
             "alignment": self.alignment,
             "input_grad": self.options["input_grad"],
             "thumbnails": self.options["thumbnails"],
+            "checkpoints": self.checkpoints,
         }
 
     def _first_step(self) -> None:
@@ -678,6 +840,10 @@ class Recorder:
         if run_id is not None:
             attrs["run_id"] = str(run_id)
         return attrs
+
+
+class _ScoringInputError(RecorderError):
+    """Bad arguments to score_checkpoint: raised whatever ``on_error`` says."""
 
 
 def _refuse_compiled(model: nn.Module) -> None:

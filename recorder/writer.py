@@ -96,9 +96,20 @@ _EVAL_COLUMNS = {
     "loss": np.float64,
     "accuracy": np.float64,
 }
+# Optional (with `checkpoints=True`): one row per (checkpoint, sample), see
+# Recorder.score_checkpoint; the output columns are always there (missing values if none).
+_CHECKPOINT_COLUMNS = {
+    "checkpoint": np.int64,
+    "step": np.int64,
+    "epoch": np.int64,
+    "sample_id": np.int64,
+    "loss": np.float32,
+    "grad_sq*": np.float32,
+    **OUTPUT_COLUMNS,
+}
 # Tables in the order a flush appends them: /steps last, so a reader that sees a step also
 # sees its visits.
-_TABLE_ORDER = ("thumbnails", "evals", "visits", "steps")
+_TABLE_ORDER = ("thumbnails", "evals", "checkpoints", "visits", "steps")
 
 
 def encode_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -175,8 +186,9 @@ class TraceWriter:
 
         Args:
             layout: ``layers`` (dict of name/kind/n_params/method lists), ``outputs``,
-                ``alignment``, ``input_grad``, ``thumbnails`` (bools): every table and
-                column is created here, so the layout never depends on the first step.
+                ``alignment``, ``input_grad``, ``thumbnails``, ``checkpoints`` (bools):
+                every table and column is created here, so the layout never depends on the
+                first step.
 
         Raises:
             TraceWriteError: the path exists (without overwrite), is a directory, is held by
@@ -234,7 +246,7 @@ class TraceWriter:
             self._pending.append(("step", (step, visits)))
 
     def append(self, table: str, rows: Mapping[str, np.ndarray]) -> None:
-        """Queue rows for "evals" or "thumbnails"."""
+        """Queue rows for "evals", "thumbnails" or "checkpoints"."""
         with self._lock:
             self._pending.append((table, rows))
 
@@ -330,6 +342,10 @@ class TraceWriter:
             "visits": _make_columns(f.create_group("visits"), visit_columns, n_layers),
             "evals": _make_columns(f.create_group("evals"), _EVAL_COLUMNS, n_layers),
         }
+        if layout.get("checkpoints"):
+            self._tables["checkpoints"] = _make_columns(
+                f.create_group("checkpoints"), _CHECKPOINT_COLUMNS, n_layers
+            )
         if layout.get("thumbnails"):
             thumbs = f.create_group("thumbnails")
             side = (_THUMB_SIDE, _THUMB_SIDE)

@@ -100,7 +100,8 @@ class Session(Protocol):
 
     @property
     def active(self) -> bool:
-        """True while forwards should be recorded (grad enabled, model in training mode)."""
+        """True while forwards should be recorded (grad enabled, model in training mode),
+        or while the recorder scores a checkpoint (`Recorder.score_checkpoint`, eval mode)."""
         ...
 
     @property

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -51,7 +52,12 @@ def register(group: click.Group) -> None:
     help="Another run's trace whose curves the HTML report overlays (e.g. another seed); "
     "repeatable.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No progress bar (there is none when stderr is not a terminal).",
+)
 def report(
     trace: tuple[str, ...],
     out: Path,
@@ -86,7 +92,13 @@ def report(
     with open_trace(source) as opened:
         warn_about(opened)
         path = render_report(
-            opened, out, pages=pages, title=title, fmt=fmt, progress=not quiet, overlay=overlay
+            opened,
+            out,
+            pages=pages,
+            title=title,
+            fmt=fmt,
+            progress=not quiet and sys.stderr.isatty(),
+            overlay=overlay,
         )
     if fmt == "png":
         # Other files (an earlier, longer report's pages) may remain: count this run's only,
@@ -124,7 +136,12 @@ def _pages(folder: Path) -> dict[str, tuple[int, int]]:
     show_default=True,
     help="Seed for the initialisation and batch order (the train/test split is fixed).",
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No progress bars (there are none when stderr is not a terminal).",
+)
 def demo(out: Path, epochs: int | None, seed: int, quiet: bool) -> None:
     """Train the paper's MLP (3 hidden ReLU layers of 512) on scikit-learn's handwritten
     digits with plain SGD, record every sample at every step, write trace.h5 and
@@ -135,7 +152,12 @@ def demo(out: Path, epochs: int | None, seed: int, quiet: bool) -> None:
     """
     from samplescope.experiments.demo import DEFAULT_EPOCHS, run_demo
 
-    result = run_demo(out, DEFAULT_EPOCHS if epochs is None else epochs, seed, progress=not quiet)
+    result = run_demo(
+        out,
+        DEFAULT_EPOCHS if epochs is None else epochs,
+        seed,
+        progress=not quiet and sys.stderr.isatty(),
+    )
     size = result.trace.stat().st_size / 1e6
     click.echo(
         f"Trained an MLP (3×512 ReLU) on digits ({result.n_train:,} train / "

@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samplescope.recorder.layers.base import Observer, Session
+from samplescope.recorder.layers.base import ReexpressedObserver, Session
 from samplescope.recorder.layers.linear import token_outer_sq
 
 __all__ = ["AttentionObserver", "attention_declines"]
-
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -51,33 +48,17 @@ def attention_declines(module: nn.Module) -> str | None:
     return None
 
 
-class AttentionObserver(Observer):
+class AttentionObserver(ReexpressedObserver):
     """Observes an nn.MultiheadAttention (and its ``out_proj``) via a re-expressed forward."""
-
-    method = "reexpressed"
 
     def __init__(self, name: str, module: nn.Module, session: Session) -> None:
         super().__init__(name, module, session)
         # The rule claims the children: out_proj's parameters are this layer's too.
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        self._previous_forward: Any = _MISSING
         self._norms: dict[str, Tensor] = {}
         self._saved: list[tuple[_Projection, Tensor, Tensor]] = []
 
     # -- Observer hooks -------------------------------------------------------------------
-
-    def _attach(self) -> None:
-        self._previous_forward = self.module.__dict__.get("forward", _MISSING)
-        # An instance attribute shadows the class's forward in nn.Module.__call__, so module
-        # hooks (the recorder's included) still run around it.
-        self.module.forward = self._forward
-
-    def _detach(self) -> None:
-        if self._previous_forward is _MISSING:
-            self.module.__dict__.pop("forward", None)
-        else:
-            self.module.forward = self._previous_forward
-        self._previous_forward = _MISSING
 
     def _clear(self) -> None:
         self._norms = {}
@@ -100,11 +81,6 @@ class AttentionObserver(Observer):
         return total
 
     # -- the re-expressed forward ---------------------------------------------------------
-
-    def _original(self, *args: Any, **kwargs: Any) -> Any:
-        if self._previous_forward is not _MISSING:
-            return self._previous_forward(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
 
     def _forward(
         self,

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ __all__ = [
     "HookObserver",
     "NormFn",
     "Observer",
+    "ReexpressedObserver",
     "Session",
     "StepResult",
     "broadcast_over_batch",
@@ -357,6 +358,42 @@ class Observer:
                 self._result.batch_grad[pname] = grad.detach()
 
         return hook
+
+
+_MISSING = object()
+
+
+class ReexpressedObserver(Observer):
+    """For modules whose forward is replaced, while recording, by an equivalent one whose
+    pieces hooks can see (attention, recurrent layers). Subclasses define `_forward` and
+    call `_original` for forwards they leave to PyTorch."""
+
+    method = "reexpressed"
+
+    def __init__(self, name: str, module: nn.Module, session: Session) -> None:
+        super().__init__(name, module, session)
+        self._previous_forward: Any = _MISSING
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def _attach(self) -> None:
+        self._previous_forward = self.module.__dict__.get("forward", _MISSING)
+        # An instance attribute shadows the class's forward in nn.Module.__call__, so module
+        # hooks (the recorder's included) still run around it.
+        self.module.forward = self._forward
+
+    def _detach(self) -> None:
+        if self._previous_forward is _MISSING:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self._previous_forward
+        self._previous_forward = _MISSING
+
+    def _original(self, *args: Any, **kwargs: Any) -> Any:
+        if self._previous_forward is not _MISSING:
+            return self._previous_forward(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
 
 
 class HookObserver(Observer):

@@ -35,12 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from samplescope.recorder.layers.base import Observer, Session, norm_region
+from samplescope.recorder.layers.base import ReexpressedObserver, Session, norm_region
 from samplescope.recorder.layers.linear import token_outer_sq, working_precision
 
 __all__ = ["RNNObserver"]
-
-_MISSING = object()
 
 
 @dataclass
@@ -54,32 +52,16 @@ class _Steps:
     done: bool = False
 
 
-class RNNObserver(Observer):
+class RNNObserver(ReexpressedObserver):
     """Observes an nn.LSTM, nn.GRU or nn.RNN through per-time-step projections."""
-
-    method = "reexpressed"
 
     def __init__(self, name: str, module: nn.Module, session: Session) -> None:
         super().__init__(name, module, session)
-        self._previous_forward: Any = _MISSING
         self._norms: dict[str, Tensor] = {}
         self._steps: list[_Steps] = []
         self._saved: list[tuple[str, str | None, Tensor, Tensor]] = []
 
     # -- Observer hooks -------------------------------------------------------------------
-
-    def _attach(self) -> None:
-        self._previous_forward = self.module.__dict__.get("forward", _MISSING)
-        # An instance attribute shadows the class's forward in nn.Module.__call__, so module
-        # hooks (the recorder's included) still run around it.
-        self.module.forward = self._forward
-
-    def _detach(self) -> None:
-        if self._previous_forward is _MISSING:
-            self.module.__dict__.pop("forward", None)
-        else:
-            self.module.forward = self._previous_forward
-        self._previous_forward = _MISSING
 
     def _clear(self) -> None:
         self._norms = {}
@@ -109,11 +91,6 @@ class RNNObserver(Observer):
         return total
 
     # -- the re-expressed forward ---------------------------------------------------------
-
-    def _original(self, *args: Any, **kwargs: Any) -> Any:
-        if self._previous_forward is not _MISSING:
-            return self._previous_forward(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
 
     def _forward(self, input: Tensor | PackedSequence, hx: Any = None) -> Any:
         # Only differentiable forwards of the recorded step are re-expressed; everything else

@@ -16,10 +16,12 @@ import polars as pl
 
 from samplescope.analysis._hdf5 import TraceData
 
-__all__ = ["stream_sample_scores"]
+__all__ = ["SCORE_COLUMNS", "stream_sample_scores"]
 
 _CHUNK_ROWS = 1 << 18
-_COLUMNS = (
+# The visit columns per-sample scores are computed from (both the streaming and in-memory
+# paths read exactly these).
+SCORE_COLUMNS = (
     "sample_id",
     "loss",
     "target",
@@ -257,6 +259,6 @@ def stream_sample_scores(data: TraceData, early_epochs: int) -> pl.DataFrame | N
         if current is not None and epoch != current:
             acc.end_epoch()
         current = epoch
-        acc.add(epoch, data.read_chunk(masks, _COLUMNS))
+        acc.add(epoch, data.read_chunk(masks, SCORE_COLUMNS))
     acc.end_epoch()
     return acc.frame()

@@ -27,7 +27,7 @@ from polars.io.plugins import register_io_source
 from samplescope.analysis import scores
 from samplescope.analysis._hdf5 import VISIT_COLUMNS, TraceData, resolve_paths
 from samplescope.analysis._sql import check_statements, query_names, sandboxed_connection
-from samplescope.analysis._streaming import stream_sample_scores
+from samplescope.analysis._streaming import SCORE_COLUMNS, stream_sample_scores
 from samplescope.analysis.errors import EmptyTraceError, QueryError, TraceError
 
 __all__ = ["TABLES", "Trace", "open_trace"]
@@ -658,21 +658,7 @@ class Trace:
                 else f"{self.paths[0]} has no layers"
             )
             raise EmptyTraceError(msg)
-        columns = [
-            "step",
-            "epoch",
-            "sample_id",
-            "loss",
-            "target",
-            "correct",
-            "p_target",
-            "margin",
-            "el2n",
-            "input_sq",
-            "input_grad_sq",
-            "lr_scale",
-            "grad_sq",
-        ]
+        columns = ["step", "epoch", *SCORE_COLUMNS]
         return scores.prepare_visits(
             self._visits_frame(columns),
             self._data.n_layers,

@@ -247,13 +247,15 @@ class Recorder:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._entered = False
         interrupted = False
         while True:
             # A Ctrl-C during the close must not leave the writer thread running (the
             # interpreter would exit under it): close with SIGINT deferred, and start over
             # if one arrived before the deferral took effect (every step is idempotent).
+            # Everything is inside the `try`: a second Ctrl-C right behind the first one
+            # lands on the first statements of this method.
             try:
+                self._entered = False
                 with _deferred_sigint(self._writer.abort) as deferred:
                     error = self._close()
                 break

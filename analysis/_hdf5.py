@@ -307,6 +307,22 @@ class _ShardSteps:
         size = np.maximum(self.batch_size, 1) * self.shard.world_size
         return self.lr.astype(np.float64) / size
 
+    def visit_lr_scale(self, index: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """lr · s per visit of the steps ``index`` (visit rows ``start:stop``).
+
+        Under gradient accumulation the trace stores each visit's own weight
+        (`/visits/scale`, e.g. 1/(K·B) for a mean): micro-batches of one optimizer step may
+        differ in size, so s is not 1/batch_size there. (The world size still divides it
+        for 'mean', as in `lr_scale`.)
+        """
+        if not self.shard.has("visits", "scale"):
+            return np.repeat(self.lr_scale[index], self.batch_size[index])
+        lr = np.repeat(self.lr[index].astype(np.float64), self.batch_size[index])
+        weight = np.asarray(self.shard.read("visits", "scale", start, stop), dtype=np.float64)
+        if self.shard.attrs.get("reduction", "mean") != "sum":
+            weight = weight / self.shard.world_size
+        return lr * weight
+
     def ranges(self, mask: np.ndarray | None) -> list[tuple[int, int, np.ndarray]]:
         """Contiguous visit row ranges of the selected steps, with each range's step indices."""
         index = np.arange(len(self.step)) if mask is None else np.flatnonzero(mask)
@@ -504,6 +520,8 @@ class TraceData:
                 # Row offset of each step within the range: per-step values are repeated for
                 # one block at a time, never for the whole range (3 × 24 MB at 3M visits).
                 offsets = np.concatenate([[0], np.cumsum(sizes)])
+                if steps.shard.has("visits", "scale"):  # per visit (accumulation)
+                    per_step.pop("scale_sq")
                 for lo in range(start, stop, max_rows):
                     hi = min(lo + max_rows, stop)
                     first = int(np.searchsorted(offsets, lo - start, side="right")) - 1
@@ -514,6 +532,13 @@ class TraceData:
                         if column in per_step:
                             values = np.repeat(per_step[column][first:last], sizes[first:last])
                             arrays[column] = pa.array(values[skip : skip + hi - lo])
+                        elif column == "scale_sq":
+                            rows = index[first:last]
+                            lo_row = int(steps.visit_start[rows[0]])
+                            hi_row = int(steps.visit_start[rows[-1]] + steps.batch_size[rows[-1]])
+                            values = steps.visit_lr_scale(rows, lo_row, hi_row)
+                            values = values[lo - lo_row : hi - lo_row]
+                            arrays[column] = pa.array(values * values)
                         elif column in ("grad_sq", "alignment"):
                             arrays.update(self._layer_block(steps.shard, column, lo, hi))
                         else:
@@ -623,7 +648,7 @@ class TraceData:
     ) -> tuple[np.ndarray, bool]:
         shard = steps.shard
         if column == "lr_scale":
-            return np.repeat(steps.lr_scale[index], steps.batch_size[index]), True
+            return steps.visit_lr_scale(index, start, stop), True
         if column == "correct":
             if not (shard.has("visits", "pred") and shard.has("visits", "target")):
                 return np.full(stop - start, -1, dtype=np.int8), True
@@ -650,9 +675,10 @@ class TraceData:
     def _visit_values(
         self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
     ) -> np.ndarray:
-        if column in ("epoch", "lr_scale"):
-            values = steps.epoch if column == "epoch" else steps.lr_scale
-            return np.repeat(values[index], steps.batch_size[index])
+        if column == "lr_scale":
+            return steps.visit_lr_scale(index, start, stop)
+        if column == "epoch":
+            return np.repeat(steps.epoch[index], steps.batch_size[index])
         if column == "rank":
             return np.full(stop - start, steps.shard.rank, dtype=np.int64)
         if column == "correct":
@@ -713,6 +739,8 @@ _VISIT_TYPES = {
     "input_sq": _scalar(pa.float32()),
     "input_grad_sq": _scalar(pa.float32()),
     "lr_scale": _scalar(pa.float64()),
+    "micro": _scalar(pa.int64()),  # optional: gradient accumulation
+    "scale": _scalar(pa.float64()),  # optional: gradient accumulation
     "grad_sq": lambda n: pa.list_(pa.float32(), n),
     "alignment": lambda n: pa.list_(pa.float32(), n),
 }

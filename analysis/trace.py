@@ -60,6 +60,8 @@ _OPTIONAL_VISITS = (
     "input_sq",
     "input_grad_sq",
     "alignment",
+    "micro",
+    "scale",
 )
 # importance column -> the per-visit source columns it is computed from. The source is an
 # internal Arrow table (`_IMPORTANCE_SOURCE`) with one float32 column per layer (grad_sq_<l>,

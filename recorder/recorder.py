@@ -35,6 +35,12 @@ from samplescope.recorder._columns import (
 )
 from samplescope.recorder._thumbnails import thumbnail_images, thumbnail_shape
 from samplescope.recorder._transfer import DeferredRows, HostTransfer, NonfiniteCounter
+from samplescope.recorder.accumulation import (
+    AccumulatedStep,
+    check_accumulation_steps,
+    check_loss_scale,
+    grad_norms,
+)
 from samplescope.recorder.errors import RecorderError
 from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
 from samplescope.recorder.layers.base import is_replaying
@@ -92,6 +98,10 @@ class Recorder:
         rank, world_size, run_id: for data parallelism: one trace per rank, same run_id.
         checkpoints: declare the optional ``/checkpoints`` table, filled by
             `score_checkpoint` (EL2N and GraNd of every sample at a fixed checkpoint).
+        accumulation_steps: gradient accumulation: each `backward` call is one of K
+            micro-batches of an optimizer step and back-propagates ``reduce(losses) / K``;
+            the trace holds one step per optimizer step, with unscaled losses and norms
+            (docs/recorder.md, Gradient accumulation). Not with ``alignment=True``.
 
     Works on any torch device without reading tensor values on the training thread (see
     docs/recorder.md, Devices). A layer that gets no gradient in a step records 0 for it.
@@ -101,6 +111,8 @@ class Recorder:
         RecorderError: on entering the block, for a ``torch.compile``'d model (or one with
             a compiled submodule): pass and call the uncompiled module instead.
     """
+
+    _optimizer_hook: Any = None  # with accumulation: ends a short step at optimizer.step()
 
     def __init__(
         self,
@@ -125,6 +137,7 @@ class Recorder:
         world_size: int = 1,
         run_id: str | None = None,
         checkpoints: bool = False,
+        accumulation_steps: int = 1,
     ) -> None:
         check_choice("reduction", reduction, ("mean", "sum"))
         check_choice("on_error", on_error, ("raise", "warn"))
@@ -142,6 +155,11 @@ class Recorder:
             msg = f"checkpoints must be True or False, not {checkpoints!r}"
             raise RecorderError(msg)
         _check_config(config)
+        # The micro-batches of the current optimizer step are collected in `_accumulated`.
+        self.accumulation_steps, self._accumulated = (
+            check_accumulation_steps(accumulation_steps, alignment=alignment),
+            AccumulatedStep(),
+        )
         self.path = Path(path)
         self.model = model
         self.optimizer = optimizer
@@ -155,6 +173,7 @@ class Recorder:
             "thumbnails": thumbnails,
             "flush_seconds": flush_seconds,
             "on_unsupported": on_unsupported,
+            **({"accumulation_steps": accumulation_steps} if accumulation_steps > 1 else {}),
         }
         self._registry = registry or default_registry()
         self._batch_dims = {**known_batch_dims(model), **dict(batch_dims or {})}
@@ -239,6 +258,12 @@ class Recorder:
             self._root_handle = self.model.register_forward_pre_hook(
                 self._on_model_input, with_kwargs=True
             )
+            if self.accumulation_steps > 1 and self.optimizer is not None:
+                # An optimizer step after fewer than K micro-batches (an epoch's last,
+                # short group) ends the step there.
+                self._optimizer_hook = self.optimizer.register_step_post_hook(
+                    lambda *_: self._end_accumulated_step()
+                )
         except BaseException:
             self._detach()
             self._writer.close()
@@ -272,6 +297,7 @@ class Recorder:
 
     def _close(self) -> TraceWriteError | None:
         self._detach()
+        self._end_accumulated_step()
         try:
             self._writer.close()
         except TraceWriteError as error:
@@ -289,11 +315,15 @@ class Recorder:
         if self._root_handle is not None:
             self._root_handle.remove()
             self._root_handle = None
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+            self._optimizer_hook = None
 
     # -- the training loop's calls --------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Label the following steps with ``epoch``."""
+        """Label the following steps with ``epoch`` (ends a step still accumulating)."""
+        self._end_accumulated_step()
         self.epoch = int(epoch)
 
     def backward(
@@ -302,6 +332,8 @@ class Recorder:
         sample_ids: Tensor | Sequence[int] | np.ndarray,
         logits: Tensor | None = None,
         targets: Tensor | None = None,
+        *,
+        loss_scale: float | None = None,
         **backward_kwargs: Any,
     ) -> Tensor:
         """Back-propagate the reduced per-sample losses and record this step.
@@ -312,6 +344,10 @@ class Recorder:
             logits: the model's class scores [N, C]; with ``targets`` it adds the target,
                 prediction, probability of the target and margin to each row.
             targets: class indices [N].
+            loss_scale: the factor ``losses`` were already multiplied by (e.g. your loop's
+                own ``1 / K``): ``reduce(losses)`` is back-propagated as given (no further
+                ``1 / accumulation_steps``) and the trace stores ``losses / loss_scale`` and
+                norms in the same unscaled units.
             **backward_kwargs: passed to ``Tensor.backward`` (e.g. ``retain_graph``).
 
         Returns:
@@ -326,9 +362,15 @@ class Recorder:
             msg = "Recorder.backward called outside the `with Recorder(...)` block"
             raise RecorderError(msg)
         ids, target_ids = self._check_batch(losses, sample_ids, logits, targets)
+        user_scale = check_loss_scale(loss_scale)
         self._warn_nonfinite(stacklevel=3)
+        k = self.accumulation_steps
         with torch.enable_grad():  # as `loss.backward()` would, even under no_grad
             loss = losses.mean() if self.reduction == "mean" else losses.sum()
+            if k > 1 and user_scale is None:
+                loss = loss / k  # the accumulation loop's own `loss / K`, bit for bit
+        # The weight of each sample's loss in `loss` beyond the reduction's own.
+        factor = user_scale if user_scale is not None else 1.0 / k
         # Whether this step is recorded is decided by how its forward ran, not by the grad
         # mode around this call: backward itself needs no grad mode.
         skipped = None if self.model.training else "eval"
@@ -338,10 +380,16 @@ class Recorder:
         try:
             loss.backward(**backward_kwargs)
             if recording:
-                self._record(losses, ids, logits, target_ids)
+                # The trace keeps unscaled losses (within rounding when the user scaled).
+                own = losses if user_scale is None else losses.detach() / user_scale
+                self._record(own, ids, logits, target_ids, factor)
             elif losses.requires_grad:
                 self._warn_inactive(skipped)
         finally:
+            if k > 1:
+                self._accumulated.calls += 1
+                if self._accumulated.calls >= k:
+                    self._end_accumulated_step()
             for observer in self._observers:
                 observer.begin_step()
             self._inputs = self._input_grad = None
@@ -576,13 +624,18 @@ class Recorder:
         return ids, check_targets(targets, logits.shape[1])
 
     def _record(
-        self, losses: Tensor, ids: np.ndarray, logits: Tensor | None, targets: np.ndarray | None
+        self,
+        losses: Tensor,
+        ids: np.ndarray,
+        logits: Tensor | None,
+        targets: np.ndarray | None,
+        factor: float = 1.0,
     ) -> None:
         # Nothing here reads a tensor's values on the host: on an accelerator that would
         # wait for the device once per step. The step's tensors are copied asynchronously
         # and the writer thread turns them into rows (`StepRows`), counting non-finite ones.
         n = losses.shape[0]
-        scale = 1.0 / n if self.reduction == "mean" else 1.0
+        scale = (1.0 / n if self.reduction == "mean" else 1.0) * factor
         try:
             # An earlier flush failed: its steps are lost (and listed); this one is not.
             self._writer.raise_error()
@@ -592,7 +645,10 @@ class Recorder:
             if not self._started:
                 self._first_step()
             tensors, layer_sizes = self._layer_tensors(n, losses.device)
+            if self.accumulation_steps > 1:  # the gradient accumulated so far (.grad)
+                tensors["param_norms"], layer_sizes = grad_norms(o.params for o in self._observers)
         except SamplescopeError as error:
+            self._accumulated.failed = self.accumulation_steps > 1
             self._fail(error)
             return
         with torch.no_grad():
@@ -624,10 +680,23 @@ class Recorder:
             missing_outputs=logits is None and self.outputs is None,
         )
         rows = StepRows(HostTransfer(tensors), frame, self._nonfinite)
+        self.n_visits += n
+        if self.accumulation_steps > 1:  # written when the optimizer step is over
+            self._accumulated.add(rows, frame)
+            return
         # The writer assigns /steps/visit_start from the rows it actually writes.
         self._writer.append_step(DeferredRows(rows.steps), DeferredRows(rows.visits))
         self.step += 1
-        self.n_visits += n
+
+    def _end_accumulated_step(self) -> None:
+        """Write the micro-batches accumulated so far as one optimizer step."""
+        done, self._accumulated = self._accumulated, AccumulatedStep()
+        if done.failed:  # warned about (on_error="warn"): no partial step is written
+            self.n_visits -= sum(frame.sample_id.size for _, frame in done.parts)
+            return
+        if done.parts:
+            self._writer.append_step(DeferredRows(done.steps), DeferredRows(done.visits))
+            self.step += 1
 
     def _layer_tensors(
         self, n: int, device: torch.device, *, batch_stats: bool = True
@@ -794,6 +863,7 @@ class Recorder:
             "input_grad": self.options["input_grad"],
             "thumbnails": self.options["thumbnails"],
             "checkpoints": self.checkpoints,
+            "accumulation": self.accumulation_steps > 1,
         }
 
     def _first_step(self) -> None:

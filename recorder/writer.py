@@ -89,6 +89,9 @@ OUTPUT_COLUMNS = {
     "margin": np.float32,
     "el2n": np.float32,  # written since format 2; older traces lack it (readers: el2n_proxy)
 }
+# Optional (with `accumulation_steps` > 1): each visit's micro-batch within its optimizer
+# step, and the weight of its loss in the back-propagated loss (1/(K·B) for a mean).
+ACCUMULATION_COLUMNS = {"micro": np.int64, "scale": np.float64}
 _EVAL_COLUMNS = {
     "step": np.int64,
     "epoch": np.int64,
@@ -186,7 +189,8 @@ class TraceWriter:
 
         Args:
             layout: ``layers`` (dict of name/kind/n_params/method lists), ``outputs``,
-                ``alignment``, ``input_grad``, ``thumbnails``, ``checkpoints`` (bools):
+                ``alignment``, ``input_grad``, ``thumbnails``, ``checkpoints``,
+                ``accumulation``, ``sample_names`` (bools):
                 every table and column is created here, so the layout never depends on the
                 first step.
 
@@ -337,6 +341,8 @@ class TraceWriter:
             visit_columns["input_grad_sq"] = np.float32
         if layout.get("alignment"):
             visit_columns["alignment*"] = np.float32
+        if layout.get("accumulation"):  # optional: gradient accumulation (accumulation.py)
+            visit_columns.update(ACCUMULATION_COLUMNS)
         self._tables = {
             "steps": _make_columns(f.create_group("steps"), _STEP_COLUMNS, n_layers),
             "visits": _make_columns(f.create_group("visits"), visit_columns, n_layers),

@@ -208,7 +208,7 @@ class Shard:
         for group in ("layers", "sample_info"):  # written once: always of equal length
             self._equal_lengths(group)
         if self.closed:
-            for group in ("steps", "visits", "evals", "thumbnails", "checkpoints"):
+            for group in ("steps", "visits", "evals", "thumbnails", "checkpoints", "sample_names"):
                 self._equal_lengths(group)
         names = [str(x) for x in self.read("layers", "name")]
         if len(set(names)) != len(names):
@@ -466,6 +466,46 @@ class TraceData:
                 raise TraceFormatError(msg)
         names = [c for c in parts[0] if all(c in p for p in parts)]
         return {c: np.concatenate([np.asarray(p[c]) for p in parts]) for c in names}
+
+    def sample_names(self) -> dict[str, np.ndarray] | None:
+        """``sample_id`` -> ``name`` of string sample ids, every shard's rows, each id once.
+
+        Optional (`/sample_names`, empty or absent when the ids were integers): None then.
+        The ids are hashes of the names, equal on every rank, so the shards' tables agree.
+
+        Raises:
+            TraceFormatError: two rows give one id different names.
+        """
+        ids, names = [], []
+        for shard in self.shards:
+            if shard.has("sample_names", "sample_id") and shard.has("sample_names", "name"):
+                n = shard.rows("sample_names")
+                ids.append(np.asarray(shard.read("sample_names", "sample_id", 0, n), np.int64))
+                names.append(np.asarray(shard.read("sample_names", "name", 0, n), dtype=object))
+        if not ids or not sum(len(i) for i in ids):
+            return None
+        all_ids, all_names = np.concatenate(ids), np.concatenate(names)
+        unique, first = np.unique(all_ids, return_index=True)
+        chosen = all_names[first]
+        lookup = dict(zip(unique.tolist(), chosen.tolist(), strict=True))
+        clash = next(
+            (
+                i
+                for i, (sid, name) in enumerate(
+                    zip(all_ids.tolist(), all_names.tolist(), strict=True)
+                )
+                if lookup[sid] != name
+            ),
+            None,
+        )
+        if clash is not None:
+            sid = int(all_ids[clash])
+            msg = (
+                f"/sample_names gives sample {sid} two names ({lookup[sid]!r} and "
+                f"{all_names[clash]!r}); the trace is corrupt"
+            )
+            raise TraceFormatError(msg)
+        return {"sample_id": unique, "name": chosen}
 
     def step_frame_arrays(self) -> dict[str, np.ndarray]:
         """Every /steps column, one copy of each step (lowest rank first)."""

@@ -49,6 +49,7 @@ TABLES = (
     "evals",
     "sample_info",
     "checkpoints",
+    "sample_names",
 )
 _DERIVED = ("samples", "sample_epochs", "correlations", "groups", "clusters")
 _OPTIONAL_VISITS = (
@@ -241,8 +242,20 @@ class Trace:
         has = {
             "sample_info": self._data.shards[0].has("sample_info"),
             "checkpoints": any(s.has("checkpoints") for s in self._data.shards),
+            "sample_names": self._sample_names is not None,
         }
         return [t for t in TABLES if has.get(t, True)]
+
+    @cached_property
+    def _sample_names(self) -> pl.DataFrame | None:
+        """sample_id -> sample_name where the recorder was given string ids, else None."""
+        names = self._data.sample_names()
+        if names is None:
+            return None
+        return pl.DataFrame(
+            {"sample_id": names["sample_id"], "sample_name": names["name"].tolist()},
+            schema={"sample_id": pl.Int64, "sample_name": pl.String},
+        )
 
     # -- raw tables -----------------------------------------------------------------
     def layers(self) -> pl.DataFrame:
@@ -312,6 +325,11 @@ class Trace:
         data = self._data
         if name == "checkpoints":
             return self._checkpoint_table()
+        if name == "sample_names":
+            if self._sample_names is None:
+                msg = "this trace has no /sample_names (its sample ids were integers)"
+                raise QueryError(msg)
+            return self._sample_names
         if name == "layers":
             cols = data.group_table("layers")
             n = len(cols["name"])
@@ -526,6 +544,7 @@ class Trace:
                 "evals",
                 "sample_info",
                 "checkpoints",
+                "sample_names",
             ):
                 self._register_small(table)
 
@@ -696,6 +715,10 @@ class Trace:
                 # Data Diet's scores at fixed checkpoints, where the trace has some.
                 frame = frame.join(
                     scores.checkpoint_scores(self.checkpoints()), on="sample_id", how="left"
+                )
+            if self._sample_names is not None:  # string sample ids: their names beside them
+                frame = frame.join(self._sample_names, on="sample_id", how="left").select(
+                    "sample_id", "sample_name", pl.exclude("sample_id", "sample_name")
                 )
             self._frames[key] = frame
             if early_epochs == 1:

@@ -12,6 +12,7 @@ from samplescope.recorder.layers import (
     default_registry,
 )
 from samplescope.recorder.recorder import Recorder
+from samplescope.recorder.sample_names import sample_id_of
 from samplescope.recorder.writer import FORMAT_VERSION, TraceWriteError
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "TraceWriteError",
     "UnsupportedLayerError",
     "default_registry",
+    "sample_id_of",
     "with_sample_ids",
 ]

@@ -45,6 +45,7 @@ from samplescope.recorder.errors import RecorderError
 from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
 from samplescope.recorder.layers.base import is_replaying
 from samplescope.recorder.layers.registry import known_batch_dims
+from samplescope.recorder.sample_names import SampleNames, is_names, map_info_ids
 from samplescope.recorder.writer import TraceWriteError, TraceWriter
 
 __all__ = ["ROOT_LAYER", "OnError", "Recorder", "RecorderError"]
@@ -156,9 +157,11 @@ class Recorder:
             raise RecorderError(msg)
         _check_config(config)
         # The micro-batches of the current optimizer step are collected in `_accumulated`.
-        self.accumulation_steps, self._accumulated = (
+        # String sample ids get integer ids and a /sample_names row (`_sample_names`).
+        self.accumulation_steps, self._accumulated, self._sample_names = (
             check_accumulation_steps(accumulation_steps, alignment=alignment),
             AccumulatedStep(),
+            SampleNames(),
         )
         self.path = Path(path)
         self.model = model
@@ -181,7 +184,7 @@ class Recorder:
         self._writer = TraceWriter(
             self.path,
             self._root_attrs(config, rank, world_size, run_id),
-            sample_info=sample_info_arrays(sample_info),
+            sample_info=map_info_ids(sample_info_arrays(sample_info), self._sample_names),
             flush_seconds=flush_seconds,
             overwrite=overwrite,
             derive=derive_outputs,
@@ -249,6 +252,7 @@ class Recorder:
         # The layout is fixed here, before any step: layers in registration order
         # (`model.named_modules()`), their forward order recorded at the first step.
         self._writer.open(self._layout())
+        self._append_names()  # those of string ids in sample_info
         try:
             for observer in self._observers:
                 observer.attach()
@@ -329,7 +333,7 @@ class Recorder:
     def backward(
         self,
         losses: Tensor,
-        sample_ids: Tensor | Sequence[int] | np.ndarray,
+        sample_ids: Tensor | Sequence[int] | Sequence[str] | np.ndarray,
         logits: Tensor | None = None,
         targets: Tensor | None = None,
         *,
@@ -340,7 +344,9 @@ class Recorder:
 
         Args:
             losses: per-sample losses, shape [N] (``reduction="none"``).
-            sample_ids: one integer id per sample, unique within the batch.
+            sample_ids: one id per sample, unique within the batch: non-negative integers,
+                or strings (e.g. a Hugging Face dataset's key column), stored as integer
+                ids with a ``/sample_names`` table (docs/recorder.md, String sample ids).
             logits: the model's class scores [N, C]; with ``targets`` it adds the target,
                 prediction, probability of the target and margin to each row.
             targets: class indices [N].
@@ -362,6 +368,7 @@ class Recorder:
             msg = "Recorder.backward called outside the `with Recorder(...)` block"
             raise RecorderError(msg)
         ids, target_ids = self._check_batch(losses, sample_ids, logits, targets)
+        self._append_names()
         user_scale = check_loss_scale(loss_scale)
         self._warn_nonfinite(stacklevel=3)
         k = self.accumulation_steps
@@ -492,7 +499,8 @@ class Recorder:
             msg = "score_checkpoint batches must be (x, y, sample_ids) tuples"
             raise _ScoringInputError(msg) from None
         try:
-            ids = as_ids(sample_ids)
+            ids = self._as_ids(sample_ids)
+            self._append_names()
         except RecorderError as error:
             raise _ScoringInputError(str(error)) from None
         for p in params:
@@ -585,14 +593,17 @@ class Recorder:
         if n == 0:
             msg = "empty batch: losses has no samples; skip the step instead of recording it"
             raise RecorderError(msg)
-        ids = as_ids(sample_ids)
+        ids = as_ids(sample_ids) if checkpoint else self._as_ids(sample_ids)
         if ids.shape != (n,):
             msg = f"got {ids.size} sample ids for {n} losses; pass one id per sample"
             raise RecorderError(msg)
         unique, counts = np.unique(ids, return_counts=True)
         if unique.size != n:
+            twice = unique[counts > 1][0]
+            name = self._sample_names.name(twice)
             msg = (
-                f"sample id {unique[counts > 1][0]} appears more than once in one batch; "
+                f"sample id {twice if name is None else repr(name)} appears more than once "
+                "in one batch; "
                 "ids must be unique per batch"
             )
             raise RecorderError(msg)
@@ -847,6 +858,21 @@ class Recorder:
             "thumbnails",
             DeferredRows(lambda: {"sample_id": ids[new], "image": images.arrays()["image"][new]}),
         )
+
+    # -- sample ids -----------------------------------------------------------------------
+
+    def _as_ids(
+        self, sample_ids: Tensor | Sequence[int] | Sequence[str] | np.ndarray
+    ) -> np.ndarray:
+        """Integer ids, or for string ids their `sample_id_of` hashes (see sample_names.py)."""
+        names = is_names(sample_ids)
+        self._sample_names.check_kind(names)
+        return self._sample_names.ids(sample_ids) if names else as_ids(sample_ids)
+
+    def _append_names(self) -> None:
+        rows = self._sample_names.take_new()
+        if rows is not None:
+            self._writer.append("sample_names", rows)
 
     # -- the file's structure -------------------------------------------------------------
 

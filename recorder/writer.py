@@ -110,9 +110,12 @@ _CHECKPOINT_COLUMNS = {
     "grad_sq*": np.float32,
     **OUTPUT_COLUMNS,
 }
+# Always present, empty unless sample ids are strings: each name's integer id (a hash,
+# recorder/sample_names.py), appended the first time the name is seen.
+_SAMPLE_NAME_COLUMNS = {"sample_id": np.int64, "name": _STR}
 # Tables in the order a flush appends them: /steps last, so a reader that sees a step also
-# sees its visits.
-_TABLE_ORDER = ("thumbnails", "evals", "checkpoints", "visits", "steps")
+# sees its visits (and the names of its samples).
+_TABLE_ORDER = ("sample_names", "thumbnails", "evals", "checkpoints", "visits", "steps")
 
 
 def encode_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -190,7 +193,7 @@ class TraceWriter:
         Args:
             layout: ``layers`` (dict of name/kind/n_params/method lists), ``outputs``,
                 ``alignment``, ``input_grad``, ``thumbnails``, ``checkpoints``,
-                ``accumulation``, ``sample_names`` (bools):
+                ``accumulation`` (bools):
                 every table and column is created here, so the layout never depends on the
                 first step.
 
@@ -250,7 +253,7 @@ class TraceWriter:
             self._pending.append(("step", (step, visits)))
 
     def append(self, table: str, rows: Mapping[str, np.ndarray]) -> None:
-        """Queue rows for "evals", "thumbnails" or "checkpoints"."""
+        """Queue rows for "evals", "thumbnails", "checkpoints" or "sample_names"."""
         with self._lock:
             self._pending.append((table, rows))
 
@@ -347,6 +350,9 @@ class TraceWriter:
             "steps": _make_columns(f.create_group("steps"), _STEP_COLUMNS, n_layers),
             "visits": _make_columns(f.create_group("visits"), visit_columns, n_layers),
             "evals": _make_columns(f.create_group("evals"), _EVAL_COLUMNS, n_layers),
+            "sample_names": _make_columns(
+                f.create_group("sample_names"), _SAMPLE_NAME_COLUMNS, n_layers
+            ),
         }
         if layout.get("checkpoints"):
             self._tables["checkpoints"] = _make_columns(

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pyarrow as pa
 
+from samplescope.analysis._duplicates import padding_duplicates
 from samplescope.analysis._integrity import DatasetBounds, check_objects, open_swmr
 from samplescope.analysis.errors import TraceError, TraceFormatError
 
@@ -391,6 +392,7 @@ class TraceData:
             self.close()
             raise
         self._cache: dict[tuple[str, str], pa.Array] = {}
+        self._duplicates: dict[Path, np.ndarray] | None = None
 
     def _check_shards(self) -> None:
         first = self.shards[0]
@@ -466,6 +468,17 @@ class TraceData:
                 raise TraceFormatError(msg)
         names = [c for c in parts[0] if all(c in p for p in parts)]
         return {c: np.concatenate([np.asarray(p[c]) for p in parts]) for c in names}
+
+    def duplicates(self, steps: _ShardSteps, start: int, stop: int) -> np.ndarray:
+        """Which of the shard's visit rows ``start:stop`` repeat a sample that
+        DistributedSampler padding visited twice in an epoch (`_duplicates.py`)."""
+        if self._duplicates is None:
+            self._duplicates = padding_duplicates(self.steps)
+        rows = self._duplicates[steps.shard.path]
+        flags = np.zeros(stop - start, dtype=bool)
+        inside = rows[(rows >= start) & (rows < stop)]
+        flags[inside - start] = True
+        return flags
 
     def sample_names(self) -> dict[str, np.ndarray] | None:
         """``sample_id`` -> ``name`` of string sample ids, every shard's rows, each id once.
@@ -581,6 +594,8 @@ class TraceData:
                             arrays[column] = pa.array(values * values)
                         elif column in ("grad_sq", "alignment"):
                             arrays.update(self._layer_block(steps.shard, column, lo, hi))
+                        elif column == "duplicate":
+                            arrays[column] = pa.array(self.duplicates(steps, lo, hi))
                         else:
                             arrays[column] = pa.array(steps.shard.read("visits", column, lo, hi))
                     yield pa.RecordBatch.from_pydict(arrays)
@@ -689,6 +704,8 @@ class TraceData:
         shard = steps.shard
         if column == "lr_scale":
             return steps.visit_lr_scale(index, start, stop), True
+        if column == "duplicate":
+            return self.duplicates(steps, start, stop), True
         if column == "correct":
             if not (shard.has("visits", "pred") and shard.has("visits", "target")):
                 return np.full(stop - start, -1, dtype=np.int8), True
@@ -717,6 +734,8 @@ class TraceData:
     ) -> np.ndarray:
         if column == "lr_scale":
             return steps.visit_lr_scale(index, start, stop)
+        if column == "duplicate":
+            return self.duplicates(steps, start, stop)
         if column == "epoch":
             return np.repeat(steps.epoch[index], steps.batch_size[index])
         if column == "rank":
@@ -779,6 +798,7 @@ _VISIT_TYPES = {
     "input_sq": _scalar(pa.float32()),
     "input_grad_sq": _scalar(pa.float32()),
     "lr_scale": _scalar(pa.float64()),
+    "duplicate": _scalar(pa.bool_()),  # computed: a DistributedSampler padding repeat
     "micro": _scalar(pa.int64()),  # optional: gradient accumulation
     "scale": _scalar(pa.float64()),  # optional: gradient accumulation
     "grad_sq": lambda n: pa.list_(pa.float32(), n),

@@ -33,6 +33,7 @@ SCORE_COLUMNS = (
     "input_grad_sq",
     "lr_scale",
     "grad_sq",
+    "duplicate",  # DistributedSampler padding repeats: left out of every score
 )
 _MEANS = ("aum", "aum_after_first", "el2n", "el2n_proxy", "grand", "input_sq", "input_grad_sq")
 
@@ -236,6 +237,17 @@ def _masked(
     return series.scatter(missing, None) if len(missing) else series
 
 
+def _without_duplicates(
+    cols: dict[str, tuple[np.ndarray, np.ndarray | None]],
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """The chunk without the visits flagged ``duplicate`` (see `_duplicates.py`)."""
+    duplicate = cols.pop("duplicate")[0]
+    if not duplicate.any():
+        return cols
+    keep = ~duplicate
+    return {k: (v[keep], None if ok is None else ok[keep]) for k, (v, ok) in cols.items()}
+
+
 def stream_sample_scores(data: TraceData, early_epochs: int) -> pl.DataFrame | None:
     """Per-sample aggregates of every visit, read chunk by chunk.
 
@@ -259,6 +271,6 @@ def stream_sample_scores(data: TraceData, early_epochs: int) -> pl.DataFrame | N
         if current is not None and epoch != current:
             acc.end_epoch()
         current = epoch
-        acc.add(epoch, data.read_chunk(masks, SCORE_COLUMNS))
+        acc.add(epoch, _without_duplicates(data.read_chunk(masks, SCORE_COLUMNS)))
     acc.end_epoch()
     return acc.frame()

@@ -78,12 +78,21 @@ _IMPORTANCE_DEPS = {
     "importance": ("scale_sq", "grad_sq"),
     "importance_per_param": ("scale_sq", "grad_sq"),
     "alignment": ("alignment",),
+    "duplicate": ("duplicate",),
 }
 _IMPORTANCE_SOURCE = "_samplescope_visit_layers"
 _NEW_SOURCE = "_samplescope_visit_layers_new"
 _JOINED_SOURCE = "_samplescope_visit_layers_joined"
 _PER_LAYER = ("grad_sq", "alignment")
-_IMPORTANCE_COLUMNS = ("step", "epoch", "sample_id", "scale_sq", "grad_sq", "alignment")
+_IMPORTANCE_COLUMNS = (
+    "step",
+    "epoch",
+    "sample_id",
+    "scale_sq",
+    "grad_sq",
+    "alignment",
+    "duplicate",
+)
 _BLOCK_ROWS = 1 << 18
 _DEFAULT_K = 20
 
@@ -474,6 +483,7 @@ class Trace:
                     (scale_sq * grad).alias("importance"),
                     (scale_sq * grad / row["n_params"]).alias("importance_per_param"),
                     pl.col("alignment").arr.get(index).cast(pl.Float64).alias("alignment"),
+                    "duplicate",
                 )
             )
         if not parts:
@@ -647,7 +657,9 @@ class Trace:
             elif column in ("step", "epoch"):
                 types[column] = _int_type([getattr(s, column) for s in self._data.steps])
             else:
-                types[column] = "DOUBLE" if column == "scale_sq" else "INTEGER"
+                types[column] = {"scale_sq": "DOUBLE", "duplicate": "BOOLEAN"}.get(
+                    column, "INTEGER"
+                )
         return types
 
     def _register_importance(self, loaded: set[str]) -> None:
@@ -680,8 +692,11 @@ class Trace:
             )
             raise EmptyTraceError(msg)
         columns = ["step", "epoch", *SCORE_COLUMNS]
+        # DistributedSampler padding repeats are not visits of their own (`_duplicates.py`).
+        visits = self._visits_frame(columns)
+        visits = visits.filter(~pl.col("duplicate")).drop("duplicate")
         return scores.prepare_visits(
-            self._visits_frame(columns),
+            visits,
             self._data.n_layers,
             early_epochs,
             layer_grad_sq=layer_grad_sq,

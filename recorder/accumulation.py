@@ -48,10 +48,21 @@ def check_accumulation_steps(value: object, *, alignment: bool) -> int:
     return value
 
 
-def check_loss_scale(value: object) -> float | None:
-    """A per-call ``loss_scale``: None, or a positive finite number."""
+def check_loss_scale(value: object, accumulation_steps: int) -> float | None:
+    """A per-call ``loss_scale``: None, or a positive finite number under accumulation.
+
+    Only with ``accumulation_steps`` > 1, whose trace stores each visit's weight
+    (`/visits/scale`); without it readers take 1/batch_size, and importance would be off
+    by the factor.
+    """
     if value is None:
         return None
+    if accumulation_steps == 1:
+        msg = (
+            "loss_scale is for gradient accumulation: pass Recorder(..., accumulation_steps=K), "
+            "or pass unscaled losses"
+        )
+        raise RecorderError(msg)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         msg = f"loss_scale must be a positive number, not {value!r}"
         raise RecorderError(msg)
@@ -78,11 +89,13 @@ class AccumulatedStep:
     """The micro-batches of the optimizer step being accumulated."""
 
     parts: list[tuple[StepRows, StepFrame]] = field(default_factory=list)
+    micro: list[int] = field(default_factory=list)  # each part's backward call in the step
     calls: int = 0  # backward calls in this step, recorded or not
     failed: bool = False  # a micro-batch's recording failed: the step is not written
 
     def add(self, rows: StepRows, frame: StepFrame) -> None:
         self.parts.append((rows, frame))
+        self.micro.append(self.calls)  # a call that recorded nothing still counts
 
     def visits(self) -> dict[str, np.ndarray]:
         """Every micro-batch's /visits rows in order, with ``micro`` and ``scale``."""
@@ -92,7 +105,7 @@ class AccumulatedStep:
             values = [v[name] for v, _ in parts]
             out[name] = _pad_logits(values) if name == "_logits" else np.concatenate(values)
         sizes = [frame.sample_id.size for _, frame in parts]
-        out["micro"] = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
+        out["micro"] = np.repeat(np.asarray(self.micro, dtype=np.int64), sizes)
         out["scale"] = np.repeat(np.asarray([f.scale for _, f in parts], dtype=np.float64), sizes)
         return out
 

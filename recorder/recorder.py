@@ -326,8 +326,10 @@ class Recorder:
     # -- the training loop's calls --------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Label the following steps with ``epoch`` (ends a step still accumulating)."""
-        self._end_accumulated_step()
+        """Label the following steps with ``epoch``; a new epoch ends a step still
+        accumulating (`accumulation_steps`)."""
+        if int(epoch) != self.epoch:
+            self._end_accumulated_step()
         self.epoch = int(epoch)
 
     def backward(
@@ -369,9 +371,9 @@ class Recorder:
             raise RecorderError(msg)
         ids, target_ids = self._check_batch(losses, sample_ids, logits, targets)
         self._append_names()
-        user_scale = check_loss_scale(loss_scale)
-        self._warn_nonfinite(stacklevel=3)
         k = self.accumulation_steps
+        user_scale = check_loss_scale(loss_scale, k)
+        self._warn_nonfinite(stacklevel=3)
         with torch.enable_grad():  # as `loss.backward()` would, even under no_grad
             loss = losses.mean() if self.reduction == "mean" else losses.sum()
             if k > 1 and user_scale is None:
@@ -563,7 +565,8 @@ class Recorder:
         )
 
     def flush(self) -> None:
-        """Block until every recorded step is in the file."""
+        """Block until every recorded step is in the file (with `accumulation_steps`, every
+        optimizer step that is over: a step still accumulating is written when it ends)."""
         try:
             self._writer.flush()
         except TraceWriteError as error:

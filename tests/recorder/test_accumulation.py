@@ -229,6 +229,24 @@ def test_bad_accumulation_arguments_are_refused(tmp_path):
             losses = F.cross_entropy(model(x[:2]), y[:2], reduction="none")
             with pytest.raises(RecorderError, match="loss_scale"):
                 rec.backward(losses, [0, 1], loss_scale=bad)
+    with Recorder(tmp_path / "c.h5", model) as rec:
+        losses = F.cross_entropy(model(x[:2]), y[:2], reduction="none")
+        with pytest.raises(RecorderError, match="accumulation_steps=K"):
+            rec.backward(losses / 2, [0, 1], loss_scale=0.5)
+        assert all(p.grad is None for p in model.parameters())  # refused before backward
+
+
+def test_set_epoch_with_the_same_epoch_keeps_the_step_accumulating(tmp_path):
+    x, y = _data()
+    model = _mlp()
+    with Recorder(tmp_path / "same.h5", model, accumulation_steps=2) as rec:
+        for i in range(4):
+            rec.set_epoch(0)  # some loops call it at every step
+            rows = torch.arange(i * 2, i * 2 + 2)
+            rec.backward(F.cross_entropy(model(x[rows]), y[rows], reduction="none"), rows)
+    acc = _trace(tmp_path / "same.h5")
+    assert acc["steps"]["batch_size"].tolist() == [4, 4]
+    assert acc["visits"]["micro"].tolist() == [0, 0, 1, 1] * 2
 
 
 def test_without_accumulation_the_trace_has_no_micro_column(tmp_path):
@@ -251,3 +269,34 @@ def test_the_optimizer_hook_is_removed_at_exit(tmp_path):
         _accumulated(model, opt, x, y, rec)
         raise ValueError("boom")
     assert not opt._optimizer_step_post_hooks
+
+
+def test_a_failed_micro_batch_drops_its_whole_step_with_on_error_warn(tmp_path):
+    class Attention(nn.Module):
+        # Re-expressed attention records one call per step: a second call is an error.
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(3, 1, batch_first=True)
+            self.twice = False
+
+        def forward(self, x):
+            h = self.attn(x, x, x)[0]
+            return (self.attn(h, x, x)[0] if self.twice else h).sum(1)
+
+    model = Attention()
+    path = tmp_path / "warn.h5"
+    with Recorder(path, model, on_error="warn", accumulation_steps=2) as rec:
+        for i in range(4):  # step 0: micro-batch 1 fails; step 1: both fine
+            model.twice = i == 1
+            losses = model(torch.randn(2, 2, 3)).square().sum(1)
+            if i == 1:
+                with pytest.warns(UserWarning, match="ran 2 times"):
+                    rec.backward(losses, [2 * i, 2 * i + 1])
+            else:
+                rec.backward(losses, [2 * i, 2 * i + 1])
+        assert rec.n_visits == 4
+    with h5py.File(path, "r") as f:
+        assert f["status/n_errors"][0] == 1
+        assert f["steps/batch_size"][:].tolist() == [4]  # no partial step 0
+        assert f["visits/sample_id"][:].tolist() == [4, 5, 6, 7]
+        assert f["visits/micro"][:].tolist() == [0, 0, 1, 1]

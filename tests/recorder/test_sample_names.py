@@ -121,3 +121,21 @@ def test_sample_id_of_is_a_stable_non_negative_int64():
     assert sample_id_of("doc-000") == sample_id_of("doc-000")
     assert sample_id_of("a") != sample_id_of("b")
     assert 0 <= sample_id_of("é" * 50) < 2**63
+
+
+def test_checkpoint_scores_take_string_ids(tmp_path):
+    data = _Keyed(6)
+    model = _model()
+
+    def loss_fn(m, x, y):
+        logits = m(x)
+        return F.cross_entropy(logits, y, reduction="none"), logits
+
+    with Recorder(tmp_path / "ckpt.h5", model, checkpoints=True) as rec:
+        for x, y, keys in DataLoader(data, batch_size=3):
+            rec.backward(F.cross_entropy(model(x), y, reduction="none"), keys)
+        rec.score_checkpoint(DataLoader(data, batch_size=4), loss_fn)
+    with open_trace(tmp_path / "ckpt.h5") as t:
+        ids = t.checkpoints()["sample_id"].to_list()
+        assert sorted(ids) == sorted(sample_id_of(k) for k in data.keys)
+        assert t.samples()["grand_ckpt"].null_count() == 0

@@ -163,12 +163,10 @@ class RecordedModule:
         if pending is None:
             msg = "training_step must return self.recorded(losses, sample_ids=...) while recording"
             raise IntegrationError(msg)
-        if loss is not pending.loss and getattr(recorder, "accumulation_steps", 1) == 1:
-            msg = (
-                "the loss changed between training_step and backward (loss scaling or "
-                "accumulation): samplescope records only the loss self.recorded returned"
-            )
-            raise IntegrationError(msg)
+        # Lightning hands over `loss / accumulate_grad_batches`, then a precision plugin's
+        # scaled copy; both were refused up front unless they leave the values as they are
+        # (K = 1, no scaler), or the recorder divides by the same K. Comparing the values
+        # here would read the device on every step.
         recorder.backward(
             pending.losses,
             sample_ids=pending.sample_ids,

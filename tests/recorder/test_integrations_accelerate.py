@@ -96,3 +96,42 @@ def test_lomo_backward_is_refused(tmp_path):
         losses = F.cross_entropy(model(x), y, reduction="none")
         with pytest.raises(IntegrationError, match="LOMO"):
             backward(accelerator, rec, losses, sample_ids=ids, learning_rate=0.1)
+
+
+@pytest.mark.skipif(
+    not recorder_accepts_accumulation(),
+    reason="needs Recorder(..., accumulation_steps=K) (issue 12, another branch); until then "
+    "accumulation is refused (test above)",
+)
+def test_accumulation_passes_through_to_an_accumulating_recorder(tmp_path):
+    # Accelerate divides each micro-batch's loss by K; a recorder that accumulates over K
+    # calls must do the same, so the parameters end bit-identical and losses stay unscaled.
+    x, y, ids = classification_data()
+    seen = []
+    models = []
+    for record in (False, True):
+        model = classifier()
+        accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = DataLoader(TensorDataset(x, y, ids), batch_size=4)
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+        recording = (
+            Recorder(tmp_path / "ga.h5", accelerator.unwrap_model(model), opt, accumulation_steps=2)
+            if record
+            else None
+        )
+        with recording or contextlib.nullcontext() as rec:
+            for xb, yb, ib in loader:
+                with accelerator.accumulate(model):
+                    logits = model(xb)
+                    losses = F.cross_entropy(logits, yb, reduction="none")
+                    if rec is None:
+                        seen.append(losses.detach().clone())
+                        accelerator.backward(losses.mean())
+                    else:
+                        backward(accelerator, rec, losses, sample_ids=ib)
+                    opt.step()
+                    opt.zero_grad()
+        models.append(model)
+    assert_same_parameters(*models)
+    assert np.array_equal(visits(tmp_path / "ga.h5")["loss"], torch.cat(seen).numpy())

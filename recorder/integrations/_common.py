@@ -7,7 +7,12 @@ import inspect
 from samplescope.recorder.errors import RecorderError
 from samplescope.recorder.recorder import Recorder
 
-__all__ = ["IntegrationError", "check_accumulation", "recorder_accepts_accumulation"]
+__all__ = [
+    "IntegrationError",
+    "check_accumulation",
+    "rank_path",
+    "recorder_accepts_accumulation",
+]
 
 
 class IntegrationError(RecorderError):
@@ -47,3 +52,19 @@ def check_accumulation(recorder: Recorder, steps: int, where: str) -> None:
         f"accumulation_steps={recorded}: pass Recorder(..., accumulation_steps={steps})"
     )
     raise IntegrationError(msg)
+
+
+def rank_path(path: str, rank: int, world_size: int) -> str:
+    """The trace of one rank: ``{rank}`` in ``path`` replaced by the rank's number.
+
+    Raises:
+        IntegrationError: several processes and no ``{rank}`` in the path (they would all
+            write one file).
+    """
+    if world_size > 1 and "{rank}" not in path:
+        msg = (
+            f"{world_size} processes would all write {path}: put {{rank}} in the trace path "
+            "(e.g. runs/exp-{rank}.h5), one trace per rank"
+        )
+        raise IntegrationError(msg)
+    return path.replace("{rank}", str(rank))

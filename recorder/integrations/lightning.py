@@ -28,7 +28,11 @@ import lightning.pytorch as pl
 import numpy as np
 from torch import Tensor
 
-from samplescope.recorder.integrations._common import IntegrationError, check_accumulation
+from samplescope.recorder.integrations._common import (
+    IntegrationError,
+    check_accumulation,
+    rank_path,
+)
 from samplescope.recorder.recorder import Recorder
 
 __all__ = ["RecordedModule", "RecorderCallback"]
@@ -82,7 +86,7 @@ class RecorderCallback(pl.Callback):
         options = {"rank": trainer.global_rank, "world_size": trainer.world_size}
         options.update(self.recorder_options)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        path = self.path.replace("{rank}", str(trainer.global_rank))
+        path = rank_path(self.path, trainer.global_rank, trainer.world_size)
         recorder = Recorder(path, pl_module, optimizer, **options)
         check_accumulation(recorder, trainer.accumulate_grad_batches, "the Lightning Trainer")
         self.recorder = recorder.__enter__()

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from samplescope.recorder.integrations._common import (
     IntegrationError,
     check_accumulation,
+    rank_path,
     recorder_accepts_accumulation,
 )
 from samplescope.recorder.integrations.accelerate import backward as accelerate_backward
@@ -91,7 +92,9 @@ class RecordingTrainer(transformers.Trainer):
 
     Args:
         *args, **kwargs: as `transformers.Trainer`.
-        trace: the trace to write; the recorder is opened at the first training step (the
+        trace: the trace to write (``{rank}`` in it becomes the process's rank: one trace
+            per rank under DDP, with a shared ``run_id`` in ``recorder_options``); the
+            recorder is opened at the first training step (the
             optimizer exists then) and closed when `train` returns or raises.
         recorder: instead of ``trace``, an entered `Recorder` of ``trainer.model`` you own.
         task: how per-sample losses are computed (above); None only with `sample_losses`
@@ -127,7 +130,7 @@ class RecordingTrainer(transformers.Trainer):
             msg = f"task must be 'causal_lm', 'token' or 'classification', not {task!r}"
             raise IntegrationError(msg)
         super().__init__(*args, **kwargs)
-        self.trace = Path(trace) if trace is not None else None
+        self.trace = str(trace) if trace is not None else None
         self.task = task
         self.sample_id_column = sample_id_column
         self.recorder_options = dict(recorder_options or {})
@@ -248,8 +251,12 @@ class RecordingTrainer(transformers.Trainer):
         if k > 1 and recorder_accepts_accumulation():
             options.setdefault("accumulation_steps", k)
         options.setdefault("config", {"trainer": _trainer_config(self.args)})
+        args = self.args
+        options.setdefault("rank", args.process_index)
+        options.setdefault("world_size", args.world_size)
+        path = rank_path(self.trace, args.process_index, args.world_size)
         self.recorder = self._recording.enter_context(
-            Recorder(self.trace, self.model, self.optimizer, **options)
+            Recorder(path, self.model, self.optimizer, **options)
         )
         return self.recorder
 

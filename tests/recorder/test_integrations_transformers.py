@@ -178,6 +178,13 @@ def test_classification_is_bit_identical_to_the_stock_trainer(tmp_path):
     assert got["target"].tolist() == [label_of[i] for i in got["sample_id"].tolist()]
     assert recorded.recorder is not None
     assert not recorded.recorder.active  # closed when train() returned
+    # Evaluation takes the same per-sample losses (and the id column out of the batch).
+    metrics = recorded.evaluate(rows)
+    model = recorded.model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.stack([r["input_ids"] for r in rows])).logits
+    expected = F.cross_entropy(logits, torch.tensor([r["labels"] for r in rows]))
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.slow

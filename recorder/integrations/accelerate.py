@@ -41,7 +41,8 @@ def check_accelerator(accelerator: Accelerator, recorder: Recorder) -> None:
     """Refuse an Accelerate set-up whose backward the recorder would not reproduce.
 
     Raises:
-        IntegrationError: DeepSpeed or Megatron-LM, an fp16 gradient scaler, or gradient
+        IntegrationError: DeepSpeed or Megatron-LM, tensor/context/sequence parallelism,
+            an fp16 gradient scaler, or gradient
             accumulation the recorder does not divide by (see `check_accumulation`).
     """
     kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
@@ -49,6 +50,16 @@ def check_accelerator(accelerator: Accelerator, recorder: Recorder) -> None:
         msg = (
             f"samplescope cannot record through {_REFUSED[kind]}'s own backward; "
             "record with DDP or a single process"
+        )
+        raise IntegrationError(msg)
+    config = getattr(accelerator, "parallelism_config", None)
+    split = [name for name in ("tp", "cp", "sp") if getattr(config, f"{name}_enabled", False)]
+    if split:
+        # Tensor, context and sequence parallelism split a sample's computation across
+        # ranks: each would see part of a per-sample norm.
+        msg = (
+            f"samplescope cannot record with {'/'.join(split).upper()} parallelism (a sample "
+            "is split across ranks); record with data parallelism only"
         )
         raise IntegrationError(msg)
     if accelerator.scaler is not None:

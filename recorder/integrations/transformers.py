@@ -266,6 +266,9 @@ class RecordingTrainer(transformers.Trainer):
             msg = "Trainer runs several GPUs in one process (DataParallel); samplescope records "
             msg += "one device per process: launch with torchrun (DDP) instead"
             raise IntegrationError(msg)
+        if transformers.trainer.is_sagemaker_mp_enabled():
+            msg = "samplescope cannot record SageMaker model parallelism's own forward/backward"
+            raise IntegrationError(msg)
         if args.label_smoothing_factor:
             msg = "label_smoothing_factor is not applied by RecordingTrainer's per-sample "
             msg += "losses; set it to 0 or override sample_losses"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 
 import numpy as np
 import pytest
@@ -135,3 +136,39 @@ def test_accumulation_passes_through_to_an_accumulating_recorder(tmp_path):
         models.append(model)
     assert_same_parameters(*models)
     assert np.array_equal(visits(tmp_path / "ga.h5")["loss"], torch.cat(seen).numpy())
+
+
+def _stub_accelerator(**overrides):
+    # The set-ups below need hardware or launchers (a GPU for fp16, DeepSpeed); what the
+    # check reads is these attributes, as the real Accelerator exposes them.
+    real = accelerate.Accelerator(cpu=True)
+    fields = {
+        "distributed_type": real.distributed_type,
+        "scaler": None,
+        "gradient_accumulation_steps": 1,
+        "parallelism_config": None,
+    }
+    fields.update(overrides)
+    return types.SimpleNamespace(**fields)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"scaler": object()}, "mixed_precision='fp16'"),
+        ({"distributed_type": accelerate.DistributedType.DEEPSPEED}, "DeepSpeed"),
+        ({"distributed_type": accelerate.DistributedType.MEGATRON_LM}, "Megatron-LM"),
+        (
+            {"parallelism_config": types.SimpleNamespace(tp_enabled=True, cp_enabled=False)},
+            "TP parallelism",
+        ),
+    ],
+)
+def test_setups_the_recorder_cannot_follow_are_refused(tmp_path, overrides, message):
+    model = classifier()
+    x, y, ids = classification_data()
+    with Recorder(tmp_path / "r.h5", model) as rec:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        with pytest.raises(IntegrationError, match=message):
+            backward(_stub_accelerator(**overrides), rec, losses, sample_ids=ids)
+    assert all(p.grad is None for p in model.parameters())

@@ -54,3 +54,15 @@ def test_the_cli_starts_without_torch():
     # `samplescope info` must not pay torch's import time; training commands import it lazily.
     loaded = _modules_after_import("samplescope.cli")
     assert "torch" not in loaded
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["samplescope", "samplescope.cli", "samplescope.recorder", "samplescope.recorder.integrations"],
+)
+def test_frameworks_are_imported_only_by_their_adapter(module):
+    # transformers, lightning and accelerate are optional extras: only importing their
+    # adapter module (samplescope.recorder.integrations.<name>) may load them.
+    loaded = _modules_after_import(module)
+    frameworks = {"transformers", "lightning", "pytorch_lightning", "accelerate"}
+    assert not frameworks & loaded

@@ -297,3 +297,22 @@ def test_cli_export_and_errors(tmp_path: Path) -> None:
     missing = runner.invoke(main, ["export", str(tmp_path / "nope.h5"), str(tmp_path / "o2")])
     assert missing.exit_code == 2
     assert missing.output == f"Error: no such trace file: {tmp_path / 'nope.h5'}\n"
+
+
+def test_checkpoints_export_with_one_column_per_layer(tmp_path: Path) -> None:
+    from test_checkpoint_scores import CKPT, _with_checkpoints
+
+    trace = _with_checkpoints(tmp_path / "t.h5")
+    export_trace(trace, tmp_path / "out")
+    con = open_export(tmp_path / "out")
+    rows = con.sql(
+        "SELECT grad_sq_0, grad_sq_1, target FROM checkpoints ORDER BY checkpoint, sample_id"
+    ).fetchall()
+    assert [r[:2] for r in rows] == [tuple(float(v) for v in g) for g in CKPT["grad_sq"]]
+    assert rows[-1][2] is None  # the missing output stays missing
+    query = (
+        "SELECT checkpoint, sum(grand) AS g, count(el2n) AS n FROM checkpoints "
+        "GROUP BY 1 ORDER BY 1"
+    )
+    with open_trace(trace) as t:
+        _assert_same(con.sql(query).fetchall(), t.sql(query).fetchall(), query)

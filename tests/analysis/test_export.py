@@ -316,3 +316,9 @@ def test_checkpoints_export_with_one_column_per_layer(tmp_path: Path) -> None:
     )
     with open_trace(trace) as t:
         _assert_same(con.sql(query).fetchall(), t.sql(query).fetchall(), query)
+
+
+def test_cli_help_has_an_example() -> None:
+    result = CliRunner().invoke(main, ["export", "--help"])
+    assert result.exit_code == 0
+    assert "Example: samplescope export runs/exp1.h5 exp1-parquet/" in result.output

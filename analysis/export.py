@@ -43,6 +43,7 @@ __all__ = [
     "export_trace",
     "importance_sql",
     "open_export",
+    "rollup_sql",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ def open_export(
     folder: str | os.PathLike[str], *, threads: int | None = None
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with an export's tables and views (what views.sql creates).
+
+    It runs the folder's views.sql, so open only exports you trust, as any SQL script.
 
     Args:
         folder: a folder written by `export_trace`.
@@ -231,6 +234,8 @@ def _write_all(
     memory_limit: str,
     threads: int,
 ) -> dict[str, Any]:
+    # The trace's own reader: one snapshot, so the visits and the small tables agree (a live
+    # trace's later flushes are in neither).
     data = trace._data
     layers = trace.layers()
     tables: dict[str, Any] = {}

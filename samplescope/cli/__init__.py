@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "samplescope.cli.report_cmds",
     "samplescope.cli.experiment_cmds",
     "samplescope.cli.push_cmds",
+    "samplescope.cli.export_cmds",
 )
 
 

@@ -338,6 +338,28 @@ class _ShardSteps:
         return out
 
 
+def _combine_shard_steps(
+    merged: dict[str, np.ndarray], where: np.ndarray, order: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The global batch_size (sum over shards), loss_mean (weighted by batch size) and
+    n_nonfinite (sum) of every step, in the order of ``order`` (first appearance)."""
+    n = int(where.max()) + 1 if where.size else 0
+    out: dict[str, np.ndarray] = {}
+    if "batch_size" in merged:
+        size = np.bincount(where, weights=merged["batch_size"], minlength=n)
+        out["batch_size"] = size[order].astype(np.int64)
+        if "loss_mean" in merged:
+            loss = np.bincount(
+                where, weights=merged["loss_mean"] * merged["batch_size"], minlength=n
+            )
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["loss_mean"] = (loss / size)[order]
+    if "n_nonfinite" in merged:
+        counts = np.bincount(where, weights=merged["n_nonfinite"], minlength=n)
+        out["n_nonfinite"] = counts[order].astype(np.int64)
+    return out
+
+
 def _read_steps(shard: Shard) -> _ShardSteps:
     n = shard.rows("steps")
     cols = {
@@ -532,8 +554,14 @@ class TraceData:
             parts.append(cols)
         names = [c for c in parts[0] if all(c in p for p in parts)]
         merged = {c: np.concatenate([p[c] for p in parts]) for c in names}
-        _, first = np.unique(merged["step"], return_index=True)
-        return {c: v[np.sort(first)] for c, v in merged.items()}
+        _, first, where = np.unique(merged["step"], return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        out = {c: v[first[order]] for c, v in merged.items()}
+        if len(parts) > 1:
+            # Each shard holds its rank's batch; the run's step is all of them (grad_sq,
+            # the reduced batch gradient, is the same in every shard: one copy stays).
+            out.update(_combine_shard_steps(merged, where.reshape(-1), order))
+        return out
 
     # -- visits, column by column -----------------------------------------------------
     def visit_column(self, column: str, masks: list[np.ndarray] | None = None) -> pa.Array:

@@ -30,7 +30,6 @@ from samplescope.recorder._columns import (
     checkpoint_rows,
     derive_outputs,
     jsonable,
-    param_norms,
     sample_info_arrays,
 )
 from samplescope.recorder._thumbnails import thumbnail_images, thumbnail_shape
@@ -41,6 +40,7 @@ from samplescope.recorder.accumulation import (
     check_loss_scale,
     grad_norms,
 )
+from samplescope.recorder.distributed import BatchGradient, batch_gradient, check_accumulation
 from samplescope.recorder.errors import RecorderError
 from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
 from samplescope.recorder.layers.base import is_replaying
@@ -181,6 +181,7 @@ class Recorder:
         self._registry = registry or default_registry()
         self._batch_dims = {**known_batch_dims(model), **dict(batch_dims or {})}
         self._batch_size: int | None = None  # of the current step's model input
+        self._ranks = (int(rank), int(world_size))  # checked against torch.distributed
         self._writer = TraceWriter(
             self.path,
             self._root_attrs(config, rank, world_size, run_id),
@@ -249,6 +250,11 @@ class Recorder:
         for observer in self._observers:
             if not observer.name:
                 observer.name = ROOT_LAYER
+        # How the batch gradient G is read: from the hooks, or reduced across ranks.
+        self._batch_gradient: BatchGradient = batch_gradient(
+            self.model, self._observers, *self._ranks
+        )
+        check_accumulation(self._batch_gradient, self.accumulation_steps)
         # The layout is fixed here, before any step: layers in registration order
         # (`model.named_modules()`), their forward order recorded at the first step.
         self._writer.open(self._layout())
@@ -387,6 +393,8 @@ class Recorder:
             skipped = self._skipped
         recording = losses.requires_grad and skipped is None
         try:
+            if recording:
+                self._batch_gradient.before_backward()
             loss.backward(**backward_kwargs)
             if recording:
                 # The trace keeps unscaled losses (within rounding when the user scaled).
@@ -737,15 +745,18 @@ class Recorder:
             ],
             1,
         )
-        batch_grads = [list(r.batch_grad.values()) for r in results]
         if not batch_stats:  # a checkpoint: per-sample norms only (no /steps row)
             return {"grad_sq": grad_sq, "param_norms": torch.zeros(0)}, (0,) * len(results)
-        tensors = {"grad_sq": grad_sq, "param_norms": param_norms(batch_grads)}
+        # The batch gradient G as the optimizer gets it: reduced across ranks (DDP, FSDP2).
+        reduced = self._batch_gradient.gradients(results)
+        batch_grads = [list(g.values()) for g in reduced]
+        tensors = {"grad_sq": grad_sq, "param_norms": self._batch_gradient.norms(batch_grads)}
         if self.alignment:
+            whole = self._batch_gradient.for_alignment(reduced)
             tensors["alignment"] = torch.stack(
                 [
-                    o.alignment(r.batch_grad).detach().to(where) if has else zeros
-                    for o, r, has in zip(self._observers, results, ran, strict=True)
+                    o.alignment(g).detach().to(where) if has else zeros
+                    for o, g, has in zip(self._observers, whole, ran, strict=True)
                 ],
                 1,
             )

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from samplescope.recorder.distributed import full_value, functional_call
+
 if TYPE_CHECKING:
     from samplescope.recorder.layers.shared import UseBook
 
@@ -355,7 +357,10 @@ class Observer:
             # even when this module did not run in a recorded step: a gradient that arrives
             # anyway comes from a use no hook saw, which the book's check refuses.
             if self._calls or (self.book is not None and self.book.recording):
-                self._result.batch_grad[pname] = grad.detach()
+                # The first step's check needs this rank's own gradient: under DDP the
+                # tensor may become .grad and be averaged across ranks in place.
+                own = grad.detach()
+                self._result.batch_grad[pname] = own.clone() if self._checking() else own
 
         return hook
 
@@ -479,13 +484,14 @@ def directional_alignment(
     output moves along G; dotting with its output gradient gives ⟨g_i, G⟩ exactly.
     Buffers are cloned so BatchNorm's running statistics are not updated twice.
     """
-    primals = {n: p.detach() for n, p in params.items()}
+    # Under FSDP2 the parameters are shards again after backward: replay with whole ones.
+    primals = {n: full_value(p) for n, p in params.items()}
     tangents = {n: batch_grad.get(n, torch.zeros_like(p)) for n, p in primals.items()}
 
     def run(p: dict[str, Tensor]) -> Tensor:
         # Cloned inside the transform: jvp refuses in-place updates of captured tensors.
         buffers = {n: b.clone() for n, b in module.named_buffers()}
-        out = torch.func.functional_call(module, {**p, **buffers}, args)
+        out = functional_call(module, {**p, **buffers}, args)
         return out[0] if isinstance(out, tuple) else out
 
     with torch.no_grad(), replaying():

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from samplescope.recorder.distributed import full_value, functional_call
 from samplescope.recorder.layers.base import Observer, Session, broadcast_over_batch, replaying
 from samplescope.recorder.layers.shared import DenseUse
 
@@ -198,10 +199,13 @@ class FallbackObserver(Observer):
         index, first = grads[0]
         self._n = first.shape[call.out_dims[index] or 0]
         wanted = {**self.params, **self.borrowed}
-        params = {n: p.detach() for n, p in self.module.named_parameters() if n in wanted}
+        # Under FSDP2 the parameters are shards again after backward: replay with whole
+        # ones (all-gathered, as FSDP2's own forward did).
+        named = [(n, full_value(p)) for n, p in self.module.named_parameters()]
+        params = {n: p for n, p in named if n in wanted}
         # Everything else the module uses is held fixed: detached (no parameter hooks
         # fire) and buffers cloned (BatchNorm's running statistics stay untouched).
-        frozen = {n: p.detach() for n, p in self.module.named_parameters() if n not in params}
+        frozen = {n: p for n, p in named if n not in params}
         buffers = dict(self.module.named_buffers())
         module = self.module
         out_dims = call.out_dims
@@ -212,7 +216,7 @@ class FallbackObserver(Observer):
             bound = tree_unflatten(full, spec)
             # Cloned inside the transform, which refuses in-place updates of captured tensors.
             state = {**p, **frozen, **{n: b.clone() for n, b in buffers.items()}}
-            out, _ = tree_flatten(torch.func.functional_call(module, state, **bound))
+            out, _ = tree_flatten(functional_call(module, state, **bound))
             total = 0.0
             for (index, _), d in zip(grads, ds, strict=True):
                 dim = out_dims[index]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from samplescope.recorder.distributed import functional_call
 from samplescope.recorder.layers.base import replaying
 from samplescope.recorder.layers.embedding import _token_terms
 from samplescope.recorder.layers.linear import working_precision
@@ -92,7 +93,7 @@ def _like(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _call(module: nn.Module, p: dict, frozen: dict, x: Tensor) -> Tensor:
     # Buffers cloned inside the transform: BatchNorm's running statistics stay untouched.
     buffers = {k: b.clone() for k, b in module.named_buffers()}
-    return torch.func.functional_call(module, {**p, **frozen, **buffers}, (x,))
+    return functional_call(module, {**p, **frozen, **buffers}, (x,))
 
 
 def _batch_grads(

@@ -48,6 +48,42 @@ def test_shards_concatenate_visits_and_keep_one_copy_of_each_step(tmp_path: Path
             assert ranks.to_list() == [0, 1]
 
 
+def test_shards_steps_table_holds_the_global_batch(tmp_path: Path) -> None:
+    """Each shard's /steps has its rank's batch; the run's step is the sum of them."""
+    paths = []
+    for rank, (sizes, losses, bad) in enumerate(
+        [([2, 1], [1.0, 3.0], [0, 1]), ([2, 3], [2.0, 1.0], [2, 0])]
+    ):
+        paths.append(
+            write_trace(
+                tmp_path / f"run.rank{rank}.h5",
+                layers=["a"],
+                rank=rank,
+                world_size=2,
+                run_id="run1",
+                steps={
+                    "step": [0, 1],
+                    "epoch": [0, 0],
+                    "lr": [0.1, 0.1],
+                    "batch_size": sizes,
+                    "loss_mean": losses,
+                    "n_nonfinite": bad,
+                },
+                visits={
+                    "step": [0] * sizes[0] + [1] * sizes[1],
+                    "sample_id": list(range(10 * rank, 10 * rank + sum(sizes))),
+                    "loss": [0.0] * sum(sizes),
+                    "grad_sq": [[1.0]] * sum(sizes),
+                },
+            )
+        )
+    with open_trace(paths) as trace:
+        steps = trace.table("steps").collect().sort("step")
+    assert steps["batch_size"].to_list() == [4, 4]
+    assert steps["n_nonfinite"].to_list() == [2, 1]
+    np.testing.assert_allclose(steps["loss_mean"].to_list(), [1.5, (3.0 + 3 * 1.0) / 4])
+
+
 def test_sum_reduction_uses_scale_one(tmp_path: Path) -> None:
     with open_trace(write_tiny_trace(tmp_path / "t.h5", reduction="sum")) as trace:
         imp = trace.samples().sort("sample_id")["importance_0"].to_list()

@@ -41,7 +41,6 @@ __all__ = [
     "batch_gradient",
     "full_value",
     "functional_call",
-    "check_accumulation",
 ]
 
 
@@ -210,19 +209,13 @@ class _ShardedGradient(BatchGradient):
         return [{n: full_value(g) for n, g in layer.items()} for layer in grads]
 
 
-def check_accumulation(gradient: BatchGradient, accumulation_steps: int) -> None:
-    """Refuses gradient accumulation where its batch gradient would be wrong.
-
-    Accumulation reads G from ``.grad`` after the last micro-batch, which FSDP2 holds as
-    this rank's shard only.
-    """
-    if accumulation_steps > 1 and isinstance(gradient, _ShardedGradient):
-        msg = "accumulation_steps > 1 under FSDP2 (fully_shard) is not supported yet"
-        raise ParallelismError(msg)
-
-
 def batch_gradient(
-    model: nn.Module, observers: list[Observer], rank: int = 0, world_size: int = 1
+    model: nn.Module,
+    observers: list[Observer],
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    accumulation_steps: int = 1,
 ) -> BatchGradient:
     """How this model's batch gradient is read; refuses what cannot be measured exactly.
 
@@ -247,6 +240,9 @@ def batch_gradient(
     if isinstance(model, DistributedDataParallel):
         return _DataParallelGradient(observers, model)
     if sharded:
+        if accumulation_steps > 1:
+            msg = "accumulation_steps > 1 under FSDP2 (fully_shard) is not supported yet"
+            raise ParallelismError(msg)
         return _ShardedGradient(observers)
     if group is not None:
         msg = (

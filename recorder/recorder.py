@@ -40,7 +40,7 @@ from samplescope.recorder.accumulation import (
     check_loss_scale,
     grad_norms,
 )
-from samplescope.recorder.distributed import BatchGradient, batch_gradient, check_accumulation
+from samplescope.recorder.distributed import BatchGradient, batch_gradient
 from samplescope.recorder.errors import RecorderError
 from samplescope.recorder.layers import LayerRegistry, Observer, OnUnsupported, default_registry
 from samplescope.recorder.layers.base import is_replaying
@@ -114,6 +114,11 @@ class Recorder:
     """
 
     _optimizer_hook: Any = None  # with accumulation: ends a short step at optimizer.step()
+    # Per-session flags; immutable defaults, set on the instance once they change.
+    _warned_inactive = False
+    _warned_nonfinite = False
+    _started = False
+    _entered = False
 
     def __init__(
         self,
@@ -199,13 +204,9 @@ class Recorder:
         self._input_grad: Tensor | None = None
         self._model_ran = False  # the model's own forward ran, recorded, in this step
         self._skipped: str | None = None  # why a forward of this step was not recorded
-        self._warned_inactive = False
-        self._warned_nonfinite = False
         self._nonfinite = NonfiniteCounter()
         self._thumbnailed: set[int] = set()
         self._thumb_shape: tuple[int, int] | None = None
-        self._started = False
-        self._entered = False
         self.step = 0
         self.epoch = 0
         self.n_visits = 0
@@ -252,9 +253,8 @@ class Recorder:
                 observer.name = ROOT_LAYER
         # How the batch gradient G is read: from the hooks, or reduced across ranks.
         self._batch_gradient: BatchGradient = batch_gradient(
-            self.model, self._observers, *self._ranks
+            self.model, self._observers, *self._ranks, accumulation_steps=self.accumulation_steps
         )
-        check_accumulation(self._batch_gradient, self.accumulation_steps)
         # The layout is fixed here, before any step: layers in registration order
         # (`model.named_modules()`), their forward order recorded at the first step.
         self._writer.open(self._layout())

@@ -17,7 +17,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_ranks(job: str, outdir: Path, world: int = 2, timeout: float = 240.0) -> None:
+def run_ranks(job: str, outdir: Path, world: int = 2, timeout: float = 600.0) -> None:
     """Run ``dist_worker.py job outdir`` on ``world`` ranks; raise with their stderr on failure."""
     port = free_port()
     procs = []

@@ -271,7 +271,7 @@ class Recorder:
             if self.accumulation_steps > 1 and self.optimizer is not None:
                 # An optimizer step after fewer than K micro-batches (an epoch's last,
                 # short group) ends the step there.
-                self._optimizer_hook = self.optimizer.register_step_post_hook(
+                self._optimizer_hook = _inner_optimizer(self.optimizer).register_step_post_hook(
                     lambda *_: self._end_accumulated_step()
                 )
         except BaseException:
@@ -956,6 +956,14 @@ class Recorder:
 
 class _ScoringInputError(RecorderError):
     """Bad arguments to score_checkpoint: raised whatever ``on_error`` says."""
+
+
+def _inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside a wrapper (Accelerate's ``AcceleratedOptimizer``, which
+    skips ``Optimizer.__init__`` and so has no hook tables of its own)."""
+    while not hasattr(optimizer, "_optimizer_step_post_hooks") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _refuse_compiled(model: nn.Module) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 from samplescope.recorder.errors import RecorderError
 from samplescope.recorder.recorder import Recorder
 
@@ -11,17 +9,11 @@ __all__ = [
     "IntegrationError",
     "check_accumulation",
     "rank_path",
-    "recorder_accepts_accumulation",
 ]
 
 
 class IntegrationError(RecorderError):
     """A framework setting the recorder cannot follow bit for bit (say which, and what to do)."""
-
-
-def recorder_accepts_accumulation() -> bool:
-    """Whether this samplescope's `Recorder` takes ``accumulation_steps=K``."""
-    return "accumulation_steps" in inspect.signature(Recorder).parameters
 
 
 def check_accumulation(recorder: Recorder, steps: int, where: str) -> None:
@@ -30,7 +22,7 @@ def check_accumulation(recorder: Recorder, steps: int, where: str) -> None:
     With ``K > 1`` micro-batches per optimizer step the framework divides the loss by K
     before backward. The recorder back-propagates the reduced loss itself, so the run stays
     bit-identical only if the recorder divides by the same K: that is
-    ``Recorder(..., accumulation_steps=K)``, where this samplescope has it.
+    ``Recorder(..., accumulation_steps=K)``.
 
     Raises:
         IntegrationError: K > 1 and the recorder does not accumulate over exactly K calls.
@@ -40,13 +32,6 @@ def check_accumulation(recorder: Recorder, steps: int, where: str) -> None:
     recorded = getattr(recorder, "accumulation_steps", None)
     if recorded == steps:
         return
-    if not recorder_accepts_accumulation():
-        msg = (
-            f"{where} accumulates gradients over {steps} micro-batches; this samplescope's "
-            "Recorder records every backward as its own step and would not divide the loss "
-            f"by {steps}: train with gradient accumulation 1 while recording"
-        )
-        raise IntegrationError(msg)
     msg = (
         f"{where} accumulates gradients over {steps} micro-batches but the Recorder has "
         f"accumulation_steps={recorded}: pass Recorder(..., accumulation_steps={steps})"

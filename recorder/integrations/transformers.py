@@ -31,7 +31,6 @@ from samplescope.recorder.integrations._common import (
     IntegrationError,
     check_accumulation,
     rank_path,
-    recorder_accepts_accumulation,
 )
 from samplescope.recorder.integrations.accelerate import backward as accelerate_backward
 from samplescope.recorder.recorder import Recorder
@@ -248,7 +247,7 @@ class RecordingTrainer(transformers.Trainer):
             raise IntegrationError(msg)
         options = dict(self.recorder_options)
         k = self.args.gradient_accumulation_steps
-        if k > 1 and recorder_accepts_accumulation():
+        if k > 1:
             options.setdefault("accumulation_steps", k)
         options.setdefault("config", {"trainer": _trainer_config(self.args)})
         args = self.args

@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from samplescope.recorder import Recorder
 from samplescope.recorder.integrations import IntegrationError
-from samplescope.recorder.integrations._common import recorder_accepts_accumulation
 from samplescope.recorder.integrations.accelerate import backward
 
 accelerate = pytest.importorskip("accelerate")
@@ -74,15 +73,16 @@ def test_accelerate_backward_trains_bit_identically_and_records_every_sample(tmp
 
 
 def test_accumulation_the_recorder_does_not_divide_by_is_refused(tmp_path):
-    if recorder_accepts_accumulation():
-        pytest.skip("this Recorder accumulates: covered by the pass-through test")
     model = classifier()
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
     x, y, ids = classification_data()
     before = copy.deepcopy(model)
     with Recorder(tmp_path / "ga.h5", model) as rec:
         losses = F.cross_entropy(model(x), y, reduction="none")
-        with pytest.raises(IntegrationError, match="accumulates gradients over 2 micro-batches"):
+        with pytest.raises(
+            IntegrationError,
+            match="over 2 micro-batches but the Recorder has accumulation_steps=1",
+        ):
             backward(accelerator, rec, losses, sample_ids=ids)
     # Refused before anything was back-propagated.
     assert all(p.grad is None for p in model.parameters())
@@ -99,11 +99,6 @@ def test_lomo_backward_is_refused(tmp_path):
             backward(accelerator, rec, losses, sample_ids=ids, learning_rate=0.1)
 
 
-@pytest.mark.skipif(
-    not recorder_accepts_accumulation(),
-    reason="needs Recorder(..., accumulation_steps=K) (issue 12, another branch); until then "
-    "accumulation is refused (test above)",
-)
 def test_accumulation_passes_through_to_an_accumulating_recorder(tmp_path):
     # Accelerate divides each micro-batch's loss by K; a recorder that accumulates over K
     # calls must do the same, so the parameters end bit-identical and losses stay unscaled.

@@ -106,15 +106,11 @@ def test_a_module_without_the_mixin_is_refused(tmp_path):
         _fit(Plain(), [RecorderCallback(tmp_path / "x.h5")], max_steps=1)
 
 
-def test_accumulation_is_refused_until_the_recorder_accumulates(tmp_path):
-    from samplescope.recorder.integrations._common import recorder_accepts_accumulation
-
-    if recorder_accepts_accumulation():
-        pytest.skip("this Recorder accumulates; the refusal does not apply")
+def test_accumulation_the_recorder_does_not_divide_by_is_refused(tmp_path):
     module = Recorded()
     before = [p.detach().clone() for p in module.parameters()]
     callback = RecorderCallback(tmp_path / "ga.h5")
-    with pytest.raises(IntegrationError, match="accumulates gradients over 2"):
+    with pytest.raises(IntegrationError, match="but the Recorder has accumulation_steps=1"):
         _fit(module, [callback], accumulate_grad_batches=2, max_steps=1)
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
 

@@ -234,11 +234,7 @@ def test_a_batch_without_the_id_column_is_refused(tmp_path):
     assert len(steps(tmp_path / "t.h5")["step"]) == 0
 
 
-def test_gradient_accumulation_is_refused_until_the_recorder_accumulates(tmp_path):
-    from samplescope.recorder.integrations._common import recorder_accepts_accumulation
-
-    if recorder_accepts_accumulation():
-        pytest.skip("this Recorder accumulates; the refusal does not apply")
+def test_gradient_accumulation_records_one_step_per_optimizer_step(tmp_path):
     trainer = RecordingTrainer(
         model=_bert(),
         args=_args(tmp_path, gradient_accumulation_steps=2, max_steps=1),
@@ -246,11 +242,9 @@ def test_gradient_accumulation_is_refused_until_the_recorder_accumulates(tmp_pat
         trace=tmp_path / "ga.h5",
         task="classification",
     )
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    with pytest.raises(IntegrationError, match="gradient accumulation 1"):
-        trainer.train()
-    after = list(trainer.model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    trainer.train()
+    # Two micro-batches of BATCH, one optimizer step: one /steps row over both.
+    assert steps(tmp_path / "ga.h5")["batch_size"].tolist() == [2 * BATCH]
 
 
 def test_trace_and_recorder_are_exclusive(tmp_path):

@@ -623,9 +623,13 @@ class Recorder:
             input_grad_sq=(input_grad_sq is not None) if self.options["input_grad"] else None,
             missing_outputs=logits is None and self.outputs is None,
         )
-        rows = StepRows(HostTransfer(tensors), frame, self._nonfinite)
-        # The writer assigns /steps/visit_start from the rows it actually writes.
-        self._writer.append_step(DeferredRows(rows.steps), DeferredRows(rows.visits))
+        transfer = HostTransfer(tensors)
+        rows = StepRows(transfer, frame, self._nonfinite)
+        # The writer assigns /steps/visit_start from the rows it actually writes; it makes
+        # this wait when the queued steps hold too much memory (backpressure).
+        self._writer.append_step(
+            DeferredRows(rows.steps), DeferredRows(rows.visits), nbytes=transfer.nbytes
+        )
         self.step += 1
         self.n_visits += n
 

@@ -62,6 +62,11 @@ _THUMB_SIDE = 28
 # of space (a later close crashes the process in H5F__dest), so the writer refuses a flush
 # that could fill the disk: this room stays for the close (status, metadata).
 SPACE_MARGIN = 4 << 20
+# Bytes of queued rows (host copies of a step's tensors) past which the training thread
+# waits for the writer instead of queueing more: a writer that falls behind (a slow disk, a
+# huge model) then slows training down rather than letting memory grow without limit.
+# Rows being written count no more, so the recorder holds at most about twice this.
+MAX_PENDING_BYTES = 256 << 20
 
 # Column dtypes per table; a [rows, layers] column is marked by a trailing "*".
 _STEP_COLUMNS = {
@@ -177,6 +182,13 @@ class TraceWriter:
         self._forward_order: np.ndarray | None = None
         self._pending: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
+        # Backpressure: bytes queued in _pending, and where the training thread waits.
+        self.max_pending_bytes = MAX_PENDING_BYTES
+        self._pending_bytes = 0
+        self._room = threading.Condition(self._lock)
+        self._drain_requested = False
+        self.wait_seconds = 0.0  # time the training thread spent waiting for the writer
+        self.max_pending_seen = 0  # the most bytes ever queued at once (for tests, benches)
         self._abort = threading.Event()
 
     # -- training-thread side -------------------------------------------------------------
@@ -236,14 +248,39 @@ class TraceWriter:
         self._thread = threading.Thread(target=self._run, name="samplescope-writer", daemon=True)
         self._thread.start()
 
-    def append_step(self, step: Mapping[str, np.ndarray], visits: Mapping[str, np.ndarray]) -> None:
+    def append_step(
+        self,
+        step: Mapping[str, np.ndarray],
+        visits: Mapping[str, np.ndarray],
+        *,
+        nbytes: int = 0,
+    ) -> None:
         """Queue one step's /steps row and its /visits rows (written together or not at all).
 
         The writer thread collects them on its own schedule: waking it at every step would
-        make it compete with training for the interpreter lock.
+        make it compete with training for the interpreter lock. If the rows already queued
+        hold ``max_pending_bytes`` or more (``nbytes`` is this step's share), this waits
+        until the writer has taken them: the queue stays bounded and no row is dropped.
         """
         with self._lock:
+            if self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+                self._wait_for_room(nbytes)
             self._pending.append(("step", (step, visits)))
+            self._pending_bytes += nbytes
+            self.max_pending_seen = max(self.max_pending_seen, self._pending_bytes)
+
+    def _wait_for_room(self, nbytes: int) -> None:
+        # Called with self._lock held (the Condition's lock).
+        start = time.monotonic()
+        if not self._drain_requested:
+            # Wake the writer now rather than at its next flush time.
+            self._drain_requested = True
+            self._queue.put(("drain", None))
+        while self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+            if self._thread is None or not self._thread.is_alive():
+                break  # nobody will drain the queue (closing): never hang training
+            self._room.wait(0.1)
+        self.wait_seconds += time.monotonic() - start
 
     def append(self, table: str, rows: Mapping[str, np.ndarray]) -> None:
         """Queue rows for "evals", "thumbnails" or "checkpoints"."""
@@ -372,7 +409,10 @@ class TraceWriter:
                 kind, payload = "tick", None
             if kind == "order":
                 self._guard(self._write_order, payload)
-            if kind in ("flush", "close") or time.monotonic() - last_flush >= self.flush_seconds:
+            if (
+                kind in ("flush", "close", "drain")
+                or time.monotonic() - last_flush >= self.flush_seconds
+            ):
                 self._guard(self._write_pending)
                 last_flush = time.monotonic()
             if kind == "flush":
@@ -398,6 +438,9 @@ class TraceWriter:
     def _write_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
+            self._pending_bytes = 0
+            self._drain_requested = False
+            self._room.notify_all()
         if not pending and not self._lost and self._n_errors == self._n_errors_written:
             return
         steps = [rows for kind, rows in pending if kind == "step"]

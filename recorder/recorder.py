@@ -32,6 +32,7 @@ from samplescope.recorder._columns import (
     jsonable,
     param_norms,
     sample_info_arrays,
+    stack_grad_sq,
 )
 from samplescope.recorder._thumbnails import thumbnail_images, thumbnail_shape
 from samplescope.recorder._transfer import DeferredRows, HostTransfer, NonfiniteCounter
@@ -647,28 +648,22 @@ class Recorder:
             raise RecorderError(msg)
         # A layer that got no gradient in this step (an auxiliary head left out of the
         # loss, a branch not taken) records 0: its gradient is zero for every sample.
-        where = next((r.grad_sq.device for r, has in zip(results, ran, strict=True) if has), device)
-        zeros = torch.zeros(n, device=where)
-        # Whole-step tensor ops rather than per-layer ones: at small batch sizes the
-        # per-call overhead, not the arithmetic, is what recording costs.
-        grad_sq = torch.stack(
-            [
-                r.grad_sq.detach().to(where) if has else zeros
-                for r, has in zip(results, ran, strict=True)
-            ],
-            1,
+        grad_sq = stack_grad_sq(
+            [r.grad_sq if has else None for r, has in zip(results, ran, strict=True)], n, device
         )
+        where = grad_sq.device
         batch_grads = [list(r.batch_grad.values()) for r in results]
         if not batch_stats:  # a checkpoint: per-sample norms only (no /steps row)
             return {"grad_sq": grad_sq, "param_norms": torch.zeros(0)}, (0,) * len(results)
         tensors = {"grad_sq": grad_sq, "param_norms": param_norms(batch_grads)}
         if self.alignment:
-            tensors["alignment"] = torch.stack(
+            tensors["alignment"] = stack_grad_sq(
                 [
-                    o.alignment(r.batch_grad).detach().to(where) if has else zeros
+                    o.alignment(r.batch_grad).to(where) if has else None
                     for o, r, has in zip(self._observers, results, ran, strict=True)
                 ],
-                1,
+                n,
+                where,
             )
         return tensors, tuple(len(g) for g in batch_grads)
 

@@ -344,8 +344,10 @@ class Observer:
             self._store_error(error)
 
     def _note_precision(self, *tensors: Tensor) -> None:
-        if any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors):
-            self._low_precision = True
+        for t in tensors:  # a loop, not any(<genexpr>): this runs per layer per step
+            if t.dtype in _LOW_PRECISION:
+                self._low_precision = True
+                return
 
     def _check_uses(self) -> None:
         from samplescope.recorder.layers.shared import hidden_use_message
@@ -379,6 +381,7 @@ class Observer:
 
 
 _MISSING = object()
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class ReexpressedObserver(Observer):

@@ -78,8 +78,12 @@ def working_precision(*tensors: Tensor) -> tuple[Tensor, ...]:
     reverse); squared norms summed in bfloat16 would also lose most of their digits.
     """
     first = tensors[0].dtype
-    if first not in _LOW_PRECISION and all(t.dtype == first for t in tensors):
-        return tensors  # nothing to cast (the usual case): no dtype arithmetic
+    if first not in _LOW_PRECISION:
+        for t in tensors:
+            if t.dtype != first:
+                break
+        else:
+            return tensors  # nothing to cast (the usual case): no dtype arithmetic
     dtypes = [t.dtype for t in tensors]
     if any(d in _LOW_PRECISION for d in dtypes):
         target = torch.promote_types(torch.float32, _widest(dtypes))

@@ -480,7 +480,11 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="comma-separated (default: all)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant (≥ 40)")
     parser.add_argument("--no-anchors", action="store_true", help="skip torch.func/Opacus/BackPACK")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="intra-op threads (1 on a shared, loaded machine)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     default = "mlp,cnn,transformer,resnet18,mlp49" if args.quick else ",".join(MODELS)
     models = (args.models or default).split(",")
     warmup, n = (3, 15) if args.quick else (20, max(40, args.steps))

@@ -1,11 +1,11 @@
 """Recording overhead: plain training step vs recorded step, measured side by side.
 
     python bench/recorder_overhead.py            # every model below
-    python bench/recorder_overhead.py --quick    # fewer steps, for a smoke run
+    python bench/recorder_overhead.py --quick    # a few minutes: 5 models, few steps
     python bench/recorder_overhead.py --models lstm,gpt2
 
 Models: mlp, cnn, transformer (the recorder issue's three), resnet18 (ResNet-18 for
-32x32 inputs, batch 64), lstm (a 2-layer LSTM tagger) and
+32x32 inputs, batch 64), mlp49 (49 narrow Linear layers), lstm (a 2-layer LSTM tagger) and
 gpt2 (Hugging Face GPT-2 with the small config's sizes, random weights; only when
 transformers is installed, otherwise the row is skipped with a note).
 
@@ -25,6 +25,7 @@ import contextlib
 import copy
 import ctypes
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -106,6 +107,15 @@ class LSTMTagger(nn.Module):
         return self.head(out[:, -1])
 
 
+def mlp49() -> tuple[nn.Module, Batch]:
+    """49 narrow Linear layers (784-128, 47 x 128-128, 128-10): per-layer cost dominates."""
+    layers: list[nn.Module] = [nn.Linear(784, 128), nn.ReLU()]
+    for _ in range(47):
+        layers += [nn.Linear(128, 128), nn.ReLU()]
+    layers.append(nn.Linear(128, 10))
+    return nn.Sequential(*layers), (torch.randn(128, 784), torch.randint(0, 10, (128,)))
+
+
 def lstm() -> tuple[nn.Module, Batch]:
     return LSTMTagger(), (torch.randint(0, 1000, (64, 32)), torch.randint(0, 10, (64,)))
 
@@ -172,9 +182,14 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Batch]]] = {
     "cnn": cnn,
     "transformer": transformer,
     "resnet18": resnet18,
+    "mlp49": mlp49,
     "lstm": lstm,
     "gpt2": gpt2,
 }
+
+# Models whose torch.func anchor (vmap over the batch of a per-sample grad) is too slow or too
+# large to run beside them (over 15 minutes for ResNet-18); --quick also skips mlp49's.
+SLOW_FUNC = {"resnet18", "lstm", "gpt2"}
 
 # Models that need an optional package: (import name, what to install).
 NEEDS = {"gpt2": ("transformers", "pip install transformers")}
@@ -396,73 +411,173 @@ def status_mb(field: str) -> float:
     raise KeyError(field)
 
 
+def writer_headroom(n_layers: int, batch: int = 128, seconds: float = 3.0) -> float:
+    """Visits per second the trace writer sustains for a model with ``n_layers`` layers.
+
+    Steps of ready tensors (as the recorder hands them over: loss, grad_sq, 10 logits,
+    target, input norm, parameter norms) are queued as fast as possible; backpressure
+    makes the producer wait for the writer, so the rate is the writer's, HDF5 included.
+    Compare it with a run's visits per second to see how far the writer is from the limit.
+    """
+    from samplescope.recorder._columns import StepFrame, StepRows, derive_outputs
+    from samplescope.recorder._transfer import DeferredRows, HostTransfer, NonfiniteCounter
+    from samplescope.recorder.writer import TraceWriter
+
+    layers = {
+        "name": [f"l{i}" for i in range(n_layers)],
+        "kind": ["Linear"] * n_layers,
+        "n_params": [1] * n_layers,
+        "method": ["identity"] * n_layers,
+    }
+    layout = {"layers": layers, "outputs": True, "alignment": False}
+    counter = NonfiniteCounter()
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = TraceWriter(Path(tmp) / "w.h5", {}, flush_seconds=0.5, derive=derive_outputs)
+        writer.max_pending_bytes = 8 << 20  # fills within a second at any layer count
+        writer.open(layout)
+        g = torch.Generator().manual_seed(0)
+        tensors = {
+            "loss": torch.rand(batch, generator=g),
+            "grad_sq": torch.rand(batch, n_layers, generator=g),
+            "param_norms": torch.rand(2 * n_layers, generator=g),
+            "input_sq": torch.rand(batch, generator=g),
+            "_logits": torch.randn(batch, 10, generator=g),
+            "target": torch.randint(0, 10, (batch,), generator=g),
+        }
+        start, step = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            frame = StepFrame(
+                step=step,
+                epoch=0,
+                sample_id=np.arange(step * batch, (step + 1) * batch),
+                scale=1.0 / batch,
+                lr=0.1,
+                time=time.time(),
+                layer_sizes=(2,) * n_layers,
+                input_sq=True,
+                input_grad_sq=None,
+            )
+            transfer = HostTransfer(tensors)
+            rows = StepRows(transfer, frame, counter)
+            writer.append_step(
+                DeferredRows(rows.steps), DeferredRows(rows.visits), nbytes=transfer.nbytes
+            )
+            step += 1
+        writer.flush()
+        elapsed = time.perf_counter() - start
+        writer.abort()  # skip the compaction: not part of the steady state
+        writer.close()
+    return step * batch / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few steps, for a smoke run")
-    parser.add_argument("--models", default="mlp,cnn,transformer,resnet18,lstm,gpt2")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few minutes: mlp, cnn, transformer, resnet18, mlp49; few steps; no slow anchors",
+    )
+    parser.add_argument("--models", default=None, help="comma-separated (default: all)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant (≥ 40)")
+    parser.add_argument("--no-anchors", action="store_true", help="skip torch.func/Opacus/BackPACK")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="intra-op threads (1 on a shared, loaded machine)"
+    )
     args = parser.parse_args()
-    warmup, n = (3, 5) if args.quick else (20, max(40, args.steps))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {n} steps")
-    header = f"{'model':<12}{'variant':<22}{'ms/step':>9}{'ratio':>8}{'agrees':>8}"
-    rows = []
-    for name in args.models.split(","):
+    torch.set_num_threads(args.threads)
+    default = "mlp,cnn,transformer,resnet18,mlp49" if args.quick else ",".join(MODELS)
+    models = (args.models or default).split(",")
+    warmup, n = (3, 15) if args.quick else (20, max(40, args.steps))
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {n} steps, "
+        f"{os.cpu_count()} CPUs, load average (1/5/15 min) {load}"
+    )
+    print(f"{'model':<12}{'variant':<22}{'ms/step':>9}{'ratio':>8}{'agrees':>8}", flush=True)
+    for name in models:
         if name in NEEDS and importlib.util.find_spec(NEEDS[name][0]) is None:
             print(
                 f"note: skipping the {name} row: {NEEDS[name][0]} is not installed "
                 f"({NEEDS[name][1]})"
             )
             continue
-        torch.manual_seed(0)
-        base, batch = MODELS[name]()
-        reference = our_norms(copy.deepcopy(base), batch)
-        # Each variant is interleaved with its own plain step, so a slow neighbour (torch.func
-        # allocates gigabytes) never colours another variant's figure.
-        with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-            plain = plain_step(copy.deepcopy(base), batch)
-            ours = recorded_step(copy.deepcopy(base), batch, Path(tmp) / "t.h5", stack)
-            ms = interleaved({"plain": plain, "ours": ours}, warmup, n)
-            rows.append((name, "plain", f"{ms['plain']:9.2f}{1:8.2f}"))
-            rows.append(
-                (
-                    name,
-                    "samplescope (all)",
-                    f"{ms['ours']:9.2f}{ms['ours'] / ms['plain']:8.2f}{'ref':>8}",
-                )
-            )
-            for label, factory in (
-                ("torch.func (norms)", torch_func_norms),
-                ("opacus ghost (norms)", opacus_norms),
-                ("backpack (norms)", backpack_norms),
-            ):
-                try:
-                    step, norms = factory(copy.deepcopy(base), batch)
-                    agree = "yes" if np.allclose(norms(), reference, rtol=2e-3, atol=1e-6) else "NO"
-                except Exception as error:  # noqa: BLE001 - a reference tool may not support a model
-                    rows.append((name, label, f"unavailable: {type(error).__name__}"))
-                    continue
-                pair = interleaved(
-                    {"plain": plain_step(copy.deepcopy(base), batch), "tool": step},
-                    warmup,
-                    max(10, n // 4) if "func" in label else n,
-                )
-                ratio = pair["tool"] / pair["plain"]
-                rows.append((name, label, f"{pair['tool']:9.2f}{ratio:8.2f}{agree:>8}"))
-        (first_plain, mem_plain), (first_rec, mem_rec) = (
-            peak_memory_mb(name, "plain"),
-            peak_memory_mb(name, "recorded"),
-        )
+        # Each model's rows as soon as they are measured: a long run shows progress.
+        for model_name, label, text in model_rows(name, args, warmup, n):
+            print(f"{model_name:<12}{label:<22}{text}", flush=True)
+    for layers in (4, 50):
+        rate = writer_headroom(layers)
+        print(f"writer headroom, {layers} layers: {rate:,.0f} visits/s (HDF5 included)")
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"load average at the end: {load}")
+
+
+def model_rows(name: str, args: argparse.Namespace, warmup: int, n: int) -> list[tuple]:
+    rows = []
+    torch.manual_seed(0)
+    base, batch = MODELS[name]()
+    anchors = [] if args.no_anchors else list(ANCHORS)
+    if name in SLOW_FUNC or (args.quick and name == "mlp49"):
+        anchors = [a for a in anchors if "func" not in a[0]]
+        rows.append((name, "torch.func (norms)", "skipped: too slow for this model"))
+    reference = our_norms(copy.deepcopy(base), batch) if anchors else None
+    # Each variant is interleaved with its own plain step, so a slow neighbour (torch.func
+    # allocates gigabytes) never colours another variant's figure.
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        plain = plain_step(copy.deepcopy(base), batch)
+        ours = recorded_step(copy.deepcopy(base), batch, Path(tmp) / "t.h5", stack)
+        # The first step of each (convolutions probe their methods in the recorded one).
+        first = {}
+        for label, step in (("plain", plain), ("ours", ours)):
+            start = time.perf_counter()
+            step()
+            first[label] = (time.perf_counter() - start) * 1e3
+        ms = interleaved({"plain": plain, "ours": ours}, warmup, n)
+        rows.append((name, "plain", f"{ms['plain']:9.2f}{1:8.2f}"))
+        ratio = ms["ours"] / ms["plain"]
+        rows.append((name, "samplescope (all)", f"{ms['ours']:9.2f}{ratio:8.2f}{'ref':>8}"))
         rows.append(
             (
                 name,
-                "peak MB plain/recorded",
-                f"{mem_plain:7.0f} / {mem_rec:.0f}  ratio {mem_rec / mem_plain:.2f}"
-                f"   (first steps {first_plain:.0f} / {first_rec:.0f})",
+                "first step ms",
+                f"{first['plain']:9.1f} / {first['ours']:.1f} recorded "
+                f"({first['ours'] / ms['ours']:.1f}x a recorded step)",
             )
         )
-    print(header)
-    for model_name, label, text in rows:
-        print(f"{model_name:<12}{label:<22}{text}")
+        for label, factory in anchors:
+            try:
+                step, norms = factory(copy.deepcopy(base), batch)
+                agree = "yes" if np.allclose(norms(), reference, rtol=2e-3, atol=1e-6) else "NO"
+            except Exception as error:  # noqa: BLE001 - a reference tool may not support a model
+                rows.append((name, label, f"unavailable: {type(error).__name__}"))
+                continue
+            pair = interleaved(
+                {"plain": plain_step(copy.deepcopy(base), batch), "tool": step},
+                warmup,
+                max(10, n // 4) if "func" in label else n,
+            )
+            ratio = pair["tool"] / pair["plain"]
+            rows.append((name, label, f"{pair['tool']:9.2f}{ratio:8.2f}{agree:>8}"))
+    mem_steps = 4 if args.quick else 10
+    (first_plain, mem_plain), (first_rec, mem_rec) = (
+        peak_memory_mb(name, "plain", mem_steps),
+        peak_memory_mb(name, "recorded", mem_steps),
+    )
+    rows.append(
+        (
+            name,
+            "peak MB plain/recorded",
+            f"{mem_plain:7.0f} / {mem_rec:.0f}  ratio {mem_rec / mem_plain:.2f}"
+            f"   (first steps {first_plain:.0f} / {first_rec:.0f})",
+        )
+    )
+    return rows
+
+
+ANCHORS = (
+    ("torch.func (norms)", torch_func_norms),
+    ("opacus ghost (norms)", opacus_norms),
+    ("backpack (norms)", backpack_norms),
+)
 
 
 if __name__ == "__main__":

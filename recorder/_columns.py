@@ -27,6 +27,7 @@ __all__ = [
     "jsonable",
     "param_norms",
     "sample_info_arrays",
+    "stack_grad_sq",
 ]
 
 
@@ -75,7 +76,7 @@ def check_targets(targets: Tensor, n_classes: int) -> Tensor:
     """
     copy = targets.detach().reshape(-1).to(torch.int64, copy=True)
     if not _transfer._needs_copy(copy) and copy.numel():
-        low, high = int(copy.min()), int(copy.max())
+        low, high = (int(v) for v in torch.aminmax(copy))  # one pass, not two
         if low < 0 or high >= n_classes:
             bad = low if low < 0 else high
             msg = f"target {bad} is not a class index of logits with {n_classes} classes"
@@ -105,6 +106,23 @@ def check_result(name: str, result: Any, n: int) -> bool:
         msg = f"layer {name!r} saw a batch of {result.grad_sq.shape[0]} but backward got {n} losses"
         raise RecorderError(msg)
     return True
+
+
+def stack_grad_sq(grad_sq: list[Tensor | None], n: int, device: torch.device) -> Tensor:
+    """The layers' per-sample norms as one [N, L] tensor; None (no gradient) records 0.
+
+    One stack for the whole step: at small batch sizes the per-call overhead, not the
+    arithmetic, is what recording costs, so nothing here runs per layer unless needed
+    (a zero column, a layer on another device).
+    """
+    where = next((g.device for g in grad_sq if g is not None), device)
+    zeros = torch.zeros(n, device=where) if any(g is None for g in grad_sq) else None
+    columns = [
+        zeros if g is None else g if g.device == where and not g.requires_grad else g.detach()
+        for g in grad_sq
+    ]
+    columns = [c if c.device == where else c.to(where) for c in columns]
+    return torch.stack(columns, 1)
 
 
 def param_norms(grads: list[list[Tensor]]) -> Tensor:

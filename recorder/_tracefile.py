@@ -27,6 +27,7 @@ __all__ = [
     "TraceLock",
     "TraceWriteError",
     "compact",
+    "compact_live",
     "growable",
     "publish",
     "remove_stale_temps",
@@ -210,6 +211,36 @@ def compact(
         temp.unlink(missing_ok=True)
         raise
     return True
+
+
+def compact_live(path: Path) -> None:
+    """Rewrite a live trace (closed by its writer for the moment) without the space it leaked.
+
+    Every object is copied with HDF5's object copy, which moves the stored chunks as they
+    are (no decompression, same chunk shapes, filters and growable shapes), so the writer
+    reopens the copy and appends as before. The copy replaces the original by a rename: a
+    kill at any moment leaves one complete trace at ``path`` (a stale temporary copy is
+    removed by the next writer of the path).
+
+    Raises:
+        OSError, RuntimeError, ValueError, KeyError: the copy failed; the original is
+            untouched and the temporary copy removed.
+    """
+    temp = temp_path(path, "compact")
+    try:
+        # swmr=True also reads a copy of a file still open for writing (as a kill leaves it).
+        with (
+            h5py.File(path, "r", swmr=True) as src,
+            h5py.File(temp, "w", libver=LIBVER) as dst,
+        ):
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for name in src:
+                src.copy(src[name], dst, name=name)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def _copy_dataset(

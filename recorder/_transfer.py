@@ -52,8 +52,10 @@ class HostTransfer:
     def __init__(self, tensors: Mapping[str, Tensor]) -> None:
         self._host: dict[str, Tensor] = {}
         devices: dict[torch.device, None] = {}
+        self.nbytes = 0  # host memory the copies hold until the writer converts them
         for name, tensor in tensors.items():
             t = tensor.detach()
+            self.nbytes += t.numel() * t.element_size()
             if t.dtype in _NOT_NUMPY:
                 t = t.float()  # on the device, before the copy: numpy has no bfloat16
             if _needs_copy(t):

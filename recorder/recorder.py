@@ -31,6 +31,7 @@ from samplescope.recorder._columns import (
     derive_outputs,
     jsonable,
     sample_info_arrays,
+    stack_grad_sq,
 )
 from samplescope.recorder._thumbnails import thumbnail_images, thumbnail_shape
 from samplescope.recorder._transfer import DeferredRows, HostTransfer, NonfiniteCounter
@@ -701,13 +702,17 @@ class Recorder:
             input_grad_sq=(input_grad_sq is not None) if self.options["input_grad"] else None,
             missing_outputs=logits is None and self.outputs is None,
         )
-        rows = StepRows(HostTransfer(tensors), frame, self._nonfinite)
+        transfer = HostTransfer(tensors)
+        rows = StepRows(transfer, frame, self._nonfinite)
         self.n_visits += n
         if self.accumulation_steps > 1:  # written when the optimizer step is over
             self._accumulated.add(rows, frame)
             return
-        # The writer assigns /steps/visit_start from the rows it actually writes.
-        self._writer.append_step(DeferredRows(rows.steps), DeferredRows(rows.visits))
+        # The writer assigns /steps/visit_start from the rows it actually writes; it makes
+        # this wait when the queued steps hold too much memory (backpressure).
+        self._writer.append_step(
+            DeferredRows(rows.steps), DeferredRows(rows.visits), nbytes=transfer.nbytes
+        )
         self.step += 1
 
     def _end_accumulated_step(self) -> None:
@@ -734,17 +739,10 @@ class Recorder:
             raise RecorderError(msg)
         # A layer that got no gradient in this step (an auxiliary head left out of the
         # loss, a branch not taken) records 0: its gradient is zero for every sample.
-        where = next((r.grad_sq.device for r, has in zip(results, ran, strict=True) if has), device)
-        zeros = torch.zeros(n, device=where)
-        # Whole-step tensor ops rather than per-layer ones: at small batch sizes the
-        # per-call overhead, not the arithmetic, is what recording costs.
-        grad_sq = torch.stack(
-            [
-                r.grad_sq.detach().to(where) if has else zeros
-                for r, has in zip(results, ran, strict=True)
-            ],
-            1,
+        grad_sq = stack_grad_sq(
+            [r.grad_sq if has else None for r, has in zip(results, ran, strict=True)], n, device
         )
+        where = grad_sq.device
         if not batch_stats:  # a checkpoint: per-sample norms only (no /steps row)
             return {"grad_sq": grad_sq, "param_norms": torch.zeros(0)}, (0,) * len(results)
         # The batch gradient G as the optimizer gets it: reduced across ranks (DDP, FSDP2).
@@ -753,12 +751,13 @@ class Recorder:
         tensors = {"grad_sq": grad_sq, "param_norms": self._batch_gradient.norms(batch_grads)}
         if self.alignment:
             whole = self._batch_gradient.for_alignment(reduced)
-            tensors["alignment"] = torch.stack(
+            tensors["alignment"] = stack_grad_sq(
                 [
-                    o.alignment(g).detach().to(where) if has else zeros
+                    o.alignment(g).to(where) if has else None
                     for o, g, has in zip(self._observers, whole, ran, strict=True)
                 ],
-                1,
+                n,
+                where,
             )
         return tensors, tuple(len(g) for g in batch_grads)
 

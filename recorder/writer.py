@@ -37,6 +37,7 @@ from samplescope.recorder._tracefile import (
     TraceLock,
     TraceWriteError,
     compact,
+    compact_live,
     growable,
     publish,
     remove_stale_temps,
@@ -57,11 +58,24 @@ _STR = h5py.string_dtype("utf-8")
 # (bench/trace_size.py). At close the file is rewritten with _COMPACT_ROWS-row chunks.
 _LIVE_ROWS = 256
 _COMPACT_ROWS = 8192
+# The leaked copies are reclaimed while training runs too: when the live file exceeds this
+# factor of its estimated compact size (and by at least _LIVE_SLACK_MIN bytes), the writer
+# closes it, copies its chunks into a fresh file (`compact_live`), renames that into place
+# and reopens it. Each copy moves the whole file, but it is due only once the waste reaches
+# a fixed fraction of the data, so its cost per flush stays proportional to the waste of a
+# flush (a few chunks), whatever the run's length.
+_LIVE_SLACK = 1.2
+_LIVE_SLACK_MIN = 64 << 10
 _THUMB_SIDE = 28
 # Free space a flush leaves untouched. HDF5 cannot recover from a write that fails for lack
 # of space (a later close crashes the process in H5F__dest), so the writer refuses a flush
 # that could fill the disk: this room stays for the close (status, metadata).
 SPACE_MARGIN = 4 << 20
+# Bytes of queued rows (host copies of a step's tensors) past which the training thread
+# waits for the writer instead of queueing more: a writer that falls behind (a slow disk, a
+# huge model) then slows training down rather than letting memory grow without limit.
+# Rows being written count no more, so the recorder holds at most about twice this.
+MAX_PENDING_BYTES = 256 << 20
 
 # Column dtypes per table; a [rows, layers] column is marked by a trailing "*".
 _STEP_COLUMNS = {
@@ -183,6 +197,18 @@ class TraceWriter:
         self._forward_order: np.ndarray | None = None
         self._pending: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
+        # Live compaction: the file's size when empty, and bytes per row of the last copy.
+        self._empty_size = 0
+        self._bytes_per_row: float | None = None
+        self.n_live_compactions = 0
+        self._closing = False
+        # Backpressure: bytes queued in _pending, and where the training thread waits.
+        self.max_pending_bytes = MAX_PENDING_BYTES
+        self._pending_bytes = 0
+        self._room = threading.Condition(self._lock)
+        self._drain_requested = False
+        self.wait_seconds = 0.0  # time the training thread spent waiting for the writer
+        self.max_pending_seen = 0  # the most bytes ever queued at once (for tests, benches)
         self._abort = threading.Event()
 
     # -- training-thread side -------------------------------------------------------------
@@ -227,6 +253,7 @@ class TraceWriter:
             self._create(self._file)
             self._file.swmr_mode = True  # also flushes: the file is complete on disk
             publish(temp, self.path, overwrite=self._overwrite)
+            self._empty_size = self.path.stat().st_size
         except BaseException as error:
             if self._file is not None:
                 with contextlib.suppress(Exception):
@@ -243,14 +270,39 @@ class TraceWriter:
         self._thread = threading.Thread(target=self._run, name="samplescope-writer", daemon=True)
         self._thread.start()
 
-    def append_step(self, step: Mapping[str, np.ndarray], visits: Mapping[str, np.ndarray]) -> None:
+    def append_step(
+        self,
+        step: Mapping[str, np.ndarray],
+        visits: Mapping[str, np.ndarray],
+        *,
+        nbytes: int = 0,
+    ) -> None:
         """Queue one step's /steps row and its /visits rows (written together or not at all).
 
         The writer thread collects them on its own schedule: waking it at every step would
-        make it compete with training for the interpreter lock.
+        make it compete with training for the interpreter lock. If the rows already queued
+        hold ``max_pending_bytes`` or more (``nbytes`` is this step's share), this waits
+        until the writer has taken them: the queue stays bounded and no row is dropped.
         """
         with self._lock:
+            if self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+                self._wait_for_room(nbytes)
             self._pending.append(("step", (step, visits)))
+            self._pending_bytes += nbytes
+            self.max_pending_seen = max(self.max_pending_seen, self._pending_bytes)
+
+    def _wait_for_room(self, nbytes: int) -> None:
+        # Called with self._lock held (the Condition's lock).
+        start = time.monotonic()
+        if not self._drain_requested:
+            # Wake the writer now rather than at its next flush time.
+            self._drain_requested = True
+            self._queue.put(("drain", None))
+        while self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+            if self._thread is None or not self._thread.is_alive():
+                break  # nobody will drain the queue (closing): never hang training
+            self._room.wait(0.1)
+        self.wait_seconds += time.monotonic() - start
 
     def append(self, table: str, rows: Mapping[str, np.ndarray]) -> None:
         """Queue rows for "evals", "thumbnails", "checkpoints" or "sample_names"."""
@@ -384,7 +436,10 @@ class TraceWriter:
                 kind, payload = "tick", None
             if kind == "order":
                 self._guard(self._write_order, payload)
-            if kind in ("flush", "close") or time.monotonic() - last_flush >= self.flush_seconds:
+            if (
+                kind in ("flush", "close", "drain")
+                or time.monotonic() - last_flush >= self.flush_seconds
+            ):
                 self._guard(self._write_pending)
                 last_flush = time.monotonic()
             if kind == "flush":
@@ -402,7 +457,8 @@ class TraceWriter:
                 self._error = error
 
     def _write_order(self, order: np.ndarray) -> None:
-        assert self._file is not None
+        if self._file is None:
+            return
         self._file["layers/forward_order"][:] = order
         self._forward_order = order
         self._file.flush()
@@ -410,6 +466,9 @@ class TraceWriter:
     def _write_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
+            self._pending_bytes = 0
+            self._drain_requested = False
+            self._room.notify_all()
         if not pending and not self._lost and self._n_errors == self._n_errors_written:
             return
         steps = [rows for kind, rows in pending if kind == "step"]
@@ -427,6 +486,54 @@ class TraceWriter:
             lost = f"; {len(numbers)} step(s) lost, listed in /status/lost_steps" if numbers else ""
             msg = f"writing trace {self.path} failed: {_reason(error)}{lost}"
             raise TraceWriteError(msg) from error
+        self._maybe_compact_live()
+
+    def _maybe_compact_live(self) -> None:
+        """Reclaim the space SWMR leaked, once it is a good part of the file (see _LIVE_SLACK)."""
+        if self._abort.is_set() or self._closing:
+            return
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return
+        rows = sum(self._rows.values())
+        if self._bytes_per_row is None:  # never copied yet: wait for some data first
+            expected = self._empty_size
+            due = size - expected > 4 * _LIVE_SLACK_MIN
+        else:
+            expected = self._empty_size + self._bytes_per_row * rows
+            due = size > _LIVE_SLACK * expected and size - expected > _LIVE_SLACK_MIN
+        if not due or not rows:
+            return
+        try:
+            _check_space(self.path, size)
+        except OSError:
+            return  # no room for a copy: the live file is complete, keep writing it
+        assert self._file is not None
+        self._file.close()
+        try:
+            compact_live(self.path)
+        except (OSError, RuntimeError, ValueError, KeyError) as error:
+            logger.debug("live compaction of %s failed: %s", self.path, error)
+        finally:
+            self._reopen()
+        self.n_live_compactions += 1
+        size = self.path.stat().st_size
+        self._bytes_per_row = max(0.0, size - self._empty_size) / rows
+
+    def _reopen(self) -> None:
+        try:
+            self._file = h5py.File(self.path, "a", libver=LIBVER)
+            self._file.swmr_mode = True
+        except Exception as error:
+            self._file = None
+            msg = f"cannot reopen trace {self.path} after compacting it: {_reason(error)}"
+            raise TraceWriteError(msg) from error
+        f = self._file
+        self._tables = {
+            table: {name: f[f"{table}/{name}"] for name in datasets}
+            for table, datasets in self._tables.items()
+        }
 
     def _merge(self, pending: list[tuple[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
         parts: dict[str, dict[str, list[np.ndarray]]] = {}
@@ -452,7 +559,9 @@ class TraceWriter:
         return batch
 
     def _commit(self, batch: dict[str, dict[str, np.ndarray]]) -> None:
-        assert self._file is not None
+        if self._file is None:
+            msg = f"trace {self.path} is no longer open (a live compaction could not reopen it)"
+            raise TraceWriteError(msg)
         _check_space(self.path, sum(v.nbytes for c in batch.values() for v in c.values()))
         for table in _TABLE_ORDER:
             columns = batch.get(table)
@@ -501,11 +610,13 @@ class TraceWriter:
                 lost.resize(self._n_lost, axis=0)
 
     def _finish(self) -> None:
-        f = self._file
-        assert f is not None
         closed = False
+        self._closing = True  # the close compacts anyway: no live compaction now
+        self._guard(self._write_pending)
+        f = self._file
+        if f is None:  # a live compaction could not reopen the file (error already kept)
+            return
         try:
-            self._guard(self._write_pending)
             if self._lost:  # steps lost in the last flush: try once more to list them
                 self._guard(self._commit_lost)
             _check_space(self.path, 0)

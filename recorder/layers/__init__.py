@@ -92,5 +92,5 @@ def default_registry() -> LayerRegistry:
 
 
 def _conv_observer(name: str, module: nn.Module, session: Session) -> Observer:
-    # A fresh ConvNorms per layer: its per-shape method choice belongs to this layer.
+    # A ConvNorms per layer; the per-shape method choice is shared (identical layers agree).
     return HookObserver(name, module, session, ConvNorms())

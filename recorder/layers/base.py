@@ -80,8 +80,26 @@ def norm_region(device_type: str) -> Iterator[None]:
     A backward called inside ``torch.autocast`` runs hooks with autocast still on, which
     would cast the norms' float32 matmuls back to bfloat16/float16.
     """
-    with torch.no_grad(), _autocast_off(device_type):
+    # Hooks run inside backward, where grad mode is already off and autocast usually is:
+    # entering torch.autocast costs more Python than a norm's arithmetic on a small layer,
+    # so each context is entered only when it changes something.
+    grad = torch.is_grad_enabled()
+    autocast = _autocast_enabled(device_type)
+    if not grad and not autocast:
         yield
+        return
+    with (
+        torch.no_grad() if grad else contextlib.nullcontext(),
+        _autocast_off(device_type) if autocast else contextlib.nullcontext(),
+    ):
+        yield
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError, ValueError):  # a device type without autocast
+        return False
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -328,8 +346,10 @@ class Observer:
             self._store_error(error)
 
     def _note_precision(self, *tensors: Tensor) -> None:
-        if any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors):
-            self._low_precision = True
+        for t in tensors:  # a loop, not any(<genexpr>): this runs per layer per step
+            if t.dtype in _LOW_PRECISION:
+                self._low_precision = True
+                return
 
     def _check_uses(self) -> None:
         from samplescope.recorder.layers.shared import hidden_use_message
@@ -366,6 +386,7 @@ class Observer:
 
 
 _MISSING = object()
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class ReexpressedObserver(Observer):

@@ -10,9 +10,15 @@ norm, whose costs cross over with channels, kernel and image size:
 - ``grouped``: the per-sample weight gradients as one convolution-weight backward in which
   every sample is its own group (samples stacked along channels), no patch copy at all.
 
-None is best everywhere, so each layer times all candidates once on the first batch of a
-given shape, keeps the fastest for that shape, and logs the choice at DEBUG. All three are
-exact, so the choice changes speed only.
+None is best everywhere, so the candidates are timed once per shape (input, output gradient,
+kernel, stride, dilation, groups, dtype, device) on a few samples of the first batch of that
+shape, and the choice is kept for the process: identical layers get the same method, and a
+ResNet's twenty convolutions probe only their few distinct shapes. Candidates that a cost
+model puts far behind (the Gram form on large images) are not timed. Every method runs under
+a memory budget: its largest intermediate may hold no more elements than the layer's input
+and output gradient together (which backward holds anyway), so a method that needs more
+runs over slices of the batch (per-sample norms are independent). The choice is logged at
+DEBUG. All methods are exact, so the choice changes speed only.
 
 Under ``torch.autocast`` the input arrives in float32 and the output gradient in bfloat16 or
 float16 (or the reverse); both are cast to float32 first (`working_precision`), so every
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -36,21 +43,43 @@ __all__ = ["CONV_METHODS", "ConvNorms", "conv_weight_sq"]
 
 logger = logging.getLogger(__name__)
 
-# Candidates whose intermediate would exceed this many elements are not tried (unless none
-# is small enough), so timing never allocates gigabytes just to lose.
-_MAX_ELEMENTS = 1 << 26
-
 # Methods within this factor of the fastest count as equally fast (see _time_candidates).
 _NEAR_TIE = 1.25
+# Candidates whose estimated work is more than this factor of the cheapest are not timed.
+_HOPELESS = 4.0
+# Samples the candidates are timed on: enough that per-call overhead does not decide.
+_PROBE_SAMPLES = 16
+# The memory budget of an intermediate, in elements, is the layer's input and output
+# gradient together, but never below this (small layers are not sliced for nothing).
+_MIN_BUDGET = 1 << 20
 
 _ConvMethod = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
-class ConvNorms:
-    """NormFn for one convolution layer; remembers which method won for each shape.
+class _Choices:
+    """Which method each convolution shape uses, shared by every layer of the process."""
 
-    One instance per observed layer (the registry's factory makes a fresh one), so the
-    cache lives with the observer, never on the module.
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[tuple, str] = {}
+
+    def get(self, key: tuple) -> str | None:
+        with self._lock:
+            return self._by_key.get(key)
+
+    def put(self, key: tuple, name: str) -> str:
+        """Keep ``name`` unless another layer chose first (then return that one)."""
+        with self._lock:
+            return self._by_key.setdefault(key, name)
+
+
+_CHOICES = _Choices()
+
+
+class ConvNorms:
+    """NormFn for one convolution layer; uses the process-wide method choice per shape.
+
+    ``choice`` lists the shapes this layer has seen and the method each used.
     """
 
     def __init__(self) -> None:
@@ -80,13 +109,30 @@ class ConvNorms:
 
     def _weight_sq(self, module: nn.Module, activation: Tensor, grad_output: Tensor) -> Tensor:
         x = pad_input(module, activation)
-        key = (tuple(x.shape), tuple(grad_output.shape), x.dtype, x.device.type)
+        key = (
+            tuple(x.shape),
+            tuple(grad_output.shape),
+            tuple(module.kernel_size),
+            tuple(module.stride),
+            tuple(module.dilation),
+            module.groups,
+            x.dtype,
+            x.device.type,
+        )
         name = self.choice.get(key)
-        if name is not None:
-            return CONV_METHODS[name](module, x, grad_output)
-        name, value = _time_candidates(module, x, grad_output)
-        self.choice[key] = name
-        return value
+        if name is None:
+            name = _CHOICES.get(key)
+            if name is None:
+                name = _CHOICES.put(key, _time_candidates(module, x, grad_output))
+            else:
+                logger.debug(
+                    "conv %s input %s: chose %s (as for an identical layer)",
+                    type(module).__name__,
+                    tuple(x.shape),
+                    name,
+                )
+            self.choice[key] = name
+        return _budgeted(name, module, x, grad_output)
 
 
 def conv_weight_sq(
@@ -94,7 +140,21 @@ def conv_weight_sq(
 ) -> Tensor:
     """Squared per-sample weight-gradient norm of a convolution with a named method [N]."""
     activation, grad_output = working_precision(activation, grad_output)
-    return CONV_METHODS[method](module, pad_input(module, activation), grad_output)
+    return _budgeted(method, module, pad_input(module, activation), grad_output)
+
+
+def _budgeted(name: str, module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+    """Method ``name`` over slices of the batch small enough for the memory budget."""
+    n = x.shape[0]
+    per_sample = max(1, _footprint(module, x, grad_output)[name] // n)
+    budget = max(_MIN_BUDGET, x.numel() + grad_output.numel())
+    size = max(1, budget // per_sample)
+    method = CONV_METHODS[name]
+    if size >= n:
+        return method(module, x, grad_output)
+    return torch.cat(
+        [method(module, x[i : i + size], grad_output[i : i + size]) for i in range(0, n, size)]
+    )
 
 
 def pad_input(module: nn.Module, x: Tensor) -> Tensor:
@@ -220,7 +280,11 @@ CONV_METHODS: dict[str, _ConvMethod] = {
 
 
 def _footprint(module: nn.Module, x: Tensor, grad_output: Tensor) -> dict[str, int]:
-    """Elements of each method's largest intermediate."""
+    """Elements of each method's largest intermediate, for the whole batch.
+
+    The grouped weight backward unfolds its input like ``unfold`` does on the CPU
+    (im2col), so it counts the patches too.
+    """
     n, c = x.shape[:2]
     o = grad_output.shape[1]
     g = module.groups
@@ -233,25 +297,42 @@ def _footprint(module: nn.Module, x: Tensor, grad_output: Tensor) -> dict[str, i
     return {
         "ghost": max(patches, n * g * positions * positions),
         "unfold": max(patches, weights),
-        "grouped": weights,
+        "grouped": max(patches, weights) if x.device.type == "cpu" else weights,
         "shifted": max(n * c * positions, n * o * (c // g)),
     }
 
 
-def _time_candidates(module: nn.Module, x: Tensor, grad_output: Tensor) -> tuple[str, Tensor]:
+def _work(module: nn.Module, x: Tensor, grad_output: Tensor) -> dict[str, int]:
+    """Multiply-adds of each method (the Gram form grows with the positions squared)."""
+    n, c = x.shape[:2]
+    o = grad_output.shape[1]
+    k = 1
+    for size in module.kernel_size:
+        k *= size
+    positions = grad_output[0, 0].numel()
+    direct = n * positions * c * k * o // module.groups
+    return {
+        "ghost": n * positions * positions * (c * k + o),
+        "unfold": direct,
+        "grouped": direct,
+        "shifted": direct,
+    }
+
+
+def _time_candidates(module: nn.Module, x: Tensor, grad_output: Tensor) -> str:
+    """The fastest method on a few samples; near-ties go to the smaller intermediate."""
     sizes = _footprint(module, x, grad_output)
-    names = [name for name, size in sizes.items() if size <= _MAX_ELEMENTS]
-    if not names:
-        names = [min(sizes, key=sizes.__getitem__)]
+    work = _work(module, x, grad_output)
+    cheapest = min(work.values())
+    names = [name for name in CONV_METHODS if work[name] <= _HOPELESS * cheapest]
+    probe_x, probe_d = x[:_PROBE_SAMPLES], grad_output[:_PROBE_SAMPLES]
     timings: dict[str, float] = {}
-    value = None
     for name in names:
         _sync(x)
         start = time.perf_counter()
-        result = CONV_METHODS[name](module, x, grad_output)
+        _budgeted(name, module, probe_x, probe_d)
         _sync(x)
         timings[name] = time.perf_counter() - start
-        value = result if value is None else value
     # Timing once is noisy, so near-ties go to the method with the smaller intermediate:
     # the same speed for less peak memory.
     fastest = min(timings.values())
@@ -264,7 +345,7 @@ def _time_candidates(module: nn.Module, x: Tensor, grad_output: Tensor) -> tuple
         best,
         ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in timings.items()),
     )
-    return best, value
+    return best
 
 
 def _sync(x: Tensor) -> None:

@@ -43,11 +43,19 @@ def linear_norms(module: nn.Module, activation: Tensor, grad_output: Tensor) -> 
         ``{"weight": [N], "bias": [N]}`` for the trainable ones.
     """
     activation, grad_output = working_precision(activation, grad_output)
+    train_bias = module.bias is not None and module.bias.requires_grad
+    if activation.dim() == 2 and grad_output.dim() == 2:
+        # The common case (an MLP), without the views below: per-call overhead is what a
+        # small layer's norms cost. ‖δ‖² serves both the weight and the bias.
+        d_sq = _row_sq(grad_output)
+        norms = {"weight": _row_sq(activation) * d_sq} if module.weight.requires_grad else {}
+        if train_bias:
+            norms["bias"] = d_sq
+        return norms
     n = grad_output.shape[0]
     a = activation.reshape(n, -1, activation.shape[-1])
     d = grad_output.reshape(n, -1, grad_output.shape[-1])
     norms = {}
-    train_bias = module.bias is not None and module.bias.requires_grad
     if a.shape[1] == 1:
         # The common case (an MLP): ‖δ‖² serves both the weight and the bias.
         d_sq = _row_sq(d[:, 0])
@@ -69,6 +77,13 @@ def working_precision(*tensors: Tensor) -> tuple[Tensor, ...]:
     Autocast hands a layer float32 inputs and low-precision output gradients (or the
     reverse); squared norms summed in bfloat16 would also lose most of their digits.
     """
+    first = tensors[0].dtype
+    if first not in _LOW_PRECISION:
+        for t in tensors:
+            if t.dtype != first:
+                break
+        else:
+            return tensors  # nothing to cast (the usual case): no dtype arithmetic
     dtypes = [t.dtype for t in tensors]
     if any(d in _LOW_PRECISION for d in dtypes):
         target = torch.promote_types(torch.float32, _widest(dtypes))

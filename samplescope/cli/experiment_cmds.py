@@ -121,7 +121,17 @@ def _setting(seeds: int = 1, **kwargs: Any) -> Any:
 @_training_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
-    "--out", type=click.Path(dir_okay=False), required=True, help="The trace to write (.h5)."
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The trace to write (.h5); required unless --no-record.",
+)
+@click.option(
+    "--no-record",
+    "no_record",
+    is_flag=True,
+    help="Train the same run without recording (no trace): the baseline for the "
+    "recorder's cost, compare its seconds with a recorded run's.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing trace.")
 @click.option(
@@ -133,17 +143,32 @@ def _setting(seeds: int = 1, **kwargs: Any) -> Any:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (none when not a terminal).")
 @frame_output
 def train(
-    seed: int, out: str, overwrite: bool, device: str, quiet: bool, **kwargs: Any
+    seed: int,
+    out: str | None,
+    no_record: bool,
+    overwrite: bool,
+    device: str,
+    quiet: bool,
+    **kwargs: Any,
 ) -> pl.DataFrame:
     """Train a model on a named dataset and record every sample's gradients.
 
     Example: samplescope train --dataset fashion-mnist --preset paper --epochs 5 --out run.h5
+
+    The same run without recording, for the recorder's cost per epoch:
+    samplescope train --dataset fashion-mnist --preset paper --epochs 5 --no-record
     """
     import torch
 
     from samplescope.experiments.train import train_run
 
-    if Path(out).exists() and not overwrite:
+    if no_record and out is not None:
+        msg = "--no-record writes no trace: drop --out (or drop --no-record)"
+        raise CommandError(msg)
+    if not no_record and out is None:
+        msg = "--out is required (the trace to write), or pass --no-record to train without one"
+        raise CommandError(msg)
+    if out is not None and Path(out).exists() and not overwrite:
         msg = f"trace {out} already exists; choose another --out or pass --overwrite"
         raise CommandError(msg)
     try:
@@ -165,7 +190,7 @@ def train(
     )
     return pl.DataFrame(
         {
-            "trace": [str(out)],
+            "trace": [str(out) if out is not None else ""],
             "epochs": [setting.epochs],
             "test_accuracy": [result.test_accuracy[-1]],
             "test_loss": [result.test_loss[-1]],

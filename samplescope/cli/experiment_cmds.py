@@ -97,24 +97,30 @@ def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _setting(seeds: int = 1, **kwargs: Any) -> Any:
-    from samplescope.experiments._common import Setting
+    """The run's `RunConfig` from the command's options.
 
-    preset = kwargs.get("preset")
-    epochs = kwargs.pop("epochs")
-    if epochs is None:
-        epochs = 50 if preset == "paper" else 5
-    fields = {f.name for f in dataclasses.fields(Setting)}
-    setting = Setting(
-        **{k: v for k, v in kwargs.items() if k in fields}, seeds=seeds, epochs=epochs
-    )
-    # The preset sets model size, batch, lr and weight decay; options given on the command
-    # line win over it, as a user typing them expects.
+    With ``--preset`` the preset sets what it names (model size, batch, lr, weight decay,
+    momentum, reduction, epochs); options typed on the command line win over it, as a user
+    typing them expects, and the others keep the preset's values.
+    """
+    from samplescope.experiments.config import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    given = {k: v for k, v in kwargs.items() if k in fields and v is not None}
+    preset = given.pop("preset", None)
+    if preset is None:
+        return RunConfig(**given, seeds=seeds)
     ctx = click.get_current_context(silent=True)
-    if ctx is not None:
-        for name in fields & kwargs.keys():
-            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
-                setattr(setting, name, kwargs[name])
-    return setting
+    typed = {
+        k: v
+        for k, v in given.items()
+        if ctx is None or ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE
+    }
+    from samplescope.experiments.config import PRESETS
+
+    # Options the preset does not name (dataset, subset, data dir) keep their values.
+    kept = {k: v for k, v in given.items() if k not in PRESETS[preset]}
+    return RunConfig.from_preset(preset, **{**kept, **typed}, seeds=seeds)
 
 
 @click.command()
@@ -154,7 +160,7 @@ def train(
     setting = _setting(**kwargs)
     data = setting.load()
     result = train_run(
-        setting.config(seed),
+        setting.with_seed(seed),
         out,
         data=data,
         train_indices=setting.train_ids(data),

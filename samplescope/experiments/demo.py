@@ -15,7 +15,8 @@ from pathlib import Path
 
 from samplescope._paths import ensure_writable_dir
 from samplescope.errors import SamplescopeError
-from samplescope.experiments.train import PRESETS, RunConfig, train_run
+from samplescope.experiments.config import RunConfig
+from samplescope.experiments.train import train_run
 
 __all__ = ["DEFAULT_EPOCHS", "DemoError", "DemoResult", "run_demo"]
 
@@ -89,15 +90,7 @@ def run_demo(
         raise DemoError(msg)
     out = _prepare(Path(out_dir))
     data = load_dataset("digits", seed=seed)
-    config = RunConfig(
-        **{
-            **PRESETS["paper"],
-            "dataset": "digits",
-            "epochs": epochs,
-            "seed": seed,
-            "preset": "paper",
-        }
-    )
+    config = RunConfig.paper(dataset="digits", epochs=epochs, seed=seed)
     trace_path = out / "trace.h5"
     run = train_run(
         config, trace_path, data=data, thumbnails=True, overwrite=True, progress=progress

@@ -118,3 +118,14 @@ def test_section_docstrings_number_the_pages_in_report_order(number: int, sectio
         f"{section.pages.__module__} is section {number} in reports.SECTIONS; its docstring "
         f"starts {doc[:30]!r}"
     )
+
+
+def test_the_number_of_conv_methods_is_the_one_documented() -> None:
+    from samplescope.recorder.layers import conv
+
+    words = {3: "three", 4: "four", 5: "five", 6: "six"}
+    count = words[len(conv.CONV_METHODS)]
+    assert f"{count} exact methods" in DOCS["recorder.md"]
+    assert f"{count.capitalize()} exact ways" in (conv.__doc__ or "")
+    for name in conv.CONV_METHODS:
+        assert f"``{name}``" in (conv.__doc__ or ""), name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +12,6 @@ from samplescope.experiments.config import RunConfig
 from samplescope.experiments.train import train_run
 
 __all__ = ["FindingsRun", "run_findings"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

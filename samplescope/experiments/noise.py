@@ -9,7 +9,6 @@ is oriented so that higher = more suspect and judged by AUROC and average precis
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from samplescope.experiments.config import ExperimentError, RunConfig
 from samplescope.experiments.train import train_run
 
 __all__ = ["flip_labels", "run_noise"]
-
-logger = logging.getLogger(__name__)
 
 
 def flip_labels(

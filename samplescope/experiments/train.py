@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from samplescope.experiments.models import make_model
 from samplescope.recorder import Recorder
 
 __all__ = ["PRESETS", "BatchPlan", "RunConfig", "RunResult", "TrainHook", "evaluate", "train_run"]
-
-logger = logging.getLogger(__name__)
 
 # Batches for one epoch: index arrays into the training set, drawn as the loop asks for
 # them (an online sampler picks each batch after the previous step's feedback).

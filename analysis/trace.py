@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
@@ -31,8 +30,6 @@ from samplescope.analysis._streaming import SCORE_COLUMNS, stream_sample_scores
 from samplescope.analysis.errors import EmptyTraceError, QueryError, TraceError
 
 __all__ = ["TABLES", "Trace", "open_trace"]
-
-logger = logging.getLogger(__name__)
 
 TraceSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 

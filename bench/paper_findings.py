@@ -16,7 +16,7 @@ import argparse
 
 import polars as pl
 
-from samplescope.experiments._common import Setting
+from samplescope.experiments.config import RunConfig
 from samplescope.experiments.findings_run import run_findings
 
 
@@ -28,12 +28,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out-dir", default="bench_out/paper_findings")
     args = parser.parse_args()
-    setting = Setting(
-        dataset=args.dataset,
-        epochs=args.epochs,
-        subset=args.subset,
-        data_dir=args.data_dir,
-        preset="paper",
+    setting = RunConfig.paper(
+        dataset=args.dataset, epochs=args.epochs, subset=args.subset, data_dir=args.data_dir
     )
     run = run_findings(setting, args.out_dir, time_plain=True)
     print(setting.describe())

@@ -15,7 +15,6 @@ epoch is 1), as a person reads them and as the findings' sentences state them.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,8 +32,6 @@ __all__ = [
     "pct_rank",
     "precision_recall",
 ]
-
-logger = logging.getLogger(__name__)
 
 # Rows of the sorted-samples heatmap: samples are binned by difficulty rank into at most
 # this many rows, so 60,000 samples plot as fast as 600.
@@ -268,6 +265,25 @@ class ReportData:
         cols = np.array([column[e] for e in part["epoch"].to_list()], dtype=np.int64)
         out[part["bin"].to_numpy(), cols] = part["importance"].to_numpy()
         return out
+
+    @cached_property
+    def findings(self) -> tuple[list[Any], list[str]]:
+        """(findings, headline sentences) of `samplescope.analysis.findings` on this run.
+
+        Raises:
+            SamplescopeError: the run cannot be checked (e.g. no epochs); not cached.
+        """
+        from samplescope.analysis.findings import findings, headlines
+
+        results = findings(self.trace)
+        return results, headlines(self.trace, results)
+
+    def mislabeled_ranking(self, top: int) -> pl.DataFrame:
+        """The ``top`` likeliest mislabeled samples as `samplescope flag --kind mislabeled`
+        ranks them: sample_id, label_quality (low first) and the flag's other columns."""
+        from samplescope.analysis.flags import flag
+
+        return flag(self.trace, kind="mislabeled", budget=max(top, 1)).head(top)
 
     # -- optional data -------------------------------------------------------------------
     @cached_property

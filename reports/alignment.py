@@ -1,4 +1,4 @@
-"""Section "alignment": how well each sample's gradient agreed with its batch's, per layer
+"""Section 11, "alignment": how well each sample's gradient agreed with its batch's, per layer
 and epoch (``Recorder(alignment=True)``). Only for traces that recorded it."""
 
 from __future__ import annotations

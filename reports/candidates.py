@@ -1,4 +1,4 @@
-"""Section 7, candidates: samples most likely mislabeled, and the most redundant ones, as
+"""Section 8, candidates: samples most likely mislabeled, and the most redundant ones, as
 ranked tables; and a gallery of their thumbnails when the trace stored them.
 
 Scores (each in [0, 1], higher = stronger candidate; ranks are percentiles over samples):
@@ -60,13 +60,11 @@ def candidate_tables(data: ReportData, top: int = TOP) -> tuple[pl.DataFrame, pl
     Both frames hold sample_id, target, pred, score, aum, confidence, forgetting_events,
     importance and importance_pct (the sample's share of all importance, in %).
     """
-    from samplescope.analysis.flags import flag
-
     total = float(data.samples["importance"].sum()) or 1.0
     frame = data.samples.join(data.final_pred, on="sample_id", how="left").with_columns(
         importance_pct=100 * pl.col("importance") / total
     )
-    ranked = flag(data.trace, kind="mislabeled", budget=max(top, 1)).head(top)
+    ranked = data.mislabeled_ranking(top)
     mislabeled = ranked.select("sample_id", (1.0 - pl.col("label_quality")).alias("score")).join(
         frame, on="sample_id", how="left", maintain_order="left"
     )

@@ -1,4 +1,4 @@
-"""Section 8, per-class breakdown: how importance and difficulty split across classes."""
+"""Section 10, per-class breakdown: how importance and difficulty split across classes."""
 
 from __future__ import annotations
 

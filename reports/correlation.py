@@ -1,4 +1,4 @@
-"""Section 5, the paper's central relation: Spearman correlation of importance with final
+"""Section 6, the paper's central relation: Spearman correlation of importance with final
 loss, per epoch and layer; and how concentrated importance is."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Section 2, training curves: loss and accuracy per epoch, importance per epoch and layer."""
+"""Section 3, training curves: loss and accuracy per epoch, importance per epoch and layer."""
 
 from __future__ import annotations
 

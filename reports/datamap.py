@@ -1,4 +1,4 @@
-"""Section 6, the data map (dataset cartography, Swayamdipta et al. 2020): each sample's
+"""Section 7, the data map (dataset cartography, Swayamdipta et al. 2020): each sample's
 confidence vs variability over epochs, coloured by correctness, and by importance."""
 
 from __future__ import annotations

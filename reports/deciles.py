@@ -1,4 +1,4 @@
-"""Section 4, where and when importance lives: per difficulty decile, each layer's share of
+"""Section 5, where and when importance lives: per difficulty decile, each layer's share of
 importance, the importance-weighted mean epoch, and the importance-weighted mean depth."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Findings: the paper's claims checked on this run, from `samplescope.analysis.findings`."""
+"""Section 2, findings: the paper's claims checked on this run, from
+`samplescope.analysis.findings`."""
 
 from __future__ import annotations
 
-import logging
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,8 +17,6 @@ from samplescope.reports._section import Section
 
 __all__ = ["SECTION", "run_findings"]
 
-logger = logging.getLogger(__name__)
-
 _MARK = {True: "passed", False: "failed", None: "n/a"}
 _CONTROLS = (
     ("per_param", "per parameter"),
@@ -27,29 +25,19 @@ _CONTROLS = (
 )
 
 
-def run_findings(trace: Any) -> tuple[list[Any], list[str]] | None:
-    """(findings, headline sentences) from the analysis layer, or None if it has none."""
-    try:
-        from samplescope.analysis.findings import findings, headlines
-    except ImportError:
-        return None
-    results = findings(trace)
-    return results, headlines(trace, results)
+def run_findings(trace: Any) -> tuple[list[Any], list[str]]:
+    """(findings, headline sentences) of an open trace (`ReportData.findings`)."""
+    return ReportData(trace).findings
 
 
 def _pages(data: ReportData) -> Iterator[Figure]:
     fig = new_page("Findings: the paper's claims on this run", caption_lines=5)
     try:
-        found = run_findings(data.trace)
+        results, headlines = data.findings
     except SamplescopeError as exc:
         note(fig, f"No findings: {exc}")
         yield fig
         return
-    if found is None:
-        note(fig, "This installation of samplescope has no findings module.")
-        yield fig
-        return
-    results, headlines = found
     _draw_blocks(fig, _blocks(results, headlines), top=0.87, bottom=0.26)
     source = results[0].difficulty_source if results else "this run's final loss"
     circular = (

@@ -1,4 +1,4 @@
-"""Section 3, the paper's figure: importance by sample difficulty and epoch, for each layer.
+"""Section 4, the paper's figure: importance by sample difficulty and epoch, for each layer.
 
 Top row: samples sorted by final loss (binned into at most 200 rows) × epochs, log colour.
 Bottom row: difficulty deciles × epochs, each epoch's column normalised to the share of that

@@ -126,15 +126,10 @@ def _summary(data: ReportData) -> str:
 
 
 def _findings(data: ReportData) -> str:
-    from samplescope.reports.findings import run_findings
-
     try:
-        found = run_findings(data.trace)
+        results, headlines = data.findings
     except SamplescopeError as exc:
         return _section("Findings", f"<p>No findings: {html.escape(str(exc))}</p>")
-    if not found:
-        return _section("Findings", "<p>No findings for this trace.</p>")
-    results, headlines = found
     items = "".join(f"<li>{html.escape(h)}</li>" for h in headlines)
     verdicts = "".join(
         f"<tr><td><b>{html.escape(r.verdict)}</b></td><td>{html.escape(r.statement)}</td></tr>"

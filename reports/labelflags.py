@@ -1,4 +1,4 @@
-"""Section "flags": how well each score finds the samples that /sample_info marks (e.g.
+"""Section 9, "flags": how well each score finds the samples that /sample_info marks (e.g.
 labels flipped on purpose), as precision and recall. Only for traces with such flags."""
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -35,8 +34,6 @@ from samplescope.reports._text import escape_math
 from samplescope.reports.errors import ReportError, ReportOutputError, UnknownSectionError
 
 __all__ = ["FORMATS", "SECTIONS", "render_report"]
-
-logger = logging.getLogger(__name__)
 
 # The report's sections in page order; `--pages` names them by id.
 SECTIONS: tuple[Section, ...] = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,24 @@ def test_frameworks_are_imported_only_by_their_adapter(module):
     loaded = _modules_after_import(module)
     frameworks = {"transformers", "lightning", "pytorch_lightning", "accelerate"}
     assert not frameworks & loaded
+
+
+def test_experiment_registries_import_without_torch():
+    # The CLI builds its choices (datasets, models, presets) from here at startup.
+    loaded = _modules_after_import("samplescope.experiments.config")
+    assert "torch" not in loaded
+
+
+def test_bench_imports_only_public_modules():
+    root = Path(__file__).resolve().parents[1] / "bench"
+    for source in root.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                if name.startswith("samplescope"):
+                    private = [p for p in name.split(".") if p.startswith("_")]
+                    assert not private, f"{source.name} imports private {name}"

@@ -1,14 +1,16 @@
 """nn.Conv1d, nn.Conv2d and nn.Conv3d, with the fastest exact method chosen per input shape.
 
 A convolution is a Linear applied to every patch of its input: sample i's weight gradient
-(per group) is Σ_p δ_p patch_pᵀ over output positions p. Three exact ways to get its squared
-norm, whose costs cross over with channels, kernel and image size:
+(per group) is Σ_p δ_p patch_pᵀ over output positions p. Four exact ways to get its squared
+norm (`CONV_METHODS`), whose costs cross over with channels, kernel and image size:
 
 - ``ghost``: the Gram identity on unfolded patches, ‖Σ_p δ_p a_pᵀ‖² = Σ_{p,q} (a_p·a_q)(δ_p·δ_q),
   N·L²·(CK+O) work — cheap for small images with many channels;
 - ``unfold``: materialise Σ_p δ_p a_pᵀ with one batched matmul, N·L·CK·O work;
 - ``grouped``: the per-sample weight gradients as one convolution-weight backward in which
-  every sample is its own group (samples stacked along channels), no patch copy at all.
+  every sample is its own group (samples stacked along channels), no patch copy at all;
+- ``shifted``: one kernel offset at a time, W[:, :, offset] gets Σ_p δ_p x_{p+offset}ᵀ from a
+  strided view of the input, so the K-times larger patch matrix is never built.
 
 None is best everywhere, so the candidates are timed once per shape (input, output gradient,
 kernel, stride, dilation, groups, dtype, device) on a few samples of the first batch of that

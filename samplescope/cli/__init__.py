@@ -22,7 +22,9 @@ __all__ = ["main"]
 _COMMAND_MODULES = (
     "samplescope.cli.trace_cmds",
     "samplescope.cli.report_cmds",
+    "samplescope.cli.demo_cmds",
     "samplescope.cli.experiment_cmds",
+    "samplescope.cli.findings_cmds",
     "samplescope.cli.push_cmds",
     "samplescope.cli.export_cmds",
 )

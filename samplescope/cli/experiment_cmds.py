@@ -1,4 +1,4 @@
-"""`samplescope train | findings | flag | experiment ...`: thin skins over the experiments.
+"""`samplescope train | experiment ...`: thin skins over `samplescope.experiments`.
 
 Each command parses its options, calls one function of `samplescope.experiments` or
 `samplescope.analysis`, and prints a frame through the shared `--format` decorator.
@@ -7,7 +7,6 @@ Each command parses its options, calls one function of `samplescope.experiments`
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +15,14 @@ from typing import Any
 import click
 import polars as pl
 
-from samplescope.cli.output import CommandError, frame_output, one_line, warn_about
+from samplescope.cli.output import CommandError, frame_output, one_line
 from samplescope.errors import SamplescopeError
+from samplescope.experiments.config import DATASETS, MODELS, PRESETS, RunConfig
 
 __all__ = ["register"]
 
-_DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "mnist1d")
+# The options' defaults are the config's.
+_DEFAULT = RunConfig()
 
 
 class _BadOptionError(SamplescopeError):
@@ -29,44 +30,60 @@ class _BadOptionError(SamplescopeError):
 
 
 def register(group: click.Group) -> None:
-    """Add train, findings, flag and the experiment group to `group`."""
-    for command in (train, findings, flag, experiment):
+    """Add train and the experiment group to `group`."""
+    for command in (train, experiment):
         group.add_command(command)
+
+
+def _presets_help() -> str:
+    """Each preset and what it sets, e.g. ``paper: model mlp, hidden 512, ...``."""
+    return "; ".join(
+        f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in values.items())
+        for name, values in PRESETS.items()
+    )
 
 
 def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
             "--dataset",
-            type=click.Choice(_DATASETS),
-            default="digits",
+            type=click.Choice(DATASETS),
+            default=_DEFAULT.dataset,
             show_default=True,
             help="Named dataset (read from disk, never downloaded).",
         ),
         click.option(
-            "--model", type=click.Choice(("mlp", "cnn")), default="mlp", show_default=True
+            "--model", type=click.Choice(MODELS), default=_DEFAULT.model, show_default=True
         ),
         click.option(
             "--epochs",
             type=click.IntRange(min=1),
             default=None,
-            help="Epochs [default: 5, or the preset's].",
+            help=f"Epochs [default: {_DEFAULT.epochs}, or the preset's].",
         ),
-        click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True),
         click.option(
-            "--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=_DEFAULT.batch_size,
+            show_default=True,
+        ),
+        click.option(
+            "--lr",
+            type=click.FloatRange(min=0, min_open=True),
+            default=_DEFAULT.lr,
+            show_default=True,
         ),
         click.option(
             "--hidden",
             type=click.IntRange(min=1),
-            default=512,
+            default=_DEFAULT.hidden,
             show_default=True,
             help="MLP hidden width.",
         ),
         click.option(
             "--depth",
             type=click.IntRange(min=1),
-            default=3,
+            default=_DEFAULT.depth,
             show_default=True,
             help="MLP hidden layers.",
         ),
@@ -78,10 +95,9 @@ def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--preset",
-            type=click.Choice(("paper",)),
+            type=click.Choice(tuple(PRESETS)),
             default=None,
-            help="The paper's protocol (3x512 MLP, batch 100, SGD 0.1, wd 1e-5, "
-            "50 epochs); options given explicitly win over it.",
+            help=f"Settings by name ({_presets_help()}); options given explicitly win over it.",
         ),
         click.option(
             "--data-dir",
@@ -97,24 +113,26 @@ def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _setting(seeds: int = 1, **kwargs: Any) -> Any:
-    from samplescope.experiments._common import Setting
+    """The run's `RunConfig` from the command's options.
 
-    preset = kwargs.get("preset")
-    epochs = kwargs.pop("epochs")
-    if epochs is None:
-        epochs = 50 if preset == "paper" else 5
-    fields = {f.name for f in dataclasses.fields(Setting)}
-    setting = Setting(
-        **{k: v for k, v in kwargs.items() if k in fields}, seeds=seeds, epochs=epochs
-    )
-    # The preset sets model size, batch, lr and weight decay; options given on the command
-    # line win over it, as a user typing them expects.
+    With ``--preset`` the preset sets what it names (model size, batch, lr, weight decay,
+    momentum, reduction, epochs); options typed on the command line win over it, as a user
+    typing them expects, and the others keep the preset's values.
+    """
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    given = {k: v for k, v in kwargs.items() if k in fields and v is not None}
+    preset = given.pop("preset", None)
+    if preset is None:
+        return RunConfig(**given, seeds=seeds)
     ctx = click.get_current_context(silent=True)
-    if ctx is not None:
-        for name in fields & kwargs.keys():
-            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
-                setattr(setting, name, kwargs[name])
-    return setting
+    typed = {
+        k: v
+        for k, v in given.items()
+        if ctx is None or ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE
+    }
+    # Options the preset does not name (dataset, subset, data dir) keep their values.
+    kept = {k: v for k, v in given.items() if k not in PRESETS[preset]}
+    return RunConfig.from_preset(preset, **{**kept, **typed}, seeds=seeds)
 
 
 @click.command()
@@ -179,7 +197,7 @@ def train(
     setting = _setting(**kwargs)
     data = setting.load()
     result = train_run(
-        setting.config(seed),
+        setting.with_seed(seed),
         out,
         data=data,
         train_indices=setting.train_ids(data),
@@ -197,101 +215,6 @@ def train(
             "seconds": [round(result.seconds, 2)],
         }
     )
-
-
-@click.command()
-@click.argument("trace", nargs=-1, required=True)
-@click.option("--headlines", is_flag=True, help="Print the plain-language summary instead.")
-@click.option(
-    "--difficulty-from",
-    "difficulty_from",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Take easy and hard from this other run's final loss (another seed of the same "
-    "data), so difficulty is not measured on the run whose importance is tested.",
-)
-@frame_output
-def findings(trace: tuple[str, ...], headlines: bool, difficulty_from: str | None) -> pl.DataFrame:
-    """Check the paper's claims on a run, each with a 90% interval and its controls.
-
-    Verdicts: supported (the interval clears the claim's minimum effect, raw and under every
-    control), raw sums only (a control's does not), not supported, inconclusive (too short,
-    not converged, still open, a partial last epoch, too few samples). Several runs of the
-    same data (traces with different run ids; shards of one run are joined) give each run's
-    verdicts, then pooled ones with the fraction of runs that agree.
-
-    Example: samplescope findings s0.h5 s1.h5 s2.h5 --difficulty-from other.h5 --format csv
-    """
-    from contextlib import ExitStack
-
-    from samplescope.analysis import open_trace
-    from samplescope.analysis.findings import findings as check
-    from samplescope.analysis.findings import findings_frame, findings_runs, group_runs
-    from samplescope.analysis.findings import headlines as summarise
-
-    runs = group_runs(trace)
-    with ExitStack() as stack:
-        opened = [stack.enter_context(open_trace(paths)) for paths in runs]
-        for each in opened:
-            warn_about(each)
-        if len(opened) == 1:
-            results = check(opened[0], difficulty_from=difficulty_from)
-        else:
-            results = findings_runs(opened, difficulty_from=difficulty_from)
-        if headlines:
-            return pl.DataFrame({"headline": summarise(opened[0], results)})
-        return findings_frame(results)
-
-
-def _budget(text: str) -> float | int:
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"--budget must be a fraction like 0.1 or a count like 50, not {text!r}"
-        raise _BadOptionError(msg) from None
-    if not math.isfinite(value) or value <= 0:
-        msg = f"--budget must be a fraction in (0, 1] or a count >= 1, not {text!r}"
-        raise _BadOptionError(msg)
-    return int(value) if value > 1 and value == int(value) else value
-
-
-@click.command()
-@click.argument("trace", nargs=-1, required=True)
-@click.option(
-    "--kind",
-    type=click.Choice(("mislabeled", "redundant")),
-    default="mislabeled",
-    show_default=True,
-)
-@click.option(
-    "--budget",
-    default="0.1",
-    show_default=True,
-    help="How many to flag: a fraction (0.1) or a count (50).",
-)
-@click.option(
-    "--score",
-    default=None,
-    help="Rank by this score [default: confidence for mislabeled, importance for redundant].",
-)
-@click.option("--top", type=click.IntRange(min=0), default=None, help="Print the first N rows.")
-@frame_output
-def flag(
-    trace: tuple[str, ...], kind: str, budget: str, score: str | None, top: int | None
-) -> pl.DataFrame:
-    """Rank samples by how likely they are mislabeled or redundant; flag the budget's worth.
-
-    Lower label_quality / informativeness = flagged first (cleanlab's direction).
-
-    Example: samplescope flag run.h5 --kind mislabeled --budget 0.05 --top 20
-    """
-    from samplescope.analysis import open_trace
-    from samplescope.analysis.flags import flag as rank
-
-    with open_trace(list(trace)) as opened:
-        warn_about(opened)
-        frame = rank(opened, kind=kind, budget=_budget(budget), score=score)
-    return frame if top is None else frame.head(top)
 
 
 @click.group()

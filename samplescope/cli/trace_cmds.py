@@ -10,6 +10,8 @@ import click
 import polars as pl
 
 from samplescope.analysis import compare_traces, open_trace
+from samplescope.analysis.trace import TABLES
+from samplescope.cli.help import ListedOption
 from samplescope.cli.output import CommandError, frame_output, warn_about
 
 __all__ = ["register"]
@@ -74,7 +76,15 @@ def tables(trace: tuple[str, ...]) -> pl.DataFrame:
 
 @click.command()
 @click.argument("trace", nargs=-1, required=True)
-@click.option("--table", "-t", "table", default=None, help="Only this table's columns.")
+@click.option(
+    "--table",
+    "-t",
+    "table",
+    cls=ListedOption,
+    names=lambda: TABLES,
+    default=None,
+    help="Only this table's columns: {names}.",
+)
 @frame_output
 def schema(trace: tuple[str, ...], table: str | None) -> pl.DataFrame:
     """List every column of a trace's tables (or of one, with --table) and its type.

@@ -2,7 +2,7 @@
 
 A recorded reference run gives every training sample its final loss and total importance.
 Then, for each seed, every strategy trains from the same initialisation without recording:
-the seven fixed-batch strategies of `samplescope.recorder.batching`, ordinary reshuffled
+the seven fixed-batch strategies of `samplescope.experiments.samplers`, ordinary reshuffled
 batches, online batch selection by loss rank (Loshchilov & Hutter, 2016) and the same
 selection ranked by each sample's latest output-layer importance (its squared gradient norm
 in the last linear layer, ``‖softmax − onehot‖² · (‖h‖² + 1)``, exact for that layer).
@@ -19,15 +19,12 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from samplescope.experiments._common import (
-    Setting,
-    mean_std,
-    plain_train,
-    reference_run,
-)
-from samplescope.recorder.batching import OnlineBatchSampler, fixed_batches
+from samplescope.experiments._common import mean_std, reference_run
+from samplescope.experiments.config import RunConfig
+from samplescope.experiments.samplers import OnlineBatchSampler, fixed_batches
+from samplescope.experiments.train import BatchPlan, TrainHook, train_run
 
 __all__ = ["STRATEGIES", "output_layer_grad_sq", "run_batches"]
 
@@ -63,48 +60,68 @@ def output_layer_grad_sq(logits: Tensor, targets: Tensor, h: Tensor | None) -> T
     return delta.square().sum(1) * (h_sq + 1.0)
 
 
+class _OnlineFeedback(TrainHook):
+    """Reports each step's losses (or output-layer importances) to an online sampler.
+
+    The importance needs the last linear layer's input, kept by a forward hook that
+    `detach` removes.
+    """
+
+    def __init__(self, sampler: OnlineBatchSampler, targets: Tensor, by_loss: bool) -> None:
+        self.sampler = sampler
+        self.targets = targets
+        self.by_loss = by_loss
+        self._h: Tensor | None = None
+        self._handle: Any = None
+
+    def attach(self, model: nn.Module) -> None:
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        self._handle = last.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self._h = args[0].detach()
+
+    def after_step(self, ids: np.ndarray, losses: Tensor, logits: Tensor) -> None:
+        if self.by_loss:
+            values = losses
+        else:
+            values = output_layer_grad_sq(logits, self.targets[torch.as_tensor(ids)], self._h)
+        self.sampler.update(ids, values.cpu().numpy())
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
 def _batches(
     strategy: str,
     ids: np.ndarray,
     scores: pl.DataFrame,
-    setting: Setting,
-    seed: int,
+    config: RunConfig,
     targets: Tensor,
-) -> tuple[Any, Any]:
-    """(batches(epoch), feedback) for one strategy."""
+) -> tuple[BatchPlan | None, tuple[TrainHook, ...]]:
+    """(batch plan, hooks) of one strategy; plan None is `train_run`'s reshuffling."""
     if strategy == "shuffle":
-        rng = np.random.default_rng(seed)
-
-        def shuffled(epoch: int) -> list[np.ndarray]:
-            order = rng.permutation(ids)
-            return [
-                order[i : i + setting.batch_size] for i in range(0, len(order), setting.batch_size)
-            ]
-
-        return shuffled, None
+        return None, ()
     if strategy.startswith("online"):
-        sampler = OnlineBatchSampler(ids, setting.batch_size, seed=seed)
-        by_loss = strategy == "online-loss"
-
-        def feedback(batch: np.ndarray, losses: Tensor, logits: Tensor, h: Tensor | None) -> None:
-            index = torch.as_tensor(batch)
-            values = losses if by_loss else output_layer_grad_sq(logits, targets[index], h)
-            sampler.update(batch, values.numpy())
-
-        return (lambda epoch: iter(sampler)), feedback
+        sampler = OnlineBatchSampler(ids, config.batch_size, seed=config.seed)
+        feedback = _OnlineFeedback(sampler, targets, by_loss=strategy == "online-loss")
+        # Lazily: each batch is drawn after the previous step's feedback.
+        return (lambda epoch, rng: iter(sampler)), (feedback,)
     column = _SCORE_OF.get(strategy)
     values = None if column is None else scores[column].fill_null(0.0).to_numpy()
-    fixed = fixed_batches(strategy, ids, setting.batch_size, values, seed=seed)
-    return (lambda epoch: fixed), None
+    fixed = fixed_batches(strategy, ids, config.batch_size, values, seed=config.seed)
+    return (lambda epoch, rng: fixed), ()
 
 
 def run_batches(
-    setting: Setting, out_dir: str | Path, strategies: tuple[str, ...] = STRATEGIES
+    config: RunConfig, out_dir: str | Path, strategies: tuple[str, ...] = STRATEGIES
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Train every strategy over ``setting.seeds`` seeds; write tables and a PDF figure.
+    """Train every strategy over ``config.seeds`` seeds; write tables and a PDF figure.
 
     Args:
-        setting: dataset, model and small settings.
+        config: dataset, model and small settings.
         out_dir: where ``reference.h5``, ``batches.csv``, ``batches_epochs.csv`` and
             ``batches.pdf`` go.
         strategies: which of `STRATEGIES` to run.
@@ -114,15 +131,22 @@ def run_batches(
         and loss, mean and std over seeds; per_epoch has strategy, seed, epoch, accuracy, loss.
     """
     out = Path(out_dir)
-    data, ids, scores = reference_run(setting, out)
+    data, ids, scores = reference_run(config, out)
     rows = []
-    for seed in range(setting.seeds):
+    for seed in range(config.seeds):
+        run = config.with_seed(seed)
         for strategy in strategies:
-            batches, feedback = _batches(strategy, ids, scores, setting, seed, data.y_train)
-            history = plain_train(setting, data, seed, batches, feedback=feedback)
-            logger.info(
-                "%s seed %d: test accuracy %.4f", strategy, seed, history["test_accuracy"][-1]
+            plan, hooks = _batches(strategy, ids, scores, run, data.y_train)
+            history = train_run(
+                run,
+                None,
+                data=data,
+                train_indices=ids,
+                batch_plan=plan,
+                hooks=hooks,
+                progress=False,
             )
+            logger.info("%s seed %d: test accuracy %.4f", strategy, seed, history.test_accuracy[-1])
             rows += [
                 {
                     "strategy": strategy,
@@ -132,14 +156,14 @@ def run_batches(
                     "test_loss": loss,
                 }
                 for epoch, (acc, loss) in enumerate(
-                    zip(history["test_accuracy"], history["test_loss"], strict=True)
+                    zip(history.test_accuracy, history.test_loss, strict=True)
                 )
             ]
     per_epoch = pl.DataFrame(rows)
-    summary = _summary(per_epoch, strategies, setting.epochs - 1)
+    summary = _summary(per_epoch, strategies, config.epochs - 1)
     summary.write_csv(out / "batches.csv")
     per_epoch.write_csv(out / "batches_epochs.csv")
-    plot_batches(per_epoch, out / "batches.pdf", setting.describe())
+    plot_batches(per_epoch, out / "batches.pdf", config.describe())
     return summary, per_epoch
 
 

@@ -7,7 +7,6 @@ then the PDF report and three or four headline findings in plain words.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,11 +14,10 @@ from pathlib import Path
 
 from samplescope._paths import ensure_writable_dir
 from samplescope.errors import SamplescopeError
-from samplescope.experiments.train import PRESETS, RunConfig, train_run
+from samplescope.experiments.config import RunConfig
+from samplescope.experiments.train import train_run
 
 __all__ = ["DEFAULT_EPOCHS", "DemoError", "DemoResult", "run_demo"]
-
-logger = logging.getLogger(__name__)
 
 # The paper's 50 epochs: enough for the MLP to fit the digits training set (train accuracy
 # near 100%), so that "hard" means hard and not merely "not reached yet".
@@ -89,15 +87,7 @@ def run_demo(
         raise DemoError(msg)
     out = _prepare(Path(out_dir))
     data = load_dataset("digits", seed=seed)
-    config = RunConfig(
-        **{
-            **PRESETS["paper"],
-            "dataset": "digits",
-            "epochs": epochs,
-            "seed": seed,
-            "preset": "paper",
-        }
-    )
+    config = RunConfig.paper(dataset="digits", epochs=epochs, seed=seed)
     trace_path = out / "trace.h5"
     run = train_run(
         config, trace_path, data=data, thumbnails=True, overwrite=True, progress=progress
@@ -119,8 +109,7 @@ def run_demo(
     with open_trace(trace_path) as trace:
         title = f"samplescope demo: MLP 3×512 on digits, {epochs} epochs, seed {seed}"
         render_report(trace, result.report, title=title, progress=progress)
-        found = run_findings(trace)
-        result.headlines = found[1] if found is not None else []
+        result.headlines = run_findings(trace)[1]
     result.report_seconds = time.perf_counter() - start
     return result
 

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from samplescope.experiments._common import Setting
+from samplescope.experiments.config import RunConfig
 from samplescope.experiments.train import train_run
 
 __all__ = ["FindingsRun", "run_findings"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,21 +28,21 @@ class FindingsRun:
 
 
 def run_findings(
-    setting: Setting,
+    config: RunConfig,
     out_dir: str | Path,
     *,
     time_plain: bool = False,
     seed: int = 0,
     difficulty_from: str | Path | None = None,
 ) -> FindingsRun:
-    """Train ``setting`` with recording, check the paper's claims, write findings.csv.
+    """Train ``config`` with recording, check the paper's claims, write findings.csv.
 
-    With ``setting.seeds`` above 1, one run per seed (``seed``, ``seed + 1``, ...) is
+    With ``config.seeds`` above 1, one run per seed (``seed``, ``seed + 1``, ...) is
     recorded and the table holds each run's verdicts and the pooled ones
     (`analysis.findings.findings_runs`).
 
     Args:
-        setting: dataset, model and small settings.
+        config: dataset, model and small settings.
         out_dir: where ``findings.h5`` (``findings_seed<k>.h5`` with several seeds),
             ``findings.csv``, ``findings_numbers.csv``, ``headlines.txt`` and ``run.json``
             (timings, test accuracy per epoch) go.
@@ -58,15 +55,15 @@ def run_findings(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = setting.load()
-    ids = setting.train_ids(data)
-    seeds = [seed + k for k in range(setting.seeds)]
+    data = config.load()
+    ids = config.train_ids(data)
+    seeds = [seed + k for k in range(config.seeds)]
     paths = (
         [out / "findings.h5"] if len(seeds) == 1 else [out / f"findings_seed{s}.h5" for s in seeds]
     )
     recorded = [
         train_run(
-            setting.config(s),
+            config.with_seed(s),
             path,
             data=data,
             train_indices=ids,
@@ -76,9 +73,8 @@ def run_findings(
         )
         for s, path in zip(seeds, paths, strict=True)
     ]
-    config = setting.config(seed)
     plain = (
-        train_run(config, None, data=data, train_indices=ids, progress=False)
+        train_run(config.with_seed(seed), None, data=data, train_indices=ids, progress=False)
         if time_plain
         else None
     )
@@ -106,7 +102,7 @@ def run_findings(
     (out / "headlines.txt").write_text("\n".join(lines) + "\n")
     first = recorded[0]
     timing = {
-        "setting": setting.describe(),
+        "setting": config.describe(),
         "recorded_seconds": first.seconds,
         "plain_seconds": None if plain is None else plain.seconds,
         "test_accuracy": first.test_accuracy,

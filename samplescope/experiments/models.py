@@ -6,9 +6,10 @@ import math
 
 from torch import nn
 
-__all__ = ["MODELS", "make_model"]
+# The names live with the config, torch-free, for the CLI.
+from samplescope.experiments.config import MODELS
 
-MODELS = ("mlp", "cnn")
+__all__ = ["MODELS", "make_model"]
 
 
 def make_model(

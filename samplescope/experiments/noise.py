@@ -9,7 +9,6 @@ is oriented so that higher = more suspect and judged by AUROC and average precis
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,12 +17,10 @@ import polars as pl
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from samplescope.experiments._common import ExperimentError, Setting
+from samplescope.experiments.config import ExperimentError, RunConfig
 from samplescope.experiments.train import train_run
 
 __all__ = ["flip_labels", "run_noise"]
-
-logger = logging.getLogger(__name__)
 
 
 def flip_labels(
@@ -48,7 +45,7 @@ def flip_labels(
 
 
 def run_noise(
-    setting: Setting, out_dir: str | Path, fractions: Sequence[float] = (0.1, 0.2)
+    config: RunConfig, out_dir: str | Path, fractions: Sequence[float] = (0.1, 0.2)
 ) -> pl.DataFrame:
     """For each noise fraction (and seed), train with recording and score every detector.
 
@@ -61,17 +58,17 @@ def run_noise(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = setting.load()
-    ids = setting.train_ids(data)
+    data = config.load()
+    ids = config.train_ids(data)
     clean = data.y_train.numpy()
     rows = []
     for fraction in fractions:
-        for seed in range(setting.seeds):
+        for seed in range(config.seeds):
             noisy, flipped = flip_labels(clean, ids, fraction, data.n_classes, seed=seed)
             info = {"sample_id": ids, "flipped": flipped, "original_target": clean[ids]}
             path = out / f"noise{fraction:g}_seed{seed}.h5"
             train_run(
-                setting.config(seed),
+                config.with_seed(seed),
                 path,
                 data=data,
                 train_indices=ids,

@@ -23,13 +23,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from samplescope.experiments._common import (
-    ExperimentError,
-    Setting,
-    mean_std,
-    plain_train,
-    reference_run,
-)
+from samplescope.experiments._common import ExperimentError, mean_std, reference_run
+from samplescope.experiments.config import RunConfig
+from samplescope.experiments.train import train_run
 
 __all__ = ["DEFAULT_PRUNE_SCORES", "equal_step_batches", "run_prune"]
 
@@ -109,7 +105,7 @@ def equal_step_batches(
 
 
 def run_prune(
-    setting: Setting,
+    config: RunConfig,
     out_dir: str | Path,
     keeps: Sequence[float] = (0.5, 0.7, 0.9),
     scores: Sequence[str] = DEFAULT_PRUNE_SCORES,
@@ -136,7 +132,7 @@ def run_prune(
         )
         raise ExperimentError(msg)
     out = Path(out_dir)
-    data, ids, table = reference_run(setting, out)
+    data, ids, table = reference_run(config, out)
     unknown = [s for s in scores if s != "random" and s not in table.columns]
     if unknown:
         msg = (
@@ -148,13 +144,20 @@ def run_prune(
     rows = []
     for keep, name in plan:
         results = []
-        for seed in range(setting.seeds):
+        for seed in range(config.seeds):
             kept = ids if name == "all" else _kept(ids, table, name, keep, seed)
             batches = equal_step_batches(
-                kept, len(ids), setting.batch_size, np.random.default_rng(seed)
+                kept, len(ids), config.batch_size, np.random.default_rng(seed)
             )
-            history = plain_train(setting, data, seed, batches)
-            results.append((history["test_accuracy"][-1], history["test_loss"][-1]))
+            history = train_run(
+                config.with_seed(seed),
+                None,
+                data=data,
+                train_indices=kept,
+                batch_plan=lambda epoch, rng, batches=batches: batches(epoch),
+                progress=False,
+            )
+            results.append((history.test_accuracy[-1], history.test_loss[-1]))
         acc, acc_std = mean_std([r[0] for r in results])
         loss, loss_std = mean_std([r[1] for r in results])
         logger.info("keep %.2f by %s: test accuracy %.4f", keep, name, acc)
@@ -162,8 +165,8 @@ def run_prune(
             {
                 "keep": keep,
                 "score": name,
-                "seeds": setting.seeds,
-                "steps": setting.epochs * -(-len(ids) // setting.batch_size),
+                "seeds": config.seeds,
+                "steps": config.epochs * -(-len(ids) // config.batch_size),
                 "test_accuracy": acc,
                 "test_accuracy_std": acc_std,
                 "test_loss": loss,

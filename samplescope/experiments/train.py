@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,52 +16,33 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from samplescope.errors import SamplescopeError
+from samplescope.experiments.config import PRESETS, RunConfig
 from samplescope.experiments.data import Dataset, load_dataset
 from samplescope.experiments.models import make_model
 from samplescope.recorder import Recorder
 
-__all__ = ["PRESETS", "RunConfig", "RunResult", "evaluate", "train_run"]
+__all__ = ["PRESETS", "BatchPlan", "RunConfig", "RunResult", "TrainHook", "evaluate", "train_run"]
 
-logger = logging.getLogger(__name__)
-
-# Batches for one epoch: a list of index arrays into the training set.
-BatchPlan = Callable[[int, np.random.Generator], Sequence[np.ndarray]]
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines a run; stored in the trace's ``config``."""
-
-    dataset: str = "digits"
-    model: str = "mlp"
-    epochs: int = 20
-    batch_size: int = 100
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    hidden: int = 512
-    depth: int = 3
-    seed: int = 0
-    reduction: str = "mean"
-    preset: str | None = None
+# Batches for one epoch: index arrays into the training set, drawn as the loop asks for
+# them (an online sampler picks each batch after the previous step's feedback).
+BatchPlan = Callable[[int, np.random.Generator], Iterable[Any]]
 
 
-# The paper's protocol (Gao & Jojic): MLP 3×512 ReLU, Glorot init, cross-entropy over
-# batches of 100, plain SGD at 0.1, weight decay 1e-5, no momentum, 50 epochs. The batch
-# mean is used: the summed loss at this learning rate diverges.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "model": "mlp",
-        "hidden": 512,
-        "depth": 3,
-        "batch_size": 100,
-        "lr": 0.1,
-        "weight_decay": 1e-5,
-        "momentum": 0.0,
-        "epochs": 50,
-        "reduction": "mean",
-    }
-}
+class TrainHook:
+    """What an experiment adds to `train_run`'s loop; override the methods you need.
+
+    `train_run` calls `attach` once the model is built, `after_step` after every optimizer
+    step, and `detach` when the loop ends, exceptions included.
+    """
+
+    def attach(self, model: nn.Module) -> None:
+        """Before the first step (e.g. register a forward hook on ``model``)."""
+
+    def after_step(self, ids: np.ndarray, losses: Tensor, logits: Tensor) -> None:
+        """After each step: the batch's sample ids, per-sample losses and logits (detached)."""
+
+    def detach(self) -> None:
+        """When training ends or fails: remove whatever `attach` added."""
 
 
 @dataclass
@@ -91,23 +71,31 @@ def train_run(
     progress: bool = True,
     recorder_options: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    hooks: Sequence[TrainHook] = (),
 ) -> RunResult:
     """Train ``config`` with plain SGD, recording every sample at every step to ``out``.
+
+    The one training loop: `samplescope train`, the demo and every experiment (recorded
+    or not) run through it; what they add goes in through ``batch_plan`` and ``hooks``.
 
     Args:
         config: the run's settings.
         out: the trace to write; None trains without recording (for baselines and timing).
-        data: an already loaded dataset (else ``load_dataset(config.dataset, data_dir)``).
+        data: an already loaded dataset (else ``load_dataset(config.dataset, data_dir)``,
+            ``data_dir`` defaulting to ``config.data_dir``).
         train_indices: train on this subset of the training set (sample ids stay the
             original indices).
         train_targets: labels to train on instead of the dataset's (e.g. with noise).
-        batch_plan: ``(epoch, rng) -> list of index arrays``; default: shuffled batches.
+        batch_plan: ``(epoch, rng) -> iterable of index arrays``; default: shuffled batches.
         init_state: a model state_dict to start from (same initialisation across runs).
         sample_info, thumbnails, recorder_options: passed to the Recorder.
         progress: show a progress bar over the run's batches (epoch, test accuracy).
         device: where the model and data live, e.g. ``"cuda"``; the trace is the same.
+        hooks: `TrainHook`s called around the loop and after every step.
     """
-    data = data or load_dataset(config.dataset, data_dir, seed=config.seed)
+    if data is None:
+        where = config.data_dir if data_dir is None else data_dir
+        data = load_dataset(config.dataset, where, seed=config.seed)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = make_model(config.model, data.input_shape, data.n_classes, config.hidden, config.depth)
@@ -143,7 +131,12 @@ def train_run(
             **(recorder_options or {}),
         )
     start = time.perf_counter()
-    with recorder if recorder is not None else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if recorder is not None:
+            stack.enter_context(recorder)
+        for hook in hooks:
+            hook.attach(model)
+            stack.callback(hook.detach)
         bar = _progress_bar(config, None if batch_plan else len(ids), progress)
         for epoch in range(config.epochs):
             model.train()
@@ -152,17 +145,9 @@ def train_run(
             correct = seen = 0
             for batch in plan(epoch, rng):
                 index = torch.as_tensor(batch, dtype=torch.int64)
-                xb, yb = x[index.to(device)], y[index.to(device)]
-                logits = model(xb)
-                losses = F.cross_entropy(logits, yb, reduction="none")
-                if recorder is not None:
-                    recorder.backward(losses, sample_ids=index, logits=logits, targets=yb)
-                else:
-                    (losses.mean() if config.reduction == "mean" else losses.sum()).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                correct += int((logits.argmax(1) == yb).sum())
-                seen += len(yb)
+                right = _step(model, optimizer, recorder, config.reduction, index, x, y, hooks)
+                correct += right
+                seen += len(index)
                 bar.update(1)
             test_loss, test_acc = evaluate(model, x_test, y_test)
             result.train_accuracy.append(correct / max(seen, 1))
@@ -178,6 +163,34 @@ def train_run(
         bar.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    recorder: Recorder | None,
+    reduction: str,
+    index: Tensor,
+    x: Tensor,
+    y: Tensor,
+    hooks: Sequence[TrainHook],
+) -> int:
+    """One SGD step on the samples ``index``, recorded when ``recorder`` is given.
+
+    Returns how many of the batch the model predicted right (before the step).
+    """
+    xb, yb = x[index.to(x.device)], y[index.to(y.device)]
+    logits = model(xb)
+    losses = F.cross_entropy(logits, yb, reduction="none")
+    if recorder is not None:
+        recorder.backward(losses, sample_ids=index, logits=logits, targets=yb)
+    else:
+        (losses.mean() if reduction == "mean" else losses.sum()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for hook in hooks:
+        hook.after_step(index.numpy(), losses.detach(), logits.detach())
+    return int((logits.argmax(1) == yb).sum())
 
 
 def _progress_bar(config: RunConfig, n_train: int | None, progress: bool) -> Any:
@@ -196,7 +209,7 @@ def _progress_bar(config: RunConfig, n_train: int | None, progress: bool) -> Any
 def _trace_config(config: RunConfig, data: Dataset) -> dict[str, Any]:
     """The run's settings as stored in the trace, plus the dataset's class names (an
     optional ``class_names`` entry that readers use for labels when present)."""
-    stored: dict[str, Any] = dict(vars(config))
+    stored = config.stored()
     if data.class_names is not None and len(data.class_names) == data.n_classes:
         stored["class_names"] = list(data.class_names)
     return stored

@@ -175,3 +175,46 @@ def test_random_traces_agree_with_numpy(
         )
         for e, s in by_epoch.iter_rows():
             assert s == pytest.approx(importance[epoch[step_of_visit] == e].sum(), rel=1e-6)
+
+
+def test_long_traces_keep_step_epoch_and_sample_numbers(tmp_path: Path) -> None:
+    """Steps, epochs and ids past every narrow integer type come back whole through SQL.
+
+    40,000 steps of one visit each, 400 epochs and 40,000 sample ids: past int8 (a source
+    once stored steps as TINYINT) and int16 (the narrowest type the source uses now).
+    """
+    n = 40_000
+    steps = np.arange(n)
+    epoch = steps // 100
+    sample_id = (steps * 7919) % n  # every id once, not in step order
+    grad = (1.0 + steps % 5).astype(np.float32)[:, None]
+    path = write_trace(
+        tmp_path / "long.h5",
+        layers=["only"],
+        steps={
+            "step": steps,
+            "epoch": epoch,
+            "lr": np.full(n, 0.5),
+            "batch_size": np.ones(n, np.int64),
+        },
+        visits={"step": steps, "sample_id": sample_id, "loss": np.ones(n), "grad_sq": grad},
+    )
+    with open_trace(path) as trace:
+        for table in ("steps", "visits", "importance"):
+            row = trace.sql(
+                f"SELECT count(DISTINCT step), max(step), max(epoch), sum(step), "
+                f"typeof(max(step)) FROM {table}"
+            ).fetchall()
+            assert row == [(n, n - 1, 399, n * (n - 1) // 2, "BIGINT")], table
+        # A product that overflows a 16-bit column, were the view to expose one.
+        assert trace.sql("SELECT max(step * step) FROM visits").fetchall() == [((n - 1) ** 2,)]
+        ids = trace.sql(
+            "SELECT sample_id, typeof(sample_id) FROM visits WHERE step = 300 OR step = 39999 "
+            "ORDER BY step"
+        ).fetchall()
+        assert ids == [(300 * 7919 % n, "BIGINT"), (39999 * 7919 % n, "BIGINT")]
+        by_epoch = trace.sql(
+            "SELECT epoch, count(*), sum(grad_sq) FROM importance GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        assert [e for e, _, _ in by_epoch] == list(range(400))
+        assert all(c == 100 and s == 300.0 for _, c, s in by_epoch)

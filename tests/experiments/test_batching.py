@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from samplescope.recorder.batching import (
+from samplescope.experiments.samplers import (
     FIXED_STRATEGIES,
     OnlineBatchSampler,
     fixed_batch_sampler,

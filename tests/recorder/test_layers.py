@@ -2,15 +2,21 @@
 
 Every test runs the Observer API directly (fake session), for `mean` and `sum`, in float64,
 and checks each layer's squared norms and ⟨g_i, G⟩ to 1e-5 relative error.
+
+Hypothesis runs derandomized (the same examples on every run), and every branch a rule
+takes (one token / Gram identity / materialised for Linear, each conv method and padding
+path, each mask path of attention, batch / running statistics for the norms) is also
+pinned by an explicit ``@example``, so breaking a branch fails every run, not some.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_layers_support import (
     QuadraticLoss,
@@ -23,12 +29,13 @@ from test_layers_support import (
 )
 from torch import Tensor, nn
 
-from samplescope.recorder.layers.conv import CONV_METHODS, conv_weight_sq
+from samplescope.recorder.layers import conv as conv_rule
+from samplescope.recorder.layers.conv import CONV_METHODS, ConvNorms, conv_weight_sq
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 REDUCTIONS = st.sampled_from(["mean", "sum"])
-FEW = settings(max_examples=12, deadline=None)
+FEW = settings(max_examples=12, deadline=None, derandomize=True)
 
 
 # -- Linear ------------------------------------------------------------------------------
@@ -43,6 +50,10 @@ FEW = settings(max_examples=12, deadline=None)
     bias=st.booleans(),
     reduction=REDUCTIONS,
 )
+@example(n=3, extra=[], fan_in=4, fan_out=3, bias=True, reduction="mean")  # one token
+@example(n=2, extra=[1], fan_in=3, fan_out=2, bias=False, reduction="sum")  # one token, 3-D
+@example(n=2, extra=[2], fan_in=6, fan_out=6, bias=True, reduction="sum")  # T(I+O) < I·O: Gram
+@example(n=3, extra=[2, 2], fan_in=2, fan_out=3, bias=True, reduction="mean")  # materialised
 def test_linear(
     n: int, extra: list[int], fan_in: int, fan_out: int, bias: bool, reduction: str
 ) -> None:
@@ -54,57 +65,132 @@ def test_linear(
 # -- Conv --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ConvCase:
+    """A convolution and its input, as plain numbers (built in float64 inside the test)."""
+
+    dims: int = 2
+    groups: int = 1
+    in_per_group: int = 1
+    out_per_group: int = 2
+    kernel: int = 3
+    stride: int = 1
+    dilation: int = 1
+    padding: int | str = 0
+    mode: str = "zeros"
+    bias: bool = True
+    n: int = 2
+
+    def build(self) -> tuple[nn.Module, Tensor]:
+        torch.manual_seed(0)
+        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.dims - 1]
+        conv = cls(
+            self.groups * self.in_per_group,
+            self.groups * self.out_per_group,
+            self.kernel,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias,
+            padding_mode=self.mode,
+        )
+        side = (7, 6, 5)[self.dims - 1]  # room for kernel 3 at dilation 2 without padding
+        return conv, torch.randn(self.n, conv.in_channels, *[side] * self.dims)
+
+
 @st.composite
-def convs(draw: st.DrawFn) -> tuple[nn.Module, Tensor]:
-    dims = draw(st.integers(1, 3))
-    groups = draw(st.integers(1, 2))
-    kernel = draw(st.integers(1, 3))
-    dilation = draw(st.integers(1, 2))
-    padding = draw(st.sampled_from([0, 1, "same"]))
-    stride = 1 if padding == "same" else draw(st.integers(1, 2))
+def convs(draw: st.DrawFn) -> ConvCase:
+    padding = draw(st.sampled_from([0, 1, "same", "valid"]))
     mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
-    if mode != "zeros" and padding == 0:
-        mode = "zeros"
-    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
-    conv = cls(
-        groups * draw(st.integers(1, 2)),
-        groups * draw(st.integers(1, 3)),
-        kernel,
-        stride=stride,
+    return ConvCase(
+        dims=draw(st.integers(1, 3)),
+        groups=draw(st.integers(1, 2)),
+        in_per_group=draw(st.integers(1, 2)),
+        out_per_group=draw(st.integers(1, 3)),
+        kernel=draw(st.integers(1, 3)),
+        stride=1 if padding == "same" else draw(st.integers(1, 2)),
+        dilation=draw(st.integers(1, 2)),
         padding=padding,
-        dilation=dilation,
-        groups=groups,
+        mode=mode if padding not in (0, "valid") else "zeros",
         bias=draw(st.booleans()),
-        padding_mode=mode,
+        n=draw(st.integers(1, 3)),
     )
-    side = (7, 6, 5)[dims - 1]  # room for kernel 3 at dilation 2 without padding
-    x = torch.randn(draw(st.integers(1, 3)), conv.in_channels, *[side] * dims)
-    return conv, x
+
+
+# One per path through pad_input and _patches: 1-D and 3-D use the strided view, 2-D F.unfold.
+CONV_EXAMPLES = [
+    ConvCase(dims=1, groups=2, stride=2, padding=1, mode="reflect", n=3),
+    # Kernel 2 under "same": the odd extra element goes on the right.
+    ConvCase(dims=2, in_per_group=2, kernel=2, padding="same", mode="circular"),
+    ConvCase(dims=2, groups=2, stride=2, dilation=2, padding="valid", bias=False),
+    ConvCase(dims=3, kernel=2, padding=1, mode="replicate"),
+    ConvCase(dims=3, groups=2, kernel=3, dilation=2, n=1),
+]
 
 
 @FEW
 @given(case=convs(), reduction=REDUCTIONS)
-def test_conv(case: tuple[nn.Module, Tensor], reduction: str) -> None:
-    torch.manual_seed(0)
-    conv, x = case
+@example(case=CONV_EXAMPLES[0], reduction="mean")
+@example(case=CONV_EXAMPLES[1], reduction="sum")
+@example(case=CONV_EXAMPLES[2], reduction="mean")
+@example(case=CONV_EXAMPLES[3], reduction="sum")
+@example(case=CONV_EXAMPLES[4], reduction="mean")
+def test_conv(case: ConvCase, reduction: str) -> None:
+    conv, x = case.build()
     run = check_layers(conv, (x,), reduction)
     # The per-shape choice is cached on the observer's norm function.
     assert len(run.observers[""].norm_fn.choice) == 1
 
 
-@settings(max_examples=8, deadline=None)
-@given(case=convs())
-def test_conv_every_method_is_exact(case: tuple[nn.Module, Tensor]) -> None:
-    conv, x = case
-    d = torch.randn_like(conv(x))
-    expected = torch.stack(
+def per_sample_weight_sq(conv: nn.Module, x: Tensor, d: Tensor) -> Tensor:
+    """‖∂(d·conv(x_i))/∂W‖² per sample, by a batch-of-one loop."""
+    return torch.stack(
         [
             torch.autograd.grad(conv(x[i : i + 1]), conv.weight, d[i : i + 1])[0].square().sum()
             for i in range(x.shape[0])
         ]
     )
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(case=convs())
+@example(case=CONV_EXAMPLES[0])
+@example(case=CONV_EXAMPLES[1])
+@example(case=CONV_EXAMPLES[2])
+@example(case=CONV_EXAMPLES[3])
+@example(case=CONV_EXAMPLES[4])
+def test_conv_every_method_is_exact(case: ConvCase) -> None:
+    conv, x = case.build()
+    d = torch.randn_like(conv(x))
+    expected = per_sample_weight_sq(conv, x, d)
     for method in CONV_METHODS:
         assert_close(conv_weight_sq(conv, x, d, method), expected)
+
+
+@pytest.mark.parametrize("method", sorted(CONV_METHODS))
+def test_conv_cached_choice_computes_with_that_method(method: str) -> None:
+    """Once a shape's method is chosen, later batches of that shape use it (and it is exact)."""
+    conv, x = CONV_EXAMPLES[1].build()
+    d = torch.randn_like(conv(x))
+    norms = ConvNorms()
+    norms(conv, x, d)  # the first batch times the candidates and caches one
+    ((key, _),) = norms.choice.items()
+    norms.choice[key] = method
+    assert_close(norms(conv, x, d)["weight"], per_sample_weight_sq(conv, x, d))
+
+
+def test_conv_too_large_for_every_method_takes_the_smallest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conv, x = CONV_EXAMPLES[2].build()
+    d = torch.randn_like(conv(x))
+    monkeypatch.setattr(conv_rule, "_MAX_ELEMENTS", 0)
+    norms = ConvNorms()
+    got = norms(conv, x, d)["weight"]
+    sizes = conv_rule._footprint(conv, conv_rule.pad_input(conv, x), d)
+    assert list(norms.choice.values()) == [min(sizes, key=sizes.__getitem__)]
+    assert_close(got, per_sample_weight_sq(conv, x, d))
 
 
 def test_conv_choice_is_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -127,6 +213,12 @@ def test_conv_choice_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     variant=st.sampled_from(["plain", "scale_grad_by_freq", "sparse"]),
     reduction=REDUCTIONS,
 )
+@example(n=3, tokens=[], vocab=4, dim=2, padding=False, variant="plain", reduction="mean")
+@example(n=2, tokens=[4], vocab=2, dim=3, padding=True, variant="plain", reduction="sum")
+@example(
+    n=3, tokens=[2, 2], vocab=3, dim=2, padding=True, variant="scale_grad_by_freq", reduction="mean"
+)
+@example(n=2, tokens=[3], vocab=3, dim=2, padding=False, variant="sparse", reduction="sum")
 def test_embedding(
     n: int, tokens: list[int], vocab: int, dim: int, padding: bool, variant: str, reduction: str
 ) -> None:
@@ -160,6 +252,10 @@ def test_embedding(
     rms=st.booleans(),
     reduction=REDUCTIONS,
 )
+@example(n=2, lead=[], features=[3], bias=True, rms=False, reduction="mean")
+@example(n=3, lead=[2], features=[2, 2], bias=False, rms=False, reduction="sum")
+@example(n=2, lead=[3], features=[4], bias=True, rms=True, reduction="sum")  # eps None
+@example(n=3, lead=[], features=[2, 3], bias=False, rms=True, reduction="mean")
 def test_layer_and_rms_norm(
     n: int, lead: list[int], features: list[int], bias: bool, rms: bool, reduction: str
 ) -> None:
@@ -182,6 +278,8 @@ def test_layer_and_rms_norm(
     spatial=st.lists(st.integers(1, 3), max_size=2),
     reduction=REDUCTIONS,
 )
+@example(n=2, groups=1, per_group=3, spatial=[], reduction="mean")
+@example(n=3, groups=3, per_group=2, spatial=[2, 3], reduction="sum")
 def test_group_norm(
     n: int, groups: int, per_group: int, spatial: list[int], reduction: str
 ) -> None:
@@ -201,6 +299,10 @@ def test_group_norm(
     track=st.booleans(),
     reduction=REDUCTIONS,
 )
+@example(n=3, channels=2, dims=0, training=True, track=True, reduction="mean")  # batch stats
+@example(n=2, channels=3, dims=2, training=False, track=True, reduction="sum")  # running stats
+@example(n=3, channels=2, dims=1, training=False, track=False, reduction="mean")  # no running
+@example(n=2, channels=1, dims=3, training=True, track=False, reduction="sum")
 def test_batch_norm(
     n: int, channels: int, dims: int, training: bool, track: bool, reduction: str
 ) -> None:
@@ -220,6 +322,9 @@ def test_batch_norm(
 
 @FEW
 @given(n=st.integers(1, 3), dims=st.integers(1, 3), training=st.booleans(), reduction=REDUCTIONS)
+@example(n=2, dims=1, training=True, reduction="mean")  # input statistics
+@example(n=3, dims=2, training=False, reduction="sum")  # running statistics
+@example(n=1, dims=3, training=False, reduction="mean")
 def test_instance_norm(n: int, dims: int, training: bool, reduction: str) -> None:
     torch.manual_seed(0)
     cls = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 1]
@@ -265,53 +370,114 @@ class Attention(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class AttentionCase:
+    """An nn.MultiheadAttention call as plain choices (built in float64 inside the test).
+
+    ``kdim``/``vdim`` set (and not equal to the embedding) give separate q/k/v weights;
+    None with ``cross`` is cross-attention through the packed ``in_proj_weight``.
+    """
+
+    heads: int = 1
+    head_dim: int = 2
+    cross: bool = False
+    kdim: int | None = None
+    vdim: int | None = None
+    bias: bool = True
+    batch_first: bool = True
+    n: int = 2
+    tgt: int = 3
+    src: int = 3
+    need_weights: bool = False
+    average: bool = True
+    padding: str = "none"  # "none", "bool" or "float" key padding mask
+    mask: str = "none"  # "none", "2d", "3d" or "causal" attention mask
+
+    def build(self) -> tuple[Attention, tuple]:
+        torch.manual_seed(0)
+        embed = self.heads * self.head_dim
+        mha = nn.MultiheadAttention(
+            embed,
+            self.heads,
+            bias=self.bias,
+            kdim=self.kdim,
+            vdim=self.vdim,
+            batch_first=self.batch_first,
+        )
+        n, tgt, src = self.n, self.tgt, self.src if self.cross else self.tgt
+        query = torch.randn(n, tgt, embed)
+        if self.cross:
+            key = torch.randn(n, src, self.kdim or embed)
+            value = torch.randn(n, src, self.vdim or embed)
+        else:
+            key = value = query  # self-attention, as TransformerEncoderLayer calls it
+        call = {"need_weights": self.need_weights, "average_attn_weights": self.average}
+        padding = None
+        if self.padding != "none":
+            padding = torch.rand(n, src) < 0.4
+            padding[:, 0] = False  # every query keeps a key to attend to
+            if self.padding == "float":
+                padding = padding.double().masked_fill(padding, float("-inf"))
+        attn_mask = masks = None
+        if self.mask == "2d":
+            attn_mask = torch.randn(tgt, src)
+        elif self.mask == "3d":
+            masks = torch.randn(n, self.heads, tgt, src)
+        elif self.mask == "causal" and tgt == src:
+            attn_mask = nn.Transformer.generate_square_subsequent_mask(tgt)
+            call["is_causal"] = True
+        return Attention(mha, call, attn_mask), (query, key, value, padding, masks)
+
+
 @st.composite
-def attentions(draw: st.DrawFn) -> tuple[Attention, tuple]:
-    heads = draw(st.integers(1, 2))
-    embed = heads * draw(st.integers(1, 3))
+def attentions(draw: st.DrawFn) -> AttentionCase:
     cross = draw(st.booleans())
-    kdim = draw(st.integers(1, 4)) if cross else None
-    vdim = draw(st.integers(1, 4)) if cross else None
-    mha = nn.MultiheadAttention(
-        embed,
-        heads,
+    return AttentionCase(
+        heads=draw(st.integers(1, 2)),
+        head_dim=draw(st.integers(1, 3)),
+        cross=cross,
+        kdim=draw(st.integers(1, 4)) if cross else None,
+        vdim=draw(st.integers(1, 4)) if cross else None,
         bias=draw(st.booleans()),
-        kdim=kdim,
-        vdim=vdim,
         batch_first=draw(st.booleans()),
+        n=draw(st.integers(1, 3)),
+        tgt=draw(st.integers(1, 4)),
+        src=draw(st.integers(1, 4)) if cross else 0,
+        need_weights=draw(st.booleans()),
+        average=draw(st.booleans()),
+        padding=draw(st.sampled_from(["none", "bool", "float"])),
+        mask=draw(st.sampled_from(["none", "2d", "3d", "causal"])),
     )
-    n = draw(st.integers(1, 3))
-    tgt = draw(st.integers(1, 4))
-    src = tgt if not cross else draw(st.integers(1, 4))
-    query = torch.randn(n, tgt, embed)
-    key = torch.randn(n, src, kdim or embed)
-    value = key if not cross else torch.randn(n, src, vdim or embed)
-    if not cross:
-        key = value = query  # self-attention, as TransformerEncoderLayer calls it
-    need_weights = draw(st.booleans())
-    call = {"need_weights": need_weights, "average_attn_weights": draw(st.booleans())}
-    padding = None
-    if draw(st.booleans()):
-        padding = torch.rand(n, src) < 0.4
-        padding[:, 0] = False  # every query keeps a key to attend to
-        if draw(st.booleans()):
-            padding = padding.double().masked_fill(padding, float("-inf"))
-    attn_mask = masks = None
-    kind = draw(st.sampled_from(["none", "2d", "3d", "causal"]))
-    if kind == "2d":
-        attn_mask = torch.randn(tgt, src)
-    elif kind == "3d":
-        masks = torch.randn(n, heads, tgt, src)
-    elif kind == "causal" and tgt == src:
-        attn_mask = nn.Transformer.generate_square_subsequent_mask(tgt)
-        call["is_causal"] = True
-    return Attention(mha, call, attn_mask), (query, key, value, padding, masks)
 
 
 @FEW
 @given(case=attentions(), reduction=REDUCTIONS)
-def test_attention(case: tuple[Attention, tuple], reduction: str) -> None:
-    model, inputs = case
+# Scaled dot-product attention, packed projection; then SDPA's own is_causal.
+@example(case=AttentionCase(), reduction="mean")
+@example(case=AttentionCase(heads=2, mask="causal", batch_first=False), reduction="sum")
+# Explicit softmax (weights returned), causal mask merged with a boolean padding mask.
+@example(case=AttentionCase(need_weights=True, mask="causal", padding="bool"), reduction="mean")
+# Separate q/k/v weights, per-head weights, a 3-D mask and a float padding mask, no bias.
+@example(
+    case=AttentionCase(
+        heads=2,
+        cross=True,
+        kdim=3,
+        vdim=1,
+        src=4,
+        need_weights=True,
+        average=False,
+        padding="float",
+        mask="3d",
+        bias=False,
+        batch_first=False,
+    ),
+    reduction="sum",
+)
+# Cross-attention through the packed weight, a 2-D mask.
+@example(case=AttentionCase(cross=True, src=2, mask="2d", padding="bool"), reduction="mean")
+def test_attention(case: AttentionCase, reduction: str) -> None:
+    model, inputs = case.build()
     reference = copy.deepcopy(model)
     run = check_layers(model, inputs, reduction)
     assert run.observers["mha"].method == "reexpressed"

@@ -102,6 +102,8 @@ def test_grad_sq_matches_a_batch_of_one_oracle(tmp_path, reduction):
     with h5py.File(tmp_path / "t.h5", "r", swmr=True) as f:
         got = f["visits/grad_sq"][:]
         assert np.allclose(f["visits/loss"][:], losses.detach().numpy(), rtol=1e-6)
+        assert f["visits/pred"][:].tolist() == logits.detach().argmax(1).tolist()
+        assert f["visits/target"][:].tolist() == y.tolist()
         p = torch.softmax(logits.detach(), 1)[torch.arange(20), y].numpy()
         assert np.allclose(f["visits/p_target"][:], p, rtol=1e-5)
         margin = logits.detach().clone()
@@ -115,6 +117,34 @@ def test_grad_sq_matches_a_batch_of_one_oracle(tmp_path, reduction):
         )
         assert np.allclose(f["visits/input_sq"][:], x.square().sum(1).numpy(), rtol=1e-6)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_pred_and_target_are_each_steps_argmax_and_labels(tmp_path):
+    """pred is argmax(logits) and target the label, visit by visit, across steps of any size.
+
+    The output columns are computed for many steps at once at flush; this checks that every
+    visit gets its own step's row, not a neighbour's.
+    """
+    x, y = _data(n=45, k=6)
+    model = _mlp(k=6)
+    expected_pred, expected_target = [], []
+    with Recorder(tmp_path / "t.h5", model) as rec:
+        start = 0
+        for size in (1, 16, 3, 25):
+            xb, yb = x[start : start + size], y[start : start + size]
+            logits = model(xb)
+            losses = F.cross_entropy(logits, yb, reduction="none")
+            rec.backward(
+                losses, sample_ids=torch.arange(start, start + size), logits=logits, targets=yb
+            )
+            expected_pred += logits.detach().argmax(1).tolist()
+            expected_target += yb.tolist()
+            start += size
+    with h5py.File(tmp_path / "t.h5", "r", swmr=True) as f:
+        assert f["visits/pred"][:].tolist() == expected_pred
+        assert f["visits/target"][:].tolist() == expected_target
+    # Untrained, the predictions still vary: a constant column would not pass by luck.
+    assert len(set(expected_pred)) > 1
 
 
 def test_training_is_bit_for_bit_unchanged_and_hooks_are_removed(tmp_path):

@@ -8,10 +8,12 @@ import pytest
 from reporttraces import write_outputs_trace
 
 from samplescope.analysis import open_trace
+from samplescope.reports import _data as report_data
 from samplescope.reports._data import (
     ReportData,
     ReportPlan,
     average_precision,
+    pct_rank,
     precision_recall,
 )
 from samplescope.reports.candidates import candidate_tables
@@ -83,3 +85,54 @@ def test_precision_recall_by_hand() -> None:
     np.testing.assert_allclose(recall, [0.5, 0.5, 1, 1])
     assert average_precision(score, truth) == pytest.approx((1 + 2 / 3) / 2)
     assert np.isnan(average_precision(score, np.zeros(4, dtype=bool)))
+
+
+def test_pct_rank_by_hand() -> None:
+    frame = pl.DataFrame({"x": [3.0, 1.0, 2.0, 2.0, 5.0]})
+    up = frame.select(pct_rank("x")).to_series().to_list()
+    down = frame.select(pct_rank("x", descending=True)).to_series().to_list()
+    # Ranks 4, 1, 2.5, 2.5, 5 of 5: (rank - 1) / 4; the largest is 1 ascending, 0 descending.
+    assert up == pytest.approx([0.75, 0.0, 0.375, 0.375, 1.0])
+    assert down == pytest.approx([0.25, 1.0, 0.625, 0.625, 0.0])
+    assert pl.DataFrame({"x": [4.0]}).select(pct_rank("x")).item() == 0.0
+
+
+def test_rank_heatmap_bins_average_over_each_bins_samples(
+    data: ReportData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more samples than rows, a cell is the bin's importance over the bin's size."""
+    monkeypatch.setattr(report_data, "MAX_HEATMAP_ROWS", 7)  # 60 samples: bins of 8 or 9
+    fresh = ReportData(data.trace, data.path)
+    frame, n_bins = fresh.rank_epoch
+    assert n_bins == 7
+    samples = data.trace.sql("SELECT sample_id, difficulty_rank FROM samples").pl()
+    per = data.trace.sql(
+        "SELECT sample_id, epoch, sum(importance) AS imp FROM sample_epochs "
+        "WHERE layer_index = 1 GROUP BY ALL"
+    ).pl()
+    rank = dict(samples.iter_rows())
+    bin_of = {s: r * 7 // 60 for s, r in rank.items()}
+    sizes = np.bincount(list(bin_of.values()), minlength=7)
+    assert sorted(set(sizes.tolist())) == [8, 9]
+    expected = np.zeros((7, len(data.epochs)))
+    for s, e, imp in per.iter_rows():
+        expected[bin_of[s], e] += imp
+    expected /= sizes[:, None]
+    np.testing.assert_allclose(fresh.grid(frame, 1, n_bins), expected, rtol=1e-9)
+
+
+def test_candidate_scores_rank_the_right_end_first(data: ReportData) -> None:
+    """Mislabeled: lowest confidence first; redundant: lowest importance first (score 1)."""
+    mislabeled, redundant = candidate_tables(data, top=60)
+    confidence = mislabeled["confidence"].to_numpy()
+    assert (np.diff(confidence) >= -1e-12).all()  # the score falls as confidence rises
+    # The two planted samples tie at the lowest confidence: both share the top ranks.
+    assert mislabeled["score"][0] == mislabeled["score"][1] > mislabeled["score"][2]
+    eligible = data.samples.join(data.final_pred, on="sample_id").filter(
+        pl.col("final_correct") & (pl.col("forgetting_events") == 0)
+    )
+    assert redundant.height == eligible.height > 1
+    least = eligible.sort("importance")["sample_id"][0]
+    assert redundant["sample_id"][0] == least
+    assert redundant["score"][0] == pytest.approx(1.0)
+    assert redundant["score"][-1] == pytest.approx(0.0)

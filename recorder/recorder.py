@@ -33,6 +33,7 @@ from samplescope.recorder._columns import (
     param_norms,
     sample_info_arrays,
 )
+from samplescope.recorder._reference import ReferenceBatch, ReferenceLoss
 from samplescope.recorder._thumbnails import thumbnail_images, thumbnail_shape
 from samplescope.recorder._transfer import DeferredRows, HostTransfer, NonfiniteCounter
 from samplescope.recorder.errors import RecorderError
@@ -92,6 +93,13 @@ class Recorder:
         rank, world_size, run_id: for data parallelism: one trace per rank, same run_id.
         checkpoints: declare the optional ``/checkpoints`` table, filled by
             `score_checkpoint` (EL2N and GraNd of every sample at a fixed checkpoint).
+        reference: a fixed held-out batch ``(x_val, y_val)``: every ``reference_every``
+            recorded steps, `backward` also computes its mean loss's gradient g_val (eval
+            mode, at the step's parameters) and records ⟨g(i,l), g_val(l)⟩ per visit and
+            layer in ``/visits/val_dot`` (NaN on the other steps); see docs/recorder.md.
+        reference_loss: ``fn(model, x, y) -> losses [N]`` (or ``(losses, logits)``), as
+            `score_checkpoint` takes; required with ``reference``.
+        reference_every: measure g_val on every k-th recorded step (step % k == 0).
 
     Works on any torch device without reading tensor values on the training thread (see
     docs/recorder.md, Devices). A layer that gets no gradient in a step records 0 for it.
@@ -125,6 +133,9 @@ class Recorder:
         world_size: int = 1,
         run_id: str | None = None,
         checkpoints: bool = False,
+        reference: tuple[Any, Any] | None = None,
+        reference_loss: ReferenceLoss | None = None,
+        reference_every: int = 1,
     ) -> None:
         check_choice("reduction", reduction, ("mean", "sum"))
         check_choice("on_error", on_error, ("raise", "warn"))
@@ -142,6 +153,7 @@ class Recorder:
             msg = f"checkpoints must be True or False, not {checkpoints!r}"
             raise RecorderError(msg)
         _check_config(config)
+        self._reference = ReferenceBatch.of(reference, reference_loss, reference_every)
         self.path = Path(path)
         self.model = model
         self.optimizer = optimizer
@@ -155,6 +167,7 @@ class Recorder:
             "thumbnails": thumbnails,
             "flush_seconds": flush_seconds,
             "on_unsupported": on_unsupported,
+            **({} if self._reference is None else {"reference_every": self._reference.every}),
         }
         self._registry = registry or default_registry()
         self._batch_dims = {**known_batch_dims(model), **dict(batch_dims or {})}
@@ -208,7 +221,12 @@ class Recorder:
 
     @property
     def alignment(self) -> bool:
-        return bool(self.options["alignment"])
+        # Observers keep what `Observer.alignment` needs also on reference steps: the
+        # validation dot products reuse the same identities with g_val in place of G.
+        return bool(self.options["alignment"]) or self._reference_due()
+
+    def _reference_due(self) -> bool:
+        return self._reference is not None and self._reference.due(self.step)
 
     @property
     def batch_size(self) -> int | None:
@@ -622,6 +640,7 @@ class Recorder:
             input_sq=input_sq is not None,
             input_grad_sq=(input_grad_sq is not None) if self.options["input_grad"] else None,
             missing_outputs=logits is None and self.outputs is None,
+            reference=self._reference is not None,
         )
         rows = StepRows(HostTransfer(tensors), frame, self._nonfinite)
         # The writer assigns /steps/visit_start from the rows it actually writes.
@@ -658,7 +677,9 @@ class Recorder:
         if not batch_stats:  # a checkpoint: per-sample norms only (no /steps row)
             return {"grad_sq": grad_sq, "param_norms": torch.zeros(0)}, (0,) * len(results)
         tensors = {"grad_sq": grad_sq, "param_norms": param_norms(batch_grads)}
-        if self.alignment:
+        if self._reference_due():
+            tensors["val_dot"] = self._val_dot(results, ran, where, zeros)
+        if self.options["alignment"]:
             tensors["alignment"] = torch.stack(
                 [
                     o.alignment(r.batch_grad).detach().to(where) if has else zeros
@@ -667,6 +688,24 @@ class Recorder:
                 1,
             )
         return tensors, tuple(len(g) for g in batch_grads)
+
+    def _val_dot(
+        self, results: list[Any], ran: list[bool], where: torch.device, zeros: Tensor
+    ) -> Tensor:
+        """[N, layers] ⟨contribution_i, g_val⟩ in back-propagated units (as alignment)."""
+        reference = self._reference
+        if reference is None:  # only called on reference steps
+            msg = "no reference batch"
+            raise RecorderError(msg)
+        g_val = reference.gradients(self.model)
+        columns = []
+        for o, has in zip(self._observers, ran, strict=True):
+            if not has:
+                columns.append(zeros)
+                continue
+            own = {n: g_val[id(p)] for n, p in o.params.items() if id(p) in g_val}
+            columns.append(o.alignment(own).detach().to(where))
+        return torch.stack(columns, 1)
 
     def _warn_inactive(self, reason: str | None) -> None:
         if self._warned_inactive:
@@ -790,7 +829,8 @@ class Recorder:
                 "method": [o.method for o in self._observers],
             },
             "outputs": self.outputs is not False,
-            "alignment": self.alignment,
+            "alignment": bool(self.options["alignment"]),
+            "reference": self._reference is not None,
             "input_grad": self.options["input_grad"],
             "thumbnails": self.options["thumbnails"],
             "checkpoints": self.checkpoints,

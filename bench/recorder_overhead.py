@@ -3,6 +3,7 @@
     python bench/recorder_overhead.py            # every model below
     python bench/recorder_overhead.py --quick    # fewer steps, for a smoke run
     python bench/recorder_overhead.py --models lstm,gpt2
+    python bench/recorder_overhead.py --models "" --reference  # validation attribution only
 
 Models: mlp, cnn, transformer (the recorder issue's three), resnet18 (ResNet-18 for
 32x32 inputs, batch 64), lstm (a 2-layer LSTM tagger) and
@@ -195,9 +196,11 @@ def plain_step(model: nn.Module, batch: Batch) -> Callable[[], None]:
     return step
 
 
-def recorded_step(model: nn.Module, batch: Batch, path: Path, stack: contextlib.ExitStack):
+def recorded_step(
+    model: nn.Module, batch: Batch, path: Path, stack: contextlib.ExitStack, **options: object
+):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    rec = stack.enter_context(Recorder(path, model, opt, overwrite=True))
+    rec = stack.enter_context(Recorder(path, model, opt, overwrite=True, **options))
     x, y = batch
     ids = torch.arange(len(y))
 
@@ -336,6 +339,35 @@ def our_norms(model: nn.Module, batch: Batch) -> np.ndarray:
 # -- measurement ------------------------------------------------------------------------
 
 
+def reference_rows(warmup: int, n: int) -> list[tuple[str, str, str]]:
+    """MLP rows for validation attribution (``Recorder(reference=...)``), k = 1 and k = 10.
+
+    The reference batch is 128 held-out samples, as large as a training batch: at k = 1
+    every step adds its forward and backward plus the val_dot pass.
+    """
+    torch.manual_seed(0)
+    base, batch = mlp()
+    reference = (torch.randn(128, 784), torch.randint(0, 10, (128,)))
+
+    def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(m(x), y, reduction="none")
+
+    rows = []
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        steps = {"plain": plain_step(copy.deepcopy(base), batch)}
+        steps["recorded"] = recorded_step(copy.deepcopy(base), batch, Path(tmp) / "r.h5", stack)
+        for k in (1, 10):
+            options = {"reference": reference, "reference_loss": loss, "reference_every": k}
+            path = Path(tmp) / f"k{k}.h5"
+            steps[f"k={k}"] = recorded_step(copy.deepcopy(base), batch, path, stack, **options)
+        ms = interleaved(steps, warmup, n)
+    for label in ("recorded", "k=1", "k=10"):
+        ratio = ms[label] / ms["plain"]
+        text = f"{ms[label]:9.2f}{ratio:8.2f}   x{ms[label] / ms['recorded']:.2f} of recorded"
+        rows.append(("mlp", f"reference {label}" if "k" in label else "recorded (no ref)", text))
+    return rows
+
+
 def interleaved(steps: dict[str, Callable[[], None]], warmup: int, n: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for i in range(warmup + n):
@@ -401,12 +433,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps, for a smoke run")
     parser.add_argument("--models", default="mlp,cnn,transformer,resnet18,lstm,gpt2")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant (≥ 40)")
+    parser.add_argument(
+        "--reference", action="store_true", help="add the MLP's validation-attribution rows"
+    )
     args = parser.parse_args()
     warmup, n = (3, 5) if args.quick else (20, max(40, args.steps))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {n} steps")
     header = f"{'model':<12}{'variant':<22}{'ms/step':>9}{'ratio':>8}{'agrees':>8}"
     rows = []
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):  # --models "" --reference: those only
         if name in NEEDS and importlib.util.find_spec(NEEDS[name][0]) is None:
             print(
                 f"note: skipping the {name} row: {NEEDS[name][0]} is not installed "
@@ -460,6 +495,8 @@ def main() -> None:
                 f"   (first steps {first_plain:.0f} / {first_rec:.0f})",
             )
         )
+    if args.reference:
+        rows += reference_rows(warmup, n)
     print(header)
     for model_name, label, text in rows:
         print(f"{model_name:<12}{label:<22}{text}")

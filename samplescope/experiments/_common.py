@@ -155,7 +155,9 @@ def plain_train(
     return history
 
 
-def reference_run(setting: Setting, out_dir: Path) -> tuple[Dataset, np.ndarray, pl.DataFrame]:
+def reference_run(
+    setting: Setting, out_dir: Path, recorder_options: dict[str, Any] | None = None
+) -> tuple[Dataset, np.ndarray, pl.DataFrame]:
     """Train and record the seed-0 reference run that scores every training sample.
 
     Returns the dataset, the training ids and `reference_scores` of the run.
@@ -172,6 +174,7 @@ def reference_run(setting: Setting, out_dir: Path) -> tuple[Dataset, np.ndarray,
         thumbnails=False,
         overwrite=True,
         progress=False,
+        recorder_options=recorder_options,
     )
     return data, ids, reference_scores(reference, ids)
 

@@ -173,3 +173,14 @@ def test_report_leaves_the_page_out_without_a_reference(tmp_path: Path) -> None:
         reason = valeffect.SECTION.left_out_because(ReportData(trace))
     assert reason is not None
     assert "reference" in reason
+
+
+def test_score_table_offers_val_effect_and_its_negation(tmp_path: Path) -> None:
+    from samplescope.analysis.flags import score_table
+
+    _record(tmp_path / "s.h5", every=1, lr=0.1)
+    with open_trace(tmp_path / "s.h5") as trace:
+        table = score_table(trace).sort("sample_id")
+        samples = trace.samples().sort("sample_id")
+    np.testing.assert_allclose(table["val_effect"].to_numpy(), samples["val_effect"].to_numpy())
+    np.testing.assert_allclose(table["val_helpful"].to_numpy(), -samples["val_effect"].to_numpy())

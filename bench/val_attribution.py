@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--reference", type=int, default=500)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--skip-prune", action="store_true")
+    parser.add_argument("--skip-noise", action="store_true")
     parser.add_argument("--out", default="/tmp/val_attribution")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -65,15 +66,17 @@ def main() -> None:
     print(
         f"fashion-mnist, {len(ids)} training samples, {args.epochs} epochs, {args.seeds} seed(s), "
         f"MLP {setting.depth}x{setting.hidden}, batch {setting.batch_size}, lr {setting.lr}, "
-        f"reference {args.reference} held-out samples every {args.every} steps"
+        f"reference {args.reference} held-out samples every {args.every} steps",
+        flush=True,
     )
-    noise = run_noise(setting, out / "noise", fractions=(0.2,), recorder_options=options)
-    with pl.Config(tbl_rows=40, tbl_cols=10):
-        print(noise.filter(pl.col("score").is_in(NOISE_SCORES)))
+    if not args.skip_noise:
+        noise = run_noise(setting, out / "noise", fractions=(0.2,), recorder_options=options)
+        with pl.Config(tbl_rows=40, tbl_cols=10):
+            print(noise.filter(pl.col("score").is_in(NOISE_SCORES)), flush=True)
     if not args.skip_prune:
         prune = run_prune(setting, out / "prune", scores=PRUNE_SCORES, recorder_options=options)
         with pl.Config(tbl_rows=40, tbl_cols=10):
-            print(prune)
+            print(prune, flush=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ _SAMPLE_SCORES: dict[str, tuple[str, float]] = {
     "el2n_proxy": ("el2n_proxy", 1.0),
     "grand": ("grand", 1.0),
     "tracin_self": ("tracin_self", 1.0),
+    # Validation attribution (Recorder(reference=...)): val_effect > 0 raised the held-out
+    # loss (suspect); val_helpful is its negation, for keeping the most helpful samples.
+    "val_effect": ("val_effect", 1.0),
+    "val_helpful": ("val_effect", -1.0),
     # Data Diet's scores in eval mode at fixed checkpoints (Recorder.score_checkpoint):
     # only in traces that scored some, averaged over their checkpoints.
     "el2n_ckpt": ("el2n_ckpt", 1.0),

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from polars.io.plugins import register_io_source
 
-from samplescope.analysis import scores
+from samplescope.analysis import scores, val_effect
 from samplescope.analysis._hdf5 import VISIT_COLUMNS, TraceData, resolve_paths
 from samplescope.analysis._sql import check_statements, query_names, sandboxed_connection
 from samplescope.analysis._streaming import SCORE_COLUMNS, stream_sample_scores
@@ -47,8 +47,9 @@ TABLES = (
     "sample_info",
     "checkpoints",
     "sample_names",
+    "val_effect",
 )
-_DERIVED = ("samples", "sample_epochs", "correlations", "groups", "clusters")
+_DERIVED = ("samples", "sample_epochs", "correlations", "groups", "clusters", "val_effect")
 _OPTIONAL_VISITS = (
     "target",
     "pred",
@@ -249,6 +250,7 @@ class Trace:
             "sample_info": self._data.shards[0].has("sample_info"),
             "checkpoints": any(s.has("checkpoints") for s in self._data.shards),
             "sample_names": self._sample_names is not None,
+            "val_effect": val_effect.has_val_dot(self._data),
         }
         return [t for t in TABLES if has.get(t, True)]
 
@@ -389,6 +391,7 @@ class Trace:
                 "correlations": self.correlations,
                 "groups": self.groups,
                 "clusters": lambda: self.clusters(k=_DEFAULT_K),
+                "val_effect": self.val_effect,
             }
             if name in builders:
                 return builders[name]()
@@ -728,6 +731,11 @@ class Trace:
                 frame = frame.join(
                     scores.checkpoint_scores(self.checkpoints()), on="sample_id", how="left"
                 )
+            if val_effect.has_val_dot(self._data):
+                # Validation attribution, where the trace recorded a reference batch.
+                frame = frame.join(
+                    val_effect.sample_val_effect(self.val_effect()), on="sample_id", how="left"
+                )
             if self._sample_names is not None:  # string sample ids: their names beside them
                 frame = frame.join(self._sample_names, on="sample_id", how="left").select(
                     "sample_id", "sample_name", pl.exclude("sample_id", "sample_name")
@@ -751,6 +759,25 @@ class Trace:
                 return scores.finish_sample_scores(per_sample, self._data.n_layers, info)
         visits = self._prepared_visits(early_epochs)
         return scores.sample_scores(visits, self._data.n_layers, info)
+
+    def val_effect(self) -> pl.DataFrame:
+        """Long table: sample_id, epoch, layer, layer_index, val_effect (the first-order
+        change of the reference loss, −η·s·⟨g(i,l), g_val(l)⟩ summed; negative = helped),
+        val_effect_measured, n_measured; empty without ``/visits/val_dot``
+        (see analysis/val_effect.py)."""
+        if "val_effect" not in self._frames:
+            table = val_effect.val_effect_table(self._data)
+            index = self.layers().select("layer", "layer_index")
+            self._frames["val_effect"] = table.join(index, on="layer", how="left").select(
+                "sample_id",
+                "epoch",
+                "layer",
+                "layer_index",
+                "val_effect",
+                "val_effect_measured",
+                "n_measured",
+            )
+        return self._frames["val_effect"]
 
     def sample_epochs(self) -> pl.DataFrame:
         """Long table: sample_id, epoch, layer, layer_index, importance, grad_sq,

@@ -3,6 +3,7 @@
     python bench/recorder_overhead.py            # every model below
     python bench/recorder_overhead.py --quick    # a few minutes: 5 models, few steps
     python bench/recorder_overhead.py --models lstm,gpt2
+    python bench/recorder_overhead.py --models "" --reference  # validation attribution only
 
 Models: mlp, cnn, transformer (the recorder issue's three), resnet18 (ResNet-18 for
 32x32 inputs, batch 64), mlp49 (49 narrow Linear layers), lstm (a 2-layer LSTM tagger) and
@@ -210,9 +211,11 @@ def plain_step(model: nn.Module, batch: Batch) -> Callable[[], None]:
     return step
 
 
-def recorded_step(model: nn.Module, batch: Batch, path: Path, stack: contextlib.ExitStack):
+def recorded_step(
+    model: nn.Module, batch: Batch, path: Path, stack: contextlib.ExitStack, **options: object
+):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    rec = stack.enter_context(Recorder(path, model, opt, overwrite=True))
+    rec = stack.enter_context(Recorder(path, model, opt, overwrite=True, **options))
     x, y = batch
     ids = torch.arange(len(y))
 
@@ -351,6 +354,51 @@ def our_norms(model: nn.Module, batch: Batch) -> np.ndarray:
 # -- measurement ------------------------------------------------------------------------
 
 
+def reference_rows(warmup: int, n: int) -> list[tuple[str, str, str]]:
+    """MLP rows for validation attribution (``Recorder(reference=...)``), k = 1 and k = 10.
+
+    The reference batch is 128 held-out samples, as large as a training batch: at k = 1
+    every step adds its forward and backward plus the val_dot pass. Mean ms per step
+    (the k = 10 cost is amortised over its ten steps).
+    """
+    torch.manual_seed(0)
+    base, batch = mlp()
+    reference = (torch.randn(128, 784), torch.randint(0, 10, (128,)))
+
+    def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(m(x), y, reduction="none")
+
+    rows = []
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        steps = {"plain": plain_step(copy.deepcopy(base), batch)}
+        steps["recorded"] = recorded_step(copy.deepcopy(base), batch, Path(tmp) / "r.h5", stack)
+        for k in (1, 10):
+            options = {"reference": reference, "reference_loss": loss, "reference_every": k}
+            path = Path(tmp) / f"k{k}.h5"
+            steps[f"k={k}"] = recorded_step(copy.deepcopy(base), batch, path, stack, **options)
+        # The mean, not the median, over a whole number of k = 10 periods: only one step in
+        # ten measures the reference, and a median would leave it out.
+        ms = _mean_ms(steps, warmup, 10 * -(-n // 10))
+    for label in ("recorded", "k=1", "k=10"):
+        ratio = ms[label] / ms["plain"]
+        text = f"{ms[label]:9.2f}{ratio:8.2f}   x{ms[label] / ms['recorded']:.2f} of recorded"
+        rows.append(("mlp", f"reference {label}" if "k" in label else "recorded (no ref)", text))
+    return rows
+
+
+def _mean_ms(steps: dict[str, Callable[[], None]], warmup: int, n: int) -> dict[str, float]:
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    totals = dict.fromkeys(steps, 0.0)
+    for _ in range(n):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            totals[name] += time.perf_counter() - start
+    return {k: v / n * 1e3 for k, v in totals.items()}
+
+
 def interleaved(steps: dict[str, Callable[[], None]], warmup: int, n: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for i in range(warmup + n):
@@ -481,12 +529,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant (≥ 40)")
     parser.add_argument("--no-anchors", action="store_true", help="skip torch.func/Opacus/BackPACK")
     parser.add_argument(
+        "--reference", action="store_true", help="add the MLP's validation-attribution rows"
+    )
+    parser.add_argument(
         "--threads", type=int, default=2, help="intra-op threads (1 on a shared, loaded machine)"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     default = "mlp,cnn,transformer,resnet18,mlp49" if args.quick else ",".join(MODELS)
-    models = (args.models or default).split(",")
+    models = list(filter(None, (default if args.models is None else args.models).split(",")))
     warmup, n = (3, 15) if args.quick else (20, max(40, args.steps))
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
@@ -503,6 +554,9 @@ def main() -> None:
             continue
         # Each model's rows as soon as they are measured: a long run shows progress.
         for model_name, label, text in model_rows(name, args, warmup, n):
+            print(f"{model_name:<12}{label:<22}{text}", flush=True)
+    if args.reference:  # --models "" --reference: those rows only
+        for model_name, label, text in reference_rows(warmup, n):
             print(f"{model_name:<12}{label:<22}{text}", flush=True)
     for layers in (4, 50):
         rate = writer_headroom(layers)

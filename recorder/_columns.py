@@ -156,6 +156,7 @@ class StepFrame:
     input_sq: bool  # the input norm was measured (else NaN by definition, not a fault)
     input_grad_sq: bool | None  # None: not asked for; False: asked, not measurable
     missing_outputs: bool = False  # no logits this step: the documented missing values
+    reference: bool = False  # the trace has /visits/val_dot (NaN on steps not measured)
 
 
 class StepRows:
@@ -221,6 +222,11 @@ class StepRows:
                 np.float32
             )
             counted.append("alignment")
+        if "val_dot" in a:
+            visits["val_dot"] = (a["val_dot"].astype(np.float64) / frame.scale).astype(np.float32)
+            counted.append("val_dot")
+        elif frame.reference:
+            visits["val_dot"] = np.full((n, a["grad_sq"].shape[1]), np.nan, dtype=np.float32)
         nonfinite = sum(int(np.count_nonzero(~np.isfinite(visits[k]))) for k in counted)
         if "_logits" in a:  # a sample with non-finite logits has no p_target/margin
             nonfinite += 2 * int(np.count_nonzero(~np.isfinite(a["_logits"]).all(1)))

@@ -28,7 +28,7 @@ from samplescope.recorder.errors import RecorderError
 __all__ = ["AccumulatedStep", "check_accumulation_steps", "check_loss_scale", "grad_norms"]
 
 
-def check_accumulation_steps(value: object, *, alignment: bool) -> int:
+def check_accumulation_steps(value: object, *, alignment: bool, reference: bool = False) -> int:
     """``accumulation_steps`` as an int >= 1; alignment cannot be exact with K > 1.
 
     ⟨g_i, G⟩ needs the whole step's gradient G, known only after the last micro-batch,
@@ -44,6 +44,10 @@ def check_accumulation_steps(value: object, *, alignment: bool) -> int:
             "gradient is known only after its last micro-batch); record alignment without "
             "accumulation"
         )
+        raise RecorderError(msg)
+    if value > 1 and reference:
+        # val_effect's scale and its every-k-th-step estimate assume one backward per step.
+        msg = "reference= (validation attribution) is not supported with accumulation_steps > 1"
         raise RecorderError(msg)
     return value
 

@@ -216,6 +216,7 @@ def batch_gradient(
     world_size: int = 1,
     *,
     accumulation_steps: int = 1,
+    reference: bool = False,
 ) -> BatchGradient:
     """How this model's batch gradient is read; refuses what cannot be measured exactly.
 
@@ -236,6 +237,10 @@ def batch_gradient(
             f"{group[0]} of {group[1]}: pass rank=dist.get_rank(), "
             "world_size=dist.get_world_size() (and one path per rank)"
         )
+        raise ParallelismError(msg)
+    if reference and (group is not None or sharded or isinstance(model, DistributedDataParallel)):
+        # The reference forward would run DDP's or FSDP2's own forward logic outside training.
+        msg = "reference= (validation attribution) is not supported under DDP or FSDP2 yet"
         raise ParallelismError(msg)
     if isinstance(model, DistributedDataParallel):
         return _DataParallelGradient(observers, model)

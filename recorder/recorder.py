@@ -33,6 +33,7 @@ from samplescope.recorder._columns import (
     sample_info_arrays,
     stack_grad_sq,
 )
+from samplescope.recorder._reference import ReferenceBatch, ReferenceLoss
 from samplescope.recorder._thumbnails import thumbnail_images, thumbnail_shape
 from samplescope.recorder._transfer import DeferredRows, HostTransfer, NonfiniteCounter
 from samplescope.recorder.accumulation import (
@@ -104,6 +105,13 @@ class Recorder:
             micro-batches of an optimizer step and back-propagates ``reduce(losses) / K``;
             the trace holds one step per optimizer step, with unscaled losses and norms
             (docs/recorder.md, Gradient accumulation). Not with ``alignment=True``.
+        reference: a fixed held-out batch ``(x_val, y_val)``: every ``reference_every``
+            recorded steps, `backward` also computes its mean loss's gradient g_val (eval
+            mode, at the step's parameters) and records ⟨g(i,l), g_val(l)⟩ per visit and
+            layer in ``/visits/val_dot`` (NaN on the other steps); see docs/recorder.md.
+        reference_loss: ``fn(model, x, y) -> losses [N]`` (or ``(losses, logits)``), as
+            `score_checkpoint` takes; required with ``reference``.
+        reference_every: measure g_val on every k-th recorded step (step % k == 0).
 
     Works on any torch device without reading tensor values on the training thread (see
     docs/recorder.md, Devices). A layer that gets no gradient in a step records 0 for it.
@@ -145,6 +153,9 @@ class Recorder:
         run_id: str | None = None,
         checkpoints: bool = False,
         accumulation_steps: int = 1,
+        reference: tuple[Any, Any] | None = None,
+        reference_loss: ReferenceLoss | None = None,
+        reference_every: int = 1,
     ) -> None:
         check_choice("reduction", reduction, ("mean", "sum"))
         check_choice("on_error", on_error, ("raise", "warn"))
@@ -164,10 +175,13 @@ class Recorder:
         _check_config(config)
         # The micro-batches of the current optimizer step are collected in `_accumulated`.
         # String sample ids get integer ids and a /sample_names row (`_sample_names`).
-        self.accumulation_steps, self._accumulated, self._sample_names = (
-            check_accumulation_steps(accumulation_steps, alignment=alignment),
+        self.accumulation_steps, self._accumulated, self._sample_names, self._reference = (
+            check_accumulation_steps(
+                accumulation_steps, alignment=alignment, reference=reference is not None
+            ),
             AccumulatedStep(),
             SampleNames(),
+            ReferenceBatch.of(reference, reference_loss, reference_every),
         )
         self.path = Path(path)
         self.model = model
@@ -183,6 +197,7 @@ class Recorder:
             "flush_seconds": flush_seconds,
             "on_unsupported": on_unsupported,
             **({"accumulation_steps": accumulation_steps} if accumulation_steps > 1 else {}),
+            **({} if self._reference is None else {"reference_every": self._reference.every}),
         }
         self._registry = registry or default_registry()
         self._batch_dims = {**known_batch_dims(model), **dict(batch_dims or {})}
@@ -233,7 +248,12 @@ class Recorder:
 
     @property
     def alignment(self) -> bool:
-        return bool(self.options["alignment"])
+        # Observers keep what `Observer.alignment` needs also on reference steps: the
+        # validation dot products reuse the same identities with g_val in place of G.
+        return bool(self.options["alignment"]) or self._reference_due()
+
+    def _reference_due(self) -> bool:
+        return self._reference is not None and self._reference.due(self.step)
 
     @property
     def batch_size(self) -> int | None:
@@ -254,7 +274,11 @@ class Recorder:
                 observer.name = ROOT_LAYER
         # How the batch gradient G is read: from the hooks, or reduced across ranks.
         self._batch_gradient: BatchGradient = batch_gradient(
-            self.model, self._observers, *self._ranks, accumulation_steps=self.accumulation_steps
+            self.model,
+            self._observers,
+            *self._ranks,
+            accumulation_steps=self.accumulation_steps,
+            reference=self._reference is not None,
         )
         # The layout is fixed here, before any step: layers in registration order
         # (`model.named_modules()`), their forward order recorded at the first step.
@@ -701,6 +725,7 @@ class Recorder:
             input_sq=input_sq is not None,
             input_grad_sq=(input_grad_sq is not None) if self.options["input_grad"] else None,
             missing_outputs=logits is None and self.outputs is None,
+            reference=self._reference is not None,
         )
         transfer = HostTransfer(tensors)
         rows = StepRows(transfer, frame, self._nonfinite)
@@ -749,7 +774,9 @@ class Recorder:
         reduced = self._batch_gradient.gradients(results)
         batch_grads = [list(g.values()) for g in reduced]
         tensors = {"grad_sq": grad_sq, "param_norms": self._batch_gradient.norms(batch_grads)}
-        if self.alignment:
+        if self._reference_due():
+            tensors["val_dot"] = self._val_dot(ran, n, where)
+        if self.options["alignment"]:
             whole = self._batch_gradient.for_alignment(reduced)
             tensors["alignment"] = stack_grad_sq(
                 [
@@ -760,6 +787,19 @@ class Recorder:
                 where,
             )
         return tensors, tuple(len(g) for g in batch_grads)
+
+    def _val_dot(self, ran: list[bool], n: int, where: torch.device) -> Tensor:
+        """[N, layers] ⟨contribution_i, g_val⟩ in back-propagated units (as alignment)."""
+        reference = self._reference
+        if reference is None:  # only called on reference steps
+            msg = "no reference batch"
+            raise RecorderError(msg)
+        g_val = reference.gradients(self.model)
+        columns = []
+        for o, has in zip(self._observers, ran, strict=True):
+            own = {name: g_val[id(p)] for name, p in o.params.items() if id(p) in g_val}
+            columns.append(o.alignment(own).to(where) if has else None)
+        return stack_grad_sq(columns, n, where)
 
     def _warn_inactive(self, reason: str | None) -> None:
         if self._warned_inactive:
@@ -898,7 +938,8 @@ class Recorder:
                 "method": [o.method for o in self._observers],
             },
             "outputs": self.outputs is not False,
-            "alignment": self.alignment,
+            "alignment": bool(self.options["alignment"]),
+            "reference": self._reference is not None,
             "input_grad": self.options["input_grad"],
             "thumbnails": self.options["thumbnails"],
             "checkpoints": self.checkpoints,

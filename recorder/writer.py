@@ -218,8 +218,8 @@ class TraceWriter:
 
         Args:
             layout: ``layers`` (dict of name/kind/n_params/method lists), ``outputs``,
-                ``alignment``, ``input_grad``, ``thumbnails``, ``checkpoints``,
-                ``accumulation`` (bools):
+                ``alignment``, ``reference``, ``input_grad``, ``thumbnails``,
+                ``checkpoints``, ``accumulation`` (bools):
                 every table and column is created here, so the layout never depends on the
                 first step.
 
@@ -398,6 +398,8 @@ class TraceWriter:
             visit_columns["alignment*"] = np.float32
         if layout.get("accumulation"):  # optional: gradient accumulation (accumulation.py)
             visit_columns.update(ACCUMULATION_COLUMNS)
+        if layout.get("reference"):
+            visit_columns["val_dot*"] = np.float32
         self._tables = {
             "steps": _make_columns(f.create_group("steps"), _STEP_COLUMNS, n_layers),
             "visits": _make_columns(f.create_group("visits"), visit_columns, n_layers),

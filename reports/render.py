@@ -27,6 +27,7 @@ from samplescope.reports import (
     heatmaps,
     labelflags,
     summary,
+    valeffect,
 )
 from samplescope.reports._data import ReportData, ReportPlan
 from samplescope.reports._section import Section
@@ -48,6 +49,7 @@ SECTIONS: tuple[Section, ...] = (
     labelflags.SECTION,
     classes.SECTION,
     alignment.SECTION,
+    valeffect.SECTION,
 )
 FORMATS = ("pdf", "png", "html")
 

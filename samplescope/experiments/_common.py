@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -14,7 +15,9 @@ from samplescope.experiments.train import train_run
 __all__ = ["ExperimentError", "mean_std", "reference_run", "reference_scores"]
 
 
-def reference_run(config: RunConfig, out_dir: Path) -> tuple[Dataset, np.ndarray, pl.DataFrame]:
+def reference_run(
+    config: RunConfig, out_dir: Path, recorder_options: dict[str, Any] | None = None
+) -> tuple[Dataset, np.ndarray, pl.DataFrame]:
     """Train and record the seed-0 reference run that scores every training sample.
 
     Returns the dataset, the training ids and `reference_scores` of the run.
@@ -31,6 +34,7 @@ def reference_run(config: RunConfig, out_dir: Path) -> tuple[Dataset, np.ndarray
         thumbnails=False,
         overwrite=True,
         progress=False,
+        recorder_options=recorder_options,
     )
     return data, ids, reference_scores(reference, ids)
 

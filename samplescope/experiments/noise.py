@@ -45,9 +45,14 @@ def flip_labels(
 
 
 def run_noise(
-    config: RunConfig, out_dir: str | Path, fractions: Sequence[float] = (0.1, 0.2)
+    config: RunConfig,
+    out_dir: str | Path,
+    fractions: Sequence[float] = (0.1, 0.2),
+    recorder_options: dict | None = None,
 ) -> pl.DataFrame:
     """For each noise fraction (and seed), train with recording and score every detector.
+
+    ``recorder_options`` go to every run's Recorder (e.g. ``reference=`` for val_effect).
 
     Returns:
         One row per (noise, score): AUROC and average precision (mean and std over seeds),
@@ -77,6 +82,7 @@ def run_noise(
                 thumbnails=False,
                 overwrite=True,
                 progress=False,
+                recorder_options=recorder_options,
             )
             with open_trace(path) as trace:
                 table = score_table(trace)

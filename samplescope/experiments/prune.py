@@ -57,6 +57,8 @@ _KNOWN = (
     "el2n",
     "grand",
     "tracin_self",
+    "val_effect",
+    "val_helpful",
 )
 
 
@@ -109,10 +111,13 @@ def run_prune(
     out_dir: str | Path,
     keeps: Sequence[float] = (0.5, 0.7, 0.9),
     scores: Sequence[str] = DEFAULT_PRUNE_SCORES,
+    recorder_options: dict | None = None,
 ) -> pl.DataFrame:
     """Retrain on the subset kept by each score (and at random) at each keep fraction.
 
     Every subset trains for as many SGD steps as the full set (`equal_step_batches`).
+    ``recorder_options`` go to the reference run's Recorder (e.g. ``reference=`` for the
+    ``val_effect`` / ``val_helpful`` scores).
 
     Returns:
         One row per (keep, score): final test accuracy and loss, mean and std over seeds,
@@ -132,7 +137,7 @@ def run_prune(
         )
         raise ExperimentError(msg)
     out = Path(out_dir)
-    data, ids, table = reference_run(config, out)
+    data, ids, table = reference_run(config, out, recorder_options)
     unknown = [s for s in scores if s != "random" and s not in table.columns]
     if unknown:
         msg = (

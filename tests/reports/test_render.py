@@ -59,9 +59,10 @@ def test_demo_report_has_every_section_with_titles_and_captions(demo: DemoResult
         assert fact in summary
     # Only the sections needing optional data the demo does not record are left out.
     left_out = [line for line in summary.split("–") if "left out" in line]
-    assert len(left_out) == 2
+    assert len(left_out) == 3
     assert "[flags]" in summary
     assert "[alignment]" in summary
+    assert "[val_effect]" in summary
     assert "SUPPORTED" in texts[1] or "INCONCLUSIVE" in texts[1] or "NOT SUPPORTED" in texts[1]
     assert "Most likely mislabeled" in texts[7]
     assert "difficulty decile" in texts[4]

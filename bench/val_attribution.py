@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samplescope.experiments._common import Setting
+from samplescope.experiments.config import RunConfig
 from samplescope.experiments.noise import run_noise
 from samplescope.experiments.prune import run_prune
 
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/val_attribution")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    setting = Setting(
+    setting = RunConfig(
         dataset="fashion-mnist", epochs=args.epochs, subset=args.subset or None, seeds=args.seeds
     )
     data = setting.load()

@@ -1,5 +1,5 @@
-"""Section "val_effect": which training samples helped or hurt the held-out loss, where in
-the network and when (``Recorder(reference=...)``). Only for traces that recorded it."""
+"""Section 12, "val_effect": which training samples helped or hurt the held-out loss, where
+in the network and when (``Recorder(reference=...)``). Only for traces that recorded it."""
 
 from __future__ import annotations
 

@@ -105,21 +105,32 @@ def _info_columns(trace: Any, samples: pl.DataFrame) -> list[pl.Expr]:
 
 
 def _epoch_scores(trace: Any) -> pl.DataFrame:
-    per_epoch = trace.sample_epochs()
-    epochs = sorted(per_epoch["epoch"].unique().to_list())
+    rollup = trace._rollup()
+    n_layers = trace.layers().height
+    epochs = sorted(rollup["epoch"].unique().to_list())
     late = epochs[-max(1, math.ceil(LATE_FRACTION * len(epochs))) :] if epochs else []
-    n = per_epoch.group_by("epoch", "layer_index").agg(pl.len().alias("_n"))
-    ranked = per_epoch.join(n, on=["epoch", "layer_index"]).with_columns(
-        # importance_rank counts from 0 = most important; turn it into a percentile.
-        (1.0 - pl.col("importance_rank") / pl.max_horizontal(pl.col("_n") - 1, 1)).alias("_pct")
+    # importance_rank of sample_epochs (0 = most important within (epoch, layer), ties by
+    # sample_id) as a percentile, averaged over the sample's (epoch, layer) cells.
+    n = pl.max_horizontal(pl.len().over("epoch") - 1, 1)
+    pct = [
+        (
+            1.0
+            - (pl.col(f"importance_{layer}").rank("ordinal", descending=True).over("epoch") - 1) / n
+        ).alias(f"_pct_{layer}")
+        for layer in range(n_layers)
+    ]
+    late_importance = pl.sum_horizontal(f"importance_{layer}" for layer in range(n_layers))
+    ranked = rollup.select(
+        "sample_id",
+        pl.when(pl.col("epoch").is_in(late)).then(late_importance).otherwise(0.0).alias("_late"),
+        *pct,
     )
     return ranked.group_by("sample_id").agg(
-        pl.col("importance")
-        .filter(pl.col("epoch").is_in(late))
-        .sum()
-        .cast(pl.Float64)
-        .alias("importance_late"),
-        pl.col("_pct").mean().alias("importance_rank"),
+        pl.col("_late").sum().cast(pl.Float64).alias("importance_late"),
+        (
+            pl.sum_horizontal(pl.col(f"_pct_{layer}").sum() for layer in range(n_layers))
+            / (n_layers * pl.len())
+        ).alias("importance_rank"),
     )
 
 

@@ -25,9 +25,10 @@ import pyarrow.compute as pc
 from polars.io.plugins import register_io_source
 
 from samplescope.analysis import scores
+from samplescope.analysis._findings_data import PERIOD_FRACTION
 from samplescope.analysis._hdf5 import VISIT_COLUMNS, TraceData, resolve_paths
 from samplescope.analysis._sql import check_statements, query_names, sandboxed_connection
-from samplescope.analysis._streaming import SCORE_COLUMNS, stream_sample_scores
+from samplescope.analysis._streaming import Streamed, stream
 from samplescope.analysis.errors import EmptyTraceError, QueryError, TraceError
 
 __all__ = ["TABLES", "Trace", "open_trace"]
@@ -116,6 +117,7 @@ class Trace:
         self._con = sandboxed_connection()
         self._loaded: dict[str, dict[str, pa.Array]] = {}
         self._frames: dict[Any, pl.DataFrame] = {}
+        self._streams: dict[Any, Streamed] = {}
         self._registered: set[str] = set()
         self._importance_select = ""
 
@@ -645,26 +647,25 @@ class Trace:
         self._con.execute(f"CREATE OR REPLACE VIEW importance AS {sql}").fetchall()
 
     # -- per-sample statistics ---------------------------------------------------------
-    def _prepared_visits(
-        self,
-        early_epochs: int,
-        *,
-        layer_grad_sq: bool = False,
-    ) -> pl.DataFrame:
-        if self._data.n_visits == 0 or self._data.n_layers == 0:
-            msg = (
-                f"{self.paths[0]} has no recorded visits yet"
-                if self._data.n_layers
-                else f"{self.paths[0]} has no layers"
-            )
-            raise EmptyTraceError(msg)
-        columns = ["step", "epoch", *SCORE_COLUMNS]
-        return scores.prepare_visits(
-            self._visits_frame(columns),
-            self._data.n_layers,
-            early_epochs,
-            layer_grad_sq=layer_grad_sq,
-        )
+    def _streamed(self, early_epochs: int = 1) -> Streamed:
+        """One pass of the streaming engine (cached; the rollup and periods of any pass
+        are the same, so later tables take early_epochs=1's)."""
+        key = ("streamed", early_epochs)
+        if key not in self._streams:
+            if self._data.n_visits == 0 or self._data.n_layers == 0:
+                msg = (
+                    f"{self.paths[0]} has no recorded visits yet"
+                    if self._data.n_layers
+                    else f"{self.paths[0]} has no layers"
+                )
+                raise EmptyTraceError(msg)
+            self._streams[key] = stream(self._data, early_epochs, PERIOD_FRACTION)
+        return self._streams[key]
+
+    def _rollup(self) -> pl.DataFrame:
+        """Per (sample, epoch): sample_id, epoch, n_visits, loss (mean), importance_<l>,
+        grad_sq_<l>; sorted by epoch then sample_id."""
+        return self._streamed().rollup
 
     def samples(
         self,
@@ -707,26 +708,24 @@ class Trace:
         return frame if top is None else frame.head(top)
 
     def _sample_scores(self, early_epochs: int, info: pl.DataFrame | None) -> pl.DataFrame:
-        if self._data.n_visits and self._data.n_layers:
-            # Chunk by chunk: memory grows with the samples, not the visits.
-            per_sample = stream_sample_scores(self._data, early_epochs)
-            if per_sample is not None:
-                return scores.finish_sample_scores(per_sample, self._data.n_layers, info)
-        visits = self._prepared_visits(early_epochs)
-        return scores.sample_scores(visits, self._data.n_layers, info)
+        per_sample = self._streamed(early_epochs).per_sample
+        if early_epochs != 1:  # only early_epochs=1's pass is kept for the rollup
+            self._streams.pop(("streamed", early_epochs))
+        return scores.finish_sample_scores(per_sample, self._data.n_layers, info)
 
     def sample_epochs(self) -> pl.DataFrame:
         """Long table: sample_id, epoch, layer, layer_index, importance, grad_sq,
         importance_rank and importance_z within (epoch, layer)."""
         if "sample_epochs" not in self._frames:
-            visits = self._prepared_visits(1, layer_grad_sq=True)
-            self._frames["sample_epochs"] = scores.sample_epochs(visits, self.layers())
+            self._frames["sample_epochs"] = scores.sample_epochs(self._rollup(), self.layers())
         return self._frames["sample_epochs"]
 
     def correlations(self) -> pl.DataFrame:
         """Spearman(importance, final loss) per epoch and layer (NULL = all)."""
         if "correlations" not in self._frames:
-            self._frames["correlations"] = scores.correlations(self.sample_epochs(), self.samples())
+            self._frames["correlations"] = scores.correlations(
+                self._rollup(), self.samples(), self.layers()
+            )
         return self._frames["correlations"]
 
     def groups(self) -> pl.DataFrame:
@@ -750,10 +749,7 @@ class Trace:
             if k < 1:
                 msg = f"k must be at least 1, got {k}"
                 raise QueryError(msg)
-            visits = self._prepared_visits(1)
-            self._frames[key] = cluster_samples(
-                self.sample_epochs(), visits, self.samples(), k=k, seed=seed
-            )
+            self._frames[key] = cluster_samples(self._rollup(), self.samples(), k=k, seed=seed)
             if k == _DEFAULT_K and seed == 0:
                 self._frames["clusters"] = self._frames[key]
         return self._frames[key]

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from samplescope.errors import SamplescopeError
+
+if TYPE_CHECKING:
+    from samplescope.analysis.trace import Trace
 
 __all__ = [
     "MIN_DECILE",
@@ -97,7 +100,7 @@ class RunData:
         return bool(self.kinds) and self.kinds[0] == "Linear"
 
 
-def difficulty_of(trace: Any) -> pl.DataFrame:
+def difficulty_of(trace: Trace) -> pl.DataFrame:
     """sample_id and final_loss of every sample of `trace` (the `samples` table's)."""
     return trace.samples().select("sample_id", pl.col("final_loss").cast(pl.Float64))
 
@@ -111,7 +114,7 @@ def _deciles(final_loss: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
     return decile
 
 
-def gather(trace: Any, difficulty: pl.DataFrame | None = None, source: str = "") -> RunData:
+def gather(trace: Trace, difficulty: pl.DataFrame | None = None, source: str = "") -> RunData:
     """Fold `trace`'s visits into a `RunData`.
 
     Args:
@@ -169,7 +172,7 @@ def gather(trace: Any, difficulty: pl.DataFrame | None = None, source: str = "")
     )
 
 
-def guard(trace: Any, data: RunData | None = None) -> str | None:
+def guard(trace: Trace, data: RunData | None = None) -> str | None:
     """Why `trace` cannot carry a verdict (too short, open, partial, not converged), or None."""
     meta = trace.meta
     if not meta.get("closed", True):
@@ -233,7 +236,7 @@ def guard(trace: Any, data: RunData | None = None) -> str | None:
     return None
 
 
-def _chance_accuracy(trace: Any) -> float | None:
+def _chance_accuracy(trace: Trace) -> float | None:
     if not trace.meta.get("has_outputs"):
         return None
     targets = trace.table("visits").select("target").unique().collect()["target"].drop_nulls()

@@ -24,7 +24,15 @@ import pyarrow as pa
 from samplescope.analysis._integrity import DatasetBounds, check_objects, open_swmr
 from samplescope.analysis.errors import TraceError, TraceFormatError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Shard", "TraceData", "resolve_paths"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "VISIT_COLUMNS",
+    "Shard",
+    "TraceData",
+    "resolve_paths",
+    "visit_type",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +367,7 @@ def _check_steps(shard: Shard, cols: dict[str, np.ndarray], n_visit_rows: int) -
 
 
 class TraceData:
-    """All shards of one run, read column by column as Arrow arrays (with a cache)."""
+    """All shards of one run, read column by column as Arrow arrays or chunk by chunk."""
 
     def __init__(self, paths: list[Path]) -> None:
         self.shards: list[Shard] = []
@@ -374,7 +382,6 @@ class TraceData:
         except BaseException:
             self.close()
             raise
-        self._cache: dict[tuple[str, str], pa.Array] = {}
 
     def _check_shards(self) -> None:
         first = self.shards[0]
@@ -469,10 +476,8 @@ class TraceData:
     # -- visits: one reader, `_read_part`, behind both the Arrow and the numpy forms ------
     def visit_column(self, column: str, masks: list[np.ndarray] | None = None) -> pa.Array:
         """One visits column over the selected steps (per-shard boolean masks, None = all),
-        as Arrow with NULLs where a value was not recorded. Whole columns are cached."""
-        key = ("visits", column)
-        if masks is None and key in self._cache:
-            return self._cache[key]
+        as Arrow with NULLs where a value was not recorded. Nothing is cached here: the one
+        holder of loaded columns is the DuckDB session (`_duckdb.Session`)."""
         arrow_type = _VISIT_TYPES[column](self.n_layers)
         arrays = []
         for i, steps in enumerate(self.steps):
@@ -484,8 +489,6 @@ class TraceData:
             array = pa.array([], type=arrow_type)
         else:
             array = arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
-        if masks is None:
-            self._cache[key] = array
         return array
 
     def importance_batches(
@@ -699,6 +702,13 @@ _VISIT_TYPES = {
     "alignment": lambda n: pa.list_(pa.float32(), n),
 }
 VISIT_COLUMNS = list(_VISIT_TYPES)
+
+
+def visit_type(column: str, n_layers: int) -> pa.DataType:
+    """The Arrow type of one visits column (per-layer columns are fixed-size lists)."""
+    return _VISIT_TYPES[column](n_layers)
+
+
 # What `_read_part` returns each column as (the Arrow types' numpy equivalents).
 _NUMPY_TYPES = {
     **dict.fromkeys(("step", "sample_id", "epoch", "rank", "target", "pred"), np.int64),

@@ -22,7 +22,7 @@ import polars as pl
 from samplescope.analysis._hdf5 import TraceData
 from samplescope.analysis._importance import per_visit
 
-__all__ = ["SCORE_COLUMNS", "Streamed", "stream"]
+__all__ = ["SCORE_COLUMNS", "Streamed", "sample_ids", "stream"]
 
 _CHUNK_ROWS = 1 << 18
 # The visit columns the engine reads.
@@ -64,7 +64,7 @@ class Streamed:
     period: np.ndarray
 
 
-def _sample_ids(data: TraceData) -> np.ndarray:
+def sample_ids(data: TraceData) -> np.ndarray:
     """The sorted distinct sample ids, read one shard's column at a time."""
     found = np.zeros(0, dtype=np.int64)
     for steps in data.steps:
@@ -370,7 +370,7 @@ def stream(data: TraceData, early_epochs: int, period_fraction: float) -> Stream
     hi_pos = int(np.sum(pos < (1 - period_fraction) * n_steps))
     lo = int(steps[lo_pos]) if lo_pos < len(steps) else np.iinfo(np.int64).max
     hi = int(steps[hi_pos]) if hi_pos < len(steps) else np.iinfo(np.int64).max
-    acc = _Accumulator(_sample_ids(data), data.n_layers, early, first, (lo, hi))
+    acc = _Accumulator(sample_ids(data), data.n_layers, early, first, (lo, hi))
     in_order = data.epochs_in_step_order()
     blocks: dict[int, list[dict[str, np.ndarray]]] = {}
 

@@ -12,11 +12,14 @@ ranked order (rank 0 is flagged first) with a boolean ``flagged`` mask at the bu
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from samplescope.errors import SamplescopeError
+
+if TYPE_CHECKING:
+    from samplescope.analysis.trace import Trace
 
 __all__ = ["DEFAULT_SCORE", "KINDS", "FlagError", "flag", "score_names", "score_table"]
 
@@ -52,7 +55,7 @@ class FlagError(SamplescopeError):
     """A bad kind, score or budget for `flag`."""
 
 
-def score_table(trace: Any) -> pl.DataFrame:
+def score_table(trace: Trace) -> pl.DataFrame:
     """Every per-sample score, oriented so that higher = harder (more suspect, more useful).
 
     Columns: sample_id, target, then one Float64 column per score: the baselines of
@@ -91,7 +94,7 @@ def _offered(name: str, samples: pl.DataFrame) -> bool:
     return True
 
 
-def _info_columns(trace: Any, samples: pl.DataFrame) -> list[pl.Expr]:
+def _info_columns(trace: Trace, samples: pl.DataFrame) -> list[pl.Expr]:
     """/sample_info columns, each as ``info_<name>`` (samples() prefixes only clashing ones)."""
     if "sample_info" not in trace.table_names:
         return []
@@ -104,7 +107,7 @@ def _info_columns(trace: Any, samples: pl.DataFrame) -> list[pl.Expr]:
     return found
 
 
-def _epoch_scores(trace: Any) -> pl.DataFrame:
+def _epoch_scores(trace: Trace) -> pl.DataFrame:
     rollup = trace._rollup()
     n_layers = trace.layers().height
     epochs = sorted(rollup["epoch"].unique().to_list())
@@ -134,7 +137,7 @@ def _epoch_scores(trace: Any) -> pl.DataFrame:
     )
 
 
-def score_names(trace: Any) -> list[str]:
+def score_names(trace: Trace) -> list[str]:
     """The scores `score_table(trace)` offers, in its column order."""
     table = score_table(trace)
     return [
@@ -160,7 +163,7 @@ def _budget_count(budget: float, n: int) -> int:
 
 
 def flag(
-    trace: Any, kind: str = "mislabeled", budget: float = 0.1, score: str | None = None
+    trace: Trace, kind: str = "mislabeled", budget: float = 0.1, score: str | None = None
 ) -> pl.DataFrame:
     """Rank samples by how likely they are mislabeled (or redundant) and flag the worst.
 

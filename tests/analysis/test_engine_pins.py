@@ -190,3 +190,8 @@ def test_compare_of_a_run_with_itself_is_one(trace: Trace, tmp_path: Path) -> No
     for row in frame.iter_rows(named=True):
         expected = counts[row["epoch"]] if row["epoch"] is not None else trace.samples().height
         assert row["n_samples"] == expected
+
+
+def test_sample_epochs_sql_view_equals_the_table(trace: Trace) -> None:
+    view = trace.query("SELECT * FROM sample_epochs ORDER BY epoch, layer_index, sample_id")
+    _close(view, sample_epochs(trace))

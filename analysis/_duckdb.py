@@ -23,7 +23,7 @@ from samplescope.analysis._importance import sql_expr
 from samplescope.analysis._sql import check_statements, query_names, sandboxed_connection
 from samplescope.analysis.errors import QueryError
 
-__all__ = ["Session"]
+__all__ = ["Session", "one_line", "to_polars"]
 
 # importance column -> the per-visit source columns it is computed from. The source is an
 # internal Arrow table (`_IMPORTANCE_SOURCE`) with one float32 column per layer (grad_sq_<l>,
@@ -50,7 +50,7 @@ _ROLLUP = "_samplescope_sample_epoch_rollup"
 _BLOCK_ROWS = 1 << 18
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
@@ -64,6 +64,10 @@ class Session:
             derived tables, registered on first use).
         table_names: the names of the tables the trace offers.
         rollup: the per-(sample, epoch) rollup the `sample_epochs` view reads.
+        con: a connection shared with other traces (`runs.open_runs`); a new sandboxed
+            one when None.
+        schema: the schema this trace's tables live in on a shared connection (None: the
+            connection's default, as a single trace has).
     """
 
     def __init__(
@@ -72,18 +76,42 @@ class Session:
         frames: dict[str, Callable[[], pl.DataFrame]],
         table_names: Callable[[], list[str]],
         rollup: Callable[[], pl.DataFrame] | None = None,
+        *,
+        con: duckdb.DuckDBPyConnection | None = None,
+        schema: str | None = None,
     ) -> None:
         self._data = data
         self._rollup = rollup
+        self._own_con = con is None
+        self._schema = schema
         self._frames_by_name = frames
         self._table_names = table_names
-        self.con = sandboxed_connection()
+        self.con = sandboxed_connection() if con is None else con
+        if schema is not None:
+            self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}").fetchall()
         self._loaded: dict[str, dict[str, pa.Array]] = {}
         self._registered: set[str] = set()
         self._importance_select = ""
 
     def close(self) -> None:
-        self.con.close()
+        if self._own_con:
+            self.con.close()
+
+    def name(self, table: str) -> str:
+        """A table's name on the connection (qualified by the schema, if any)."""
+        return table if self._schema is None else f"{self._schema}.{table}"
+
+    def _arrow_name(self, table: str) -> str:
+        # Registered Arrow objects live outside schemas: a prefix keeps traces apart.
+        return table if self._schema is None else f"_{self._schema}_{table}"
+
+    def _register_arrow(self, table: str, arrow: pa.Table) -> None:
+        self.con.register(self._arrow_name(table), arrow)
+        if self._schema is not None:
+            self.con.execute(
+                f"CREATE OR REPLACE VIEW {self.name(table)} AS "
+                f"SELECT * FROM {self._arrow_name(table)}"
+            ).fetchall()
 
     def sql(
         self,
@@ -108,7 +136,7 @@ class Session:
         try:
             relation = self.con.sql(query, params=params)
         except duckdb.Error as exc:
-            raise QueryError(f"SQL error: {_one_line(exc)}") from None
+            raise QueryError(f"SQL error: {one_line(exc)}") from None
         if relation is None:
             msg = "the statement returned no result; give a query such as SELECT ..."
             raise QueryError(msg)
@@ -126,9 +154,9 @@ class Session:
         """
         relation = self.sql(query, params)
         try:
-            return _to_polars(relation)
+            return to_polars(relation)
         except (duckdb.Error, pl.exceptions.PolarsError) as exc:
-            raise QueryError(f"SQL error: {_one_line(exc)}") from None
+            raise QueryError(f"SQL error: {one_line(exc)}") from None
 
     def prepare(self, query: str) -> None:
         names = query_names(query, set(self._table_names()), self.con)
@@ -154,7 +182,7 @@ class Session:
         for column in columns:
             if column not in loaded:
                 loaded[column] = self._data.visit_column(column)
-        self.con.register("visits", pa.table({c: loaded[c] for c in columns}))
+        self._register_arrow("visits", pa.table({c: loaded[c] for c in columns}))
         self._registered.add("visits")
 
     def _register_sample_epochs(self) -> None:
@@ -168,7 +196,8 @@ class Session:
         if "sample_epochs" in self._registered:
             return
         assert self._rollup is not None
-        self.con.register(_ROLLUP, self._rollup().to_arrow())
+        rollup = self._arrow_name(_ROLLUP)
+        self.con.register(rollup, self._rollup().to_arrow())
         layers = self._frames_by_name["layers"]()
         parts = []
         for row in layers.iter_rows(named=True):
@@ -176,7 +205,7 @@ class Session:
             parts.append(
                 f"SELECT sample_id, epoch, CAST('{name}' AS VARCHAR) AS layer, "
                 f"CAST({index} AS BIGINT) AS layer_index, importance_{index} AS importance, "
-                f"grad_sq_{index} AS grad_sq FROM {_ROLLUP}"
+                f"grad_sq_{index} AS grad_sq FROM {rollup}"
             )
         if not parts:
             parts = [
@@ -187,7 +216,8 @@ class Session:
         window = "(PARTITION BY epoch, layer_index)"
         # Rank 0 = most important, ties by sample_id; z with the population std, NULL at 0.
         self.con.execute(
-            "CREATE OR REPLACE VIEW sample_epochs AS SELECT sample_id, epoch, layer, "
+            f"CREATE OR REPLACE VIEW {self.name('sample_epochs')} AS "
+            "SELECT sample_id, epoch, layer, "
             "layer_index, importance, grad_sq, "
             "CAST(row_number() OVER (PARTITION BY epoch, layer_index "
             "ORDER BY importance DESC, sample_id) - 1 AS BIGINT) AS importance_rank, "
@@ -204,7 +234,7 @@ class Session:
             # importance get min/max statistics, as the importance source has.
             self.con.register("_samplescope_small", self._frames_by_name[table]().to_arrow())
             self.con.execute(
-                f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _samplescope_small"
+                f"CREATE OR REPLACE TABLE {self.name(table)} AS SELECT * FROM _samplescope_small"
             ).fetchall()
             self.con.unregister("_samplescope_small")
             self._registered.add(table)
@@ -230,19 +260,21 @@ class Session:
 
     def _add_source_columns(self, columns: list[str], *, has_source: bool) -> None:
         if not has_source:
-            self._create_source(_IMPORTANCE_SOURCE, columns)
+            self._create_source(self.name(_IMPORTANCE_SOURCE), columns)
             return
         # A copy inside DuckDB (~0.1 s for 3M rows) is far cheaper than re-reading gzip HDF5;
         # ALTER TABLE ... ADD COLUMN + UPDATE by rowid is slower still and needs ~4× the memory,
         # and a view over a POSITIONAL JOIN loses the perfect-hash join (0.6 s vs 0.09 s).
-        self._create_source(_NEW_SOURCE, columns)
+        source, new, joined = (
+            self.name(t) for t in (_IMPORTANCE_SOURCE, _NEW_SOURCE, _JOINED_SOURCE)
+        )
+        self._create_source(new, columns)
         self.con.execute(
-            f"CREATE TABLE {_JOINED_SOURCE} AS SELECT * FROM {_IMPORTANCE_SOURCE} "
-            f"POSITIONAL JOIN {_NEW_SOURCE}"
+            f"CREATE TABLE {joined} AS SELECT * FROM {source} POSITIONAL JOIN {new}"
         ).fetchall()
-        self.con.execute(f"DROP TABLE {_IMPORTANCE_SOURCE}").fetchall()
-        self.con.execute(f"DROP TABLE {_NEW_SOURCE}").fetchall()
-        self.con.execute(f"ALTER TABLE {_JOINED_SOURCE} RENAME TO {_IMPORTANCE_SOURCE}").fetchall()
+        self.con.execute(f"DROP TABLE {source}").fetchall()
+        self.con.execute(f"DROP TABLE {new}").fetchall()
+        self.con.execute(f"ALTER TABLE {joined} RENAME TO {_IMPORTANCE_SOURCE}").fetchall()
 
     def _create_source(self, table: str, columns: list[str]) -> None:
         """A DuckDB table of `columns` of the importance source, filled from HDF5.
@@ -292,20 +324,21 @@ class Session:
     def _register_importance(self, loaded: set[str]) -> None:
         columns = [c for c, deps in _IMPORTANCE_DEPS.items() if all(d in loaded for d in deps)]
         layers = self._frames_by_name["layers"]()
+        source = self.name(_IMPORTANCE_SOURCE)
         parts = [
-            _importance_select(columns, row["layer_index"], row["layer"], row["n_params"])
+            _importance_select(columns, row["layer_index"], row["layer"], row["n_params"], source)
             for row in layers.iter_rows(named=True)
         ]
         if not parts:
-            parts = [_importance_select(columns, None, None, None) + " WHERE false"]
+            parts = [_importance_select(columns, None, None, None, source) + " WHERE false"]
         sql = " UNION ALL ".join(parts)
         if sql == self._importance_select:
             return
         self._importance_select = sql
-        self.con.execute(f"CREATE OR REPLACE VIEW importance AS {sql}").fetchall()
+        self.con.execute(f"CREATE OR REPLACE VIEW {self.name('importance')} AS {sql}").fetchall()
 
 
-def _to_polars(relation: duckdb.DuckDBPyRelation) -> pl.DataFrame:
+def to_polars(relation: duckdb.DuckDBPyRelation) -> pl.DataFrame:
     """The relation as a Polars frame; INTERVAL columns (which Polars cannot import) as text,
     e.g. the run's duration ``max(time) - min(time)`` of timestamps."""
     types = [str(t) for t in relation.types]
@@ -319,7 +352,11 @@ def _to_polars(relation: duckdb.DuckDBPyRelation) -> pl.DataFrame:
 
 
 def _importance_select(
-    columns: list[str], index: int | None, name: str | None, n_params: int | None
+    columns: list[str],
+    index: int | None,
+    name: str | None,
+    n_params: int | None,
+    source: str,
 ) -> str:
     """One layer's slice of the importance view (all NULL layer columns when index is None)."""
     if index is None:
@@ -346,7 +383,7 @@ def _importance_select(
     # The source stores integers narrow (see `Session._create_source`); the view shows BIGINT.
     exprs.update({c: f"CAST({c} AS BIGINT)" for c in ("step", "epoch", "sample_id")})
     select = ", ".join(f"{exprs.get(c, c)} AS {c}" for c in columns)
-    return f"SELECT {select} FROM {_IMPORTANCE_SOURCE}"
+    return f"SELECT {select} FROM {source}"
 
 
 def _int_type(parts: list[np.ndarray]) -> str:

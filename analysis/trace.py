@@ -83,7 +83,15 @@ def open_trace(source: TraceSource) -> Trace:
 class Trace:
     """A recorded run, read lazily. A snapshot of what was flushed when it was opened."""
 
-    def __init__(self, source: TraceSource) -> None:
+    def __init__(
+        self,
+        source: TraceSource,
+        *,
+        connection: duckdb.DuckDBPyConnection | None = None,
+        schema: str | None = None,
+    ) -> None:
+        """Open `source` (see `open_trace`). `connection` and `schema` are for `open_runs`:
+        the tables then live in `schema` of a connection shared by several runs."""
         _check_source(source)
         self.paths = resolve_paths(source)
         self._data = TraceData(self.paths)
@@ -99,7 +107,14 @@ class Trace:
             groups=self.groups,
             clusters=self.clusters,
         )
-        self._session = Session(self._data, frames, lambda: self.table_names, self._derived.rollup)
+        self._session = Session(
+            self._data,
+            frames,
+            lambda: self.table_names,
+            self._derived.rollup,
+            con=connection,
+            schema=schema,
+        )
 
     # -- lifecycle ------------------------------------------------------------------
     def close(self) -> None:

@@ -47,13 +47,9 @@ class Derived:
         self._small = small
         self._table_names = table_names
         self._frames: dict[object, pl.DataFrame] = {}
-        self._streams: dict[int, Streamed] = {}
+        self._full: Streamed | None = None
 
-    def streamed(self, early_epochs: int = 1) -> Streamed:
-        """One pass of the streaming engine (early_epochs=1's is cached; the rollup and
-        periods of any pass are the same)."""
-        if early_epochs in self._streams:
-            return self._streams[early_epochs]
+    def _check(self) -> None:
         if self._data.n_visits == 0 or self._data.n_layers == 0:
             msg = (
                 f"{self._path} has no recorded visits yet"
@@ -61,15 +57,29 @@ class Derived:
                 else f"{self._path} has no layers"
             )
             raise EmptyTraceError(msg)
-        result = stream(self._data, early_epochs, PERIOD_FRACTION)
-        if early_epochs == 1:
-            self._streams[1] = result
-        return result
+
+    def streamed(self) -> Streamed:
+        """The engine's full pass (early_epochs=1, with the per-(sample, epoch) rollup and
+        the periods), cached."""
+        if self._full is None:
+            self._check()
+            self._full = stream(self._data, 1, PERIOD_FRACTION)
+        return self._full
+
+    def _per_sample(self, early_epochs: int) -> pl.DataFrame:
+        """Per-sample aggregates: from the full pass when it ran, else from a light pass
+        that keeps nothing per (sample, epoch)."""
+        if early_epochs == 1 and self._full is not None:
+            return self._full.per_sample
+        self._check()
+        return stream(self._data, early_epochs).per_sample
 
     def rollup(self) -> pl.DataFrame:
         """Per (sample, epoch): sample_id, epoch, n_visits, loss (mean), importance_<l>,
         grad_sq_<l>; sorted by epoch then sample_id."""
-        return self.streamed().rollup
+        rollup = self.streamed().rollup
+        assert rollup is not None
+        return rollup
 
     def samples(self, early_epochs: int = 1) -> pl.DataFrame:
         """One row per sample with every score, sorted by sample_id (cached)."""
@@ -77,7 +87,7 @@ class Derived:
         if key not in self._frames:
             names = self._table_names()
             info = self._small("sample_info") if "sample_info" in names else None
-            per_sample = self.streamed(early_epochs).per_sample
+            per_sample = self._per_sample(early_epochs)
             frame = scores.finish_sample_scores(per_sample, self._data.n_layers, info)
             if "checkpoints" in names and self._small("checkpoints").height:
                 # Data Diet's scores at fixed checkpoints, where the trace has some.

@@ -131,7 +131,7 @@ def gather(trace: Trace, difficulty: pl.DataFrame | None = None, source: str = "
     streamed = trace._streamed()
     layers = trace.layers().sort("layer_index")
     n_layers = layers.height
-    rollup = streamed.rollup
+    rollup = trace._rollup()
     ids = streamed.per_sample["sample_id"].to_numpy()
     epochs, e_idx = np.unique(rollup["epoch"].to_numpy(), return_inverse=True)
     s_idx = np.searchsorted(ids, rollup["sample_id"].to_numpy())
@@ -142,6 +142,7 @@ def gather(trace: Trace, difficulty: pl.DataFrame | None = None, source: str = "
     counts = np.zeros((n, n_epochs), dtype=np.int64)
     counts[s_idx, e_idx] = rollup["n_visits"].to_numpy()
     period = streamed.period
+    assert period is not None
     input_sq = None
     if has_input:
         mean = streamed.per_sample["input_sq"]

@@ -60,8 +60,8 @@ class Streamed:
     """
 
     per_sample: pl.DataFrame
-    rollup: pl.DataFrame
-    period: np.ndarray
+    rollup: pl.DataFrame | None
+    period: np.ndarray | None
 
 
 def sample_ids(data: TraceData) -> np.ndarray:
@@ -88,27 +88,34 @@ def _rows(values: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
 
 
 class _Epoch:
-    """Dense per-sample sums of one epoch while its visits arrive."""
+    """Dense per-sample sums of one epoch while its visits arrive (the rollup's columns
+    only when `rollup`; cartography's always)."""
 
-    def __init__(self, n: int, n_layers: int) -> None:
+    def __init__(self, n: int, n_layers: int, *, rollup: bool) -> None:
         self.n_visits = np.zeros(n, dtype=np.int64)
-        self.loss = np.zeros(n)
-        self.importance = np.zeros((n_layers, n))
-        self.grad_sq = np.zeros((n_layers, n))
+        self.rollup = rollup
+        width = n if rollup else 0
+        self.loss = np.zeros(width)
+        self.importance = np.zeros((n_layers, width))
+        self.grad_sq = np.zeros((n_layers, width))
         self.cartography = {k: np.zeros(n) for k in _CARTOGRAPHY}
 
     def block(self, epoch: int, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The visited samples' rows (sample_id order)."""
         rows = np.flatnonzero(self.n_visits)
-        return {
+        block = {
             "sample_id": ids[rows],
             "epoch": np.full(len(rows), epoch, dtype=np.int64),
             "n_visits": self.n_visits[rows],
-            "loss": self.loss[rows],
-            "importance": self.importance[:, rows],
-            "grad_sq": self.grad_sq[:, rows],
             **{k: v[rows] for k, v in self.cartography.items()},
         }
+        if self.rollup:
+            block.update(
+                loss=self.loss[rows],
+                importance=self.importance[:, rows],
+                grad_sq=self.grad_sq[:, rows],
+            )
+        return block
 
 
 class _Accumulator:
@@ -120,7 +127,7 @@ class _Accumulator:
         n_layers: int,
         early: set[int],
         first: int,
-        period_steps: tuple[int, int],
+        period_steps: tuple[int, int] | None,
     ) -> None:
         n = len(ids)
         self.ids, self.n_layers, self.early, self.first = ids, n_layers, early, first
@@ -129,7 +136,7 @@ class _Accumulator:
         self.n_visits = zeros(np.int64)
         self.importance, self.when_num, self.tracin = zeros(), zeros(), zeros()
         self.layer = [zeros() for _ in range(n_layers)]
-        self.period = np.zeros((n, n_layers, 2))
+        self.period = np.zeros((n if period_steps is not None else 0, n_layers, 2))
         self.sums = {name: zeros() for name in _MEANS}
         self.counts = {name: zeros(np.int64) for name in _MEANS}
         self.target, self.target_valid = zeros(np.int64), zeros(bool)
@@ -163,11 +170,12 @@ class _Accumulator:
         self.importance += self._sum(idx, total_imp)
         self.when_num += self._sum(idx, epoch * total_imp)
         self.tracin += self._sum(idx, lr_scale * grad_total)
-        lo, hi = self.period_steps
-        for which, rows in enumerate((step < lo, step >= hi)):
-            if rows.any():
-                for layer in range(self.n_layers):
-                    self.period[:, layer, which] += self._sum(idx[rows], per_layer[rows, layer])
+        if self.period_steps is not None:
+            lo, hi = self.period_steps
+            for which, rows in enumerate((step < lo, step >= hi)):
+                if rows.any():
+                    for layer in range(self.n_layers):
+                        self.period[:, layer, which] += self._sum(idx[rows], per_layer[rows, layer])
         early = np.isin(epoch, list(self.early))
         self._mean("aum", idx, cols["margin"])
         self._mean("aum_after_first", idx, cols["margin"], epoch != self.first)
@@ -177,9 +185,12 @@ class _Accumulator:
         self._mean("el2n_proxy", idx, (1.0 - p_values.astype(np.float64), p_valid), early)
         self._mean("el2n", idx, cols["el2n"], early)
         self._mean("grand", idx, (np.sqrt(grad_total), None), early)
-        for value in np.unique(epoch):
-            rows = epoch == value
-            self._epoch_sums(int(value), idx[rows], per_layer[rows], grad[rows], cols, rows)
+        if epoch[0] == epoch[-1] and (epoch == epoch[0]).all():  # the usual chunk: one epoch
+            self._epoch_sums(int(epoch[0]), idx, per_layer, grad, cols, slice(None))
+        else:
+            for value in np.unique(epoch):
+                rows = epoch == value
+                self._epoch_sums(int(value), idx[rows], per_layer[rows], grad[rows], cols, rows)
         self._last_and_forgetting(idx, cols)
 
     def _mean(
@@ -202,16 +213,18 @@ class _Accumulator:
         per_layer: np.ndarray,
         grad: np.ndarray,
         cols: Columns,
-        rows: np.ndarray,
+        rows: np.ndarray | slice,
     ) -> None:
         acc = self.open.get(epoch)
         if acc is None:
-            acc = self.open[epoch] = _Epoch(len(self.ids), self.n_layers)
+            rollup = self.period_steps is not None
+            acc = self.open[epoch] = _Epoch(len(self.ids), self.n_layers, rollup=rollup)
         acc.n_visits += np.bincount(idx, minlength=len(self.ids))
-        acc.loss += self._sum(idx, cols["loss"][0][rows].astype(np.float64))
-        for layer in range(self.n_layers):
-            acc.importance[layer] += self._sum(idx, per_layer[:, layer])
-            acc.grad_sq[layer] += self._sum(idx, grad[:, layer])
+        if acc.rollup:
+            acc.loss += self._sum(idx, cols["loss"][0][rows].astype(np.float64))
+            for layer in range(self.n_layers):
+                acc.importance[layer] += self._sum(idx, per_layer[:, layer])
+                acc.grad_sq[layer] += self._sum(idx, grad[:, layer])
         p, p_valid = cols["p_target"]
         keep = _rows(p, p_valid)[rows]
         acc.cartography["p"] += self._sum(idx[keep], p[rows][keep].astype(np.float64))
@@ -350,14 +363,16 @@ def _rollup(blocks: list[dict[str, np.ndarray]], n_layers: int) -> pl.DataFrame:
     )
 
 
-def stream(data: TraceData, early_epochs: int, period_fraction: float) -> Streamed:
+def stream(data: TraceData, early_epochs: int, period_fraction: float | None = None) -> Streamed:
     """Fold every visit of `data` into per-sample and per-(sample, epoch) tables.
 
     Args:
         data: the open trace's HDF5 side (with visits and layers).
         early_epochs: how many of the first recorded epochs form the "early" window.
         period_fraction: the share of the recorded steps in each of the first and last
-            periods of `Streamed.period`.
+            periods of `Streamed.period`; None for the per-sample aggregates alone (no
+            rollup, no periods: `Streamed.rollup` and `.period` are then None), which is
+            all `samples()` needs and holds nothing per (sample, epoch).
     """
     visited = np.unique(np.concatenate([s.epoch[s.batch_size > 0] for s in data.steps]))
     early = {int(e) for e in visited[: max(early_epochs, 1)]}
@@ -366,11 +381,13 @@ def stream(data: TraceData, early_epochs: int, period_fraction: float) -> Stream
     # A step's position p among the visited steps: first period p < f·n, last p ≥ (1 − f)·n.
     n_steps = max(len(steps), 1)
     pos = np.arange(len(steps))
-    lo_pos = int(np.sum(pos < period_fraction * n_steps))
-    hi_pos = int(np.sum(pos < (1 - period_fraction) * n_steps))
+    fraction = 0.0 if period_fraction is None else period_fraction
+    lo_pos = int(np.sum(pos < fraction * n_steps))
+    hi_pos = int(np.sum(pos < (1 - fraction) * n_steps))
     lo = int(steps[lo_pos]) if lo_pos < len(steps) else np.iinfo(np.int64).max
     hi = int(steps[hi_pos]) if hi_pos < len(steps) else np.iinfo(np.int64).max
-    acc = _Accumulator(sample_ids(data), data.n_layers, early, first, (lo, hi))
+    full = period_fraction is not None
+    acc = _Accumulator(sample_ids(data), data.n_layers, early, first, (lo, hi) if full else None)
     in_order = data.epochs_in_step_order()
     blocks: dict[int, list[dict[str, np.ndarray]]] = {}
 
@@ -395,5 +412,7 @@ def stream(data: TraceData, early_epochs: int, period_fraction: float) -> Stream
         for block in merged:
             acc.fold_cartography(block)
     return Streamed(
-        per_sample=acc.frame(), rollup=_rollup(merged, data.n_layers), period=acc.period
+        per_sample=acc.frame(),
+        rollup=_rollup(merged, data.n_layers) if full else None,
+        period=acc.period if full else None,
     )

@@ -325,9 +325,9 @@ class Trace:
         return self._session.query(query, params)
 
     # -- derived tables (analysis/_derived.py) -----------------------------------------
-    def _streamed(self, early_epochs: int = 1) -> Streamed:
-        """One pass of the streaming engine (`findings` folds it into its arrays)."""
-        return self._derived.streamed(early_epochs)
+    def _streamed(self) -> Streamed:
+        """The streaming engine's full pass (`findings` folds it into its arrays)."""
+        return self._derived.streamed()
 
     def _rollup(self) -> pl.DataFrame:
         """Per (sample, epoch): sample_id, epoch, n_visits, loss (mean), importance_<l>,

@@ -337,30 +337,33 @@ def _merge(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return merged
 
 
-def _rollup(blocks: list[dict[str, np.ndarray]], n_layers: int) -> pl.DataFrame:
-    columns: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("sample_id", "epoch", "n_visits", "loss")
-    }
-    layer_cols: dict[str, list[np.ndarray]] = {
-        f"{k}_{layer}": [] for k in ("importance", "grad_sq") for layer in range(n_layers)
-    }
-    for block in blocks:
-        for key in ("sample_id", "epoch", "n_visits"):
-            columns[key].append(block[key])
-        columns["loss"].append(block["loss"] / block["n_visits"])
-        for layer in range(n_layers):
-            layer_cols[f"importance_{layer}"].append(block["importance"][layer])
-            layer_cols[f"grad_sq_{layer}"].append(block["grad_sq"][layer])
-
-    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
-
+def _frame(block: dict[str, np.ndarray], n_layers: int) -> pl.DataFrame:
+    """One epoch's rollup rows as a frame (its arrays handed over, not kept twice)."""
     return pl.DataFrame(
         {
-            **{k: cat(v, np.float64 if k == "loss" else np.int64) for k, v in columns.items()},
-            **{k: cat(v, np.float64) for k, v in layer_cols.items()},
+            "sample_id": block["sample_id"].astype(np.int64, copy=False),
+            "epoch": block["epoch"],
+            "n_visits": block["n_visits"].astype(np.int64, copy=False),
+            "loss": block["loss"] / block["n_visits"],
+            **{f"importance_{layer}": block["importance"][layer] for layer in range(n_layers)},
+            **{f"grad_sq_{layer}": block["grad_sq"][layer] for layer in range(n_layers)},
         }
     )
+
+
+def _rollup(frames: list[pl.DataFrame], n_layers: int) -> pl.DataFrame:
+    if frames:
+        # Chunked, not rechunked: one copy of the rows at any time.
+        return pl.concat(frames, rechunk=False)
+    schema: dict[str, pl.DataType] = {
+        "sample_id": pl.Int64(),
+        "epoch": pl.Int64(),
+        "n_visits": pl.Int64(),
+        "loss": pl.Float64(),
+    }
+    schema.update({f"importance_{layer}": pl.Float64() for layer in range(n_layers)})
+    schema.update({f"grad_sq_{layer}": pl.Float64() for layer in range(n_layers)})
+    return pl.DataFrame(schema=schema)
 
 
 def stream(data: TraceData, early_epochs: int, period_fraction: float | None = None) -> Streamed:
@@ -390,13 +393,16 @@ def stream(data: TraceData, early_epochs: int, period_fraction: float | None = N
     acc = _Accumulator(sample_ids(data), data.n_layers, early, first, (lo, hi) if full else None)
     in_order = data.epochs_in_step_order()
     blocks: dict[int, list[dict[str, np.ndarray]]] = {}
+    frames: dict[int, pl.DataFrame] = {}
 
     def close(epoch: int) -> None:
         block = acc.open.pop(epoch).block(epoch, acc.ids)
-        if in_order:  # the epoch is final: fold its means, drop its cartography sums
+        if in_order:  # the epoch is final: fold its means, keep only its rollup rows
             acc.fold_cartography(block)
-            block = {k: v for k, v in block.items() if k not in _CARTOGRAPHY}
-        blocks.setdefault(epoch, []).append(block)
+            if full:
+                frames[epoch] = _frame(block, data.n_layers)
+        else:
+            blocks.setdefault(epoch, []).append(block)
 
     for masks in data.chunks(_CHUNK_ROWS):
         cols = data.read_chunk(masks, ("step", *SCORE_COLUMNS))
@@ -407,12 +413,13 @@ def stream(data: TraceData, early_epochs: int, period_fraction: float | None = N
         acc.add(step, cols)
     for epoch in list(acc.open):
         close(epoch)
-    merged = [_merge(blocks[e]) for e in sorted(blocks)]
-    if not in_order:
-        for block in merged:
-            acc.fold_cartography(block)
+    for epoch in sorted(blocks):  # epochs that came back later in step order: merged now
+        block = _merge(blocks.pop(epoch))
+        acc.fold_cartography(block)
+        if full:
+            frames[epoch] = _frame(block, data.n_layers)
     return Streamed(
         per_sample=acc.frame(),
-        rollup=_rollup(merged, data.n_layers) if full else None,
+        rollup=_rollup([frames[e] for e in sorted(frames)], data.n_layers) if full else None,
         period=acc.period if full else None,
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,10 +26,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from samplescope.analysis import Trace
+
 __all__ = [
     "EPOCH_BASE",
     "ReportData",
     "ReportPlan",
+    "TraceOrPath",
     "average_precision",
     "pct_rank",
     "precision_recall",
@@ -41,6 +45,8 @@ logger = logging.getLogger(__name__)
 MAX_HEATMAP_ROWS = 200
 # Added to the trace's 0-based epoch numbers in everything a person reads.
 EPOCH_BASE = 1
+# An open trace, or what `open_trace` takes.
+TraceOrPath = Trace | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 
 @dataclass(frozen=True)
@@ -68,14 +74,14 @@ class ReportData:
     """
 
     def __init__(
-        self, trace: Any, path: str | Path | None = None, plan: ReportPlan | None = None
+        self, trace: Trace, path: str | Path | None = None, plan: ReportPlan | None = None
     ) -> None:
         self._trace = trace
         self._path = None if path is None else Path(path)
         self._plan = plan or ReportPlan()
 
     @property
-    def trace(self) -> Any:
+    def trace(self) -> Trace:
         """The open trace (sections that call the analysis layer directly, e.g. findings)."""
         return self._trace
 

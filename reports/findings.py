@@ -10,6 +10,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from samplescope.analysis import Trace
 from samplescope.errors import SamplescopeError
 from samplescope.reports._data import ReportData
 from samplescope.reports._page import add_caption, new_page, note
@@ -27,7 +28,7 @@ _CONTROLS = (
 )
 
 
-def run_findings(trace: Any) -> tuple[list[Any], list[str]] | None:
+def run_findings(trace: Trace) -> tuple[list[Any], list[str]] | None:
     """(findings, headline sentences) from the analysis layer, or None if it has none."""
     try:
         from samplescope.analysis.findings import findings, headlines

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from samplescope.errors import SamplescopeError
+
+if TYPE_CHECKING:
+    from samplescope.analysis.trace import Trace
 
 __all__ = [
     "MIN_DECILE",
@@ -97,7 +100,7 @@ class RunData:
         return bool(self.kinds) and self.kinds[0] == "Linear"
 
 
-def difficulty_of(trace: Any) -> pl.DataFrame:
+def difficulty_of(trace: Trace) -> pl.DataFrame:
     """sample_id and final_loss of every sample of `trace` (the `samples` table's)."""
     return trace.samples().select("sample_id", pl.col("final_loss").cast(pl.Float64))
 
@@ -111,7 +114,7 @@ def _deciles(final_loss: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
     return decile
 
 
-def gather(trace: Any, difficulty: pl.DataFrame | None = None, source: str = "") -> RunData:
+def gather(trace: Trace, difficulty: pl.DataFrame | None = None, source: str = "") -> RunData:
     """Fold `trace`'s visits into a `RunData`.
 
     Args:
@@ -124,40 +127,27 @@ def gather(trace: Any, difficulty: pl.DataFrame | None = None, source: str = "")
         FindingsError: the difficulty source shares fewer than half of this run's samples.
     """
     has_input = "input_sq" in trace.meta.get("optional_columns", [])
-    columns = ["step", "epoch", "sample_id", "lr_scale", "grad_sq"]
-    visits = trace.table("visits").select(columns + (["input_sq"] if has_input else [])).collect()
+    # The streaming engine's per-(sample, epoch) rollup: never every visit at once.
+    streamed = trace._streamed()
     layers = trace.layers().sort("layer_index")
     n_layers = layers.height
-    ids, s_idx = np.unique(visits["sample_id"].to_numpy(), return_inverse=True)
-    epochs, e_idx = np.unique(visits["epoch"].to_numpy(), return_inverse=True)
+    rollup = trace._rollup()
+    ids = streamed.per_sample["sample_id"].to_numpy()
+    epochs, e_idx = np.unique(rollup["epoch"].to_numpy(), return_inverse=True)
+    s_idx = np.searchsorted(ids, rollup["sample_id"].to_numpy())
     n, n_epochs = len(ids), len(epochs)
-    scale = visits["lr_scale"].to_numpy().astype(np.float64)
-    grad = visits["grad_sq"].to_numpy().reshape(-1, n_layers).astype(np.float64)
-    per_visit = grad * (scale * scale)[:, None]
-    cell = s_idx * n_epochs + e_idx
-    imp = np.stack(
-        [np.bincount(cell, per_visit[:, i], minlength=n * n_epochs) for i in range(n_layers)],
-        axis=1,
-    ).reshape(n, n_epochs, n_layers)
-    imp = np.ascontiguousarray(imp.transpose(0, 2, 1))
-    counts = np.bincount(cell, minlength=n * n_epochs).reshape(n, n_epochs)
-    steps, pos = np.unique(visits["step"].to_numpy(), return_inverse=True)
-    n_steps = max(len(steps), 1)
-    which = np.where(
-        pos < PERIOD_FRACTION * n_steps, 0, np.where(pos >= (1 - PERIOD_FRACTION) * n_steps, 1, -1)
-    )
-    period = np.zeros((n, n_layers, 2))
-    for p in (0, 1):
-        rows = which == p
-        for layer in range(n_layers):
-            period[:, layer, p] = np.bincount(s_idx[rows], per_visit[rows, layer], minlength=n)
+    imp = np.zeros((n, n_layers, n_epochs))
+    for layer in range(n_layers):
+        imp[s_idx, layer, e_idx] = rollup[f"importance_{layer}"].to_numpy()
+    counts = np.zeros((n, n_epochs), dtype=np.int64)
+    counts[s_idx, e_idx] = rollup["n_visits"].to_numpy()
+    period = streamed.period
+    assert period is not None
     input_sq = None
     if has_input:
-        values = visits["input_sq"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        known = np.isfinite(values)
-        seen = np.bincount(s_idx[known], minlength=n)
-        if (seen > 0).all():
-            input_sq = np.bincount(s_idx[known], values[known], minlength=n) / seen
+        mean = streamed.per_sample["input_sq"]
+        if mean.null_count() == 0:
+            input_sq = mean.to_numpy().astype(np.float64)
     own = difficulty is None
     frame = difficulty_of(trace) if own else difficulty
     loss = pl.DataFrame({"sample_id": ids}).join(frame, on="sample_id", how="left")
@@ -183,7 +173,7 @@ def gather(trace: Any, difficulty: pl.DataFrame | None = None, source: str = "")
     )
 
 
-def guard(trace: Any, data: RunData | None = None) -> str | None:
+def guard(trace: Trace, data: RunData | None = None) -> str | None:
     """Why `trace` cannot carry a verdict (too short, open, partial, not converged), or None."""
     meta = trace.meta
     if not meta.get("closed", True):
@@ -247,7 +237,7 @@ def guard(trace: Any, data: RunData | None = None) -> str | None:
     return None
 
 
-def _chance_accuracy(trace: Any) -> float | None:
+def _chance_accuracy(trace: Trace) -> float | None:
     if not trace.meta.get("has_outputs"):
         return None
     targets = trace.table("visits").select("target").unique().collect()["target"].drop_nulls()

@@ -25,7 +25,15 @@ from samplescope.analysis._duplicates import padding_duplicates
 from samplescope.analysis._integrity import DatasetBounds, check_objects, open_swmr
 from samplescope.analysis.errors import TraceError, TraceFormatError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Shard", "TraceData", "resolve_paths"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "VISIT_COLUMNS",
+    "Shard",
+    "TraceData",
+    "resolve_paths",
+    "visit_type",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +406,7 @@ def _check_steps(shard: Shard, cols: dict[str, np.ndarray], n_visit_rows: int) -
 
 
 class TraceData:
-    """All shards of one run, read column by column as Arrow arrays (with a cache)."""
+    """All shards of one run, read column by column as Arrow arrays or chunk by chunk."""
 
     def __init__(self, paths: list[Path]) -> None:
         self.shards: list[Shard] = []
@@ -413,7 +421,6 @@ class TraceData:
         except BaseException:
             self.close()
             raise
-        self._cache: dict[tuple[str, str], pa.Array] = {}
         self._duplicates: dict[Path, np.ndarray] | None = None
 
     def _check_shards(self) -> None:
@@ -502,6 +509,15 @@ class TraceData:
         flags[inside - start] = True
         return flags
 
+    def has_sample_names(self) -> bool:
+        """Whether some shard has a non-empty /sample_names (string sample ids)."""
+        return any(
+            s.has("sample_names", "sample_id")
+            and s.has("sample_names", "name")
+            and s.rows("sample_names") > 0
+            for s in self.shards
+        )
+
     def sample_names(self) -> dict[str, np.ndarray] | None:
         """``sample_id`` -> ``name`` of string sample ids, every shard's rows, each id once.
 
@@ -563,20 +579,22 @@ class TraceData:
             out.update(_combine_shard_steps(merged, where.reshape(-1), order))
         return out
 
-    # -- visits, column by column -----------------------------------------------------
+    # -- visits: one reader, `_read_part`, behind both the Arrow and the numpy forms ------
     def visit_column(self, column: str, masks: list[np.ndarray] | None = None) -> pa.Array:
-        """One visits column over the selected steps (per-shard boolean masks, None = all)."""
-        key = ("visits", column)
-        if masks is None and key in self._cache:
-            return self._cache[key]
-        parts = []
+        """One visits column over the selected steps (per-shard boolean masks, None = all),
+        as Arrow with NULLs where a value was not recorded. Nothing is cached here: the one
+        holder of loaded columns is the DuckDB session (`_duckdb.Session`)."""
+        arrow_type = _VISIT_TYPES[column](self.n_layers)
+        arrays = []
         for i, steps in enumerate(self.steps):
             mask = None if masks is None else masks[i]
             for start, stop, index in steps.ranges(mask):
-                parts.append(self._visit_part(steps, column, start, stop, index))
-        array = self._concat(column, parts)
-        if masks is None:
-            self._cache[key] = array
+                values, valid = self._read_part(steps, column, start, stop, index)
+                arrays.append(_to_arrow(values, valid, arrow_type, self.n_layers))
+        if not arrays:
+            array = pa.array([], type=arrow_type)
+        else:
+            array = arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
         return array
 
     def importance_batches(
@@ -646,14 +664,10 @@ class TraceData:
             for i in range(self.n_layers)
         }
 
-    # -- visits, chunk by chunk ---------------------------------------------------------
-    def epoch_chunks(self, max_rows: int) -> list[tuple[int, list[np.ndarray]]] | None:
-        """Split the trace into chunks of whole steps, in step order, each within one epoch.
-
-        Returns one (epoch, per-shard step masks) pair per chunk, each chunk at most
-        `max_rows` visits unless one step alone is larger; None when epochs decrease
-        somewhere in step order (then a sample's epochs are not contiguous in time).
-        """
+    def chunks(self, max_rows: int) -> list[list[np.ndarray]]:
+        """Split the trace into chunks of whole steps, in step order: per-shard step masks,
+        each chunk at most `max_rows` visits unless one step alone is larger. A chunk ends
+        where the (lowest rank's) epoch changes, so most chunks hold one epoch."""
         steps = np.concatenate([s.step for s in self.steps])
         if len(steps) == 0:
             return []
@@ -661,19 +675,25 @@ class TraceData:
         rows = np.concatenate([s.batch_size for s in self.steps])
         unique, first, inverse = np.unique(steps, return_index=True, return_inverse=True)
         epoch = epochs[first]
-        if np.any(epochs != epoch[inverse]) or np.any(np.diff(epoch) < 0):
-            return None
         step_rows = np.bincount(inverse, weights=rows, minlength=len(unique))
-        chunks: list[tuple[int, list[np.ndarray]]] = []
+        out: list[list[np.ndarray]] = []
         bounds = np.flatnonzero(np.diff(epoch)) + 1
         for segment in np.split(np.arange(len(unique)), bounds):
             bucket = np.cumsum(step_rows[segment]) // max(max_rows, 1)
             bucket = np.maximum.accumulate(np.r_[0, bucket[:-1]])  # a chunk ends after max_rows
             for part in np.split(segment, np.flatnonzero(np.diff(bucket)) + 1):
                 lo, hi = unique[part[0]], unique[part[-1]]
-                masks = [(s.step >= lo) & (s.step <= hi) for s in self.steps]
-                chunks.append((int(epoch[part[0]]), masks))
-        return chunks
+                out.append([(s.step >= lo) & (s.step <= hi) for s in self.steps])
+        return out
+
+    def epochs_in_step_order(self) -> bool:
+        """Whether every step's epoch agrees across shards and never decreases in step
+        order (then each epoch's visits are contiguous in time)."""
+        steps = np.concatenate([s.step for s in self.steps])
+        epochs = np.concatenate([s.epoch for s in self.steps])
+        _, first, inverse = np.unique(steps, return_index=True, return_inverse=True)
+        epoch = epochs[first]
+        return not (np.any(epochs != epoch[inverse]) or np.any(np.diff(epoch) < 0))
 
     def read_chunk(
         self,
@@ -681,19 +701,18 @@ class TraceData:
         columns: Sequence[str],
     ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         """Numpy columns of the visits of the masked steps, in step order (rank order within a
-        step, as in `visit_column` sorted by step).
+        step, as `visit_column` sorted by step), typed as `visit_column`'s.
 
         Each column comes as (values, valid): valid is None when every row holds a value,
         else a boolean mask (a shard without that optional column contributes invalid rows).
-        `correct` is int8: 1, 0, or -1 where pred/target were not recorded.
         """
-        parts: dict[str, list[tuple[np.ndarray, bool]]] = {c: [] for c in columns}
+        parts: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {c: [] for c in columns}
         step_parts: list[np.ndarray] = []
         for i, steps in enumerate(self.steps):
             for start, stop, index in steps.ranges(masks[i]):
                 step_parts.append(np.repeat(steps.step[index], steps.batch_size[index]))
                 for column in columns:
-                    parts[column].append(self._chunk_part(steps, column, start, stop, index))
+                    parts[column].append(self._read_part(steps, column, start, stop, index))
         order = None
         if len(step_parts) > 1:
             step = np.concatenate(step_parts)
@@ -701,12 +720,16 @@ class TraceData:
                 order = np.argsort(step, kind="stable")
         out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         for column, pieces in parts.items():
-            values = np.concatenate([p for p, _ in pieces]) if pieces else np.zeros(0)
+            values = (
+                np.concatenate([p for p, _ in pieces])
+                if pieces
+                else np.zeros(0, dtype=_NUMPY_TYPES[column])
+            )
             valid = (
                 None
-                if all(ok is True for _, ok in pieces)
+                if all(ok is None for _, ok in pieces)
                 else np.concatenate(
-                    [np.full(len(p), ok) if ok is False else ok for p, ok in pieces]
+                    [np.ones(len(p), dtype=bool) if ok is None else ok for p, ok in pieces]
                 )
             )
             if order is not None:
@@ -715,88 +738,57 @@ class TraceData:
             out[column] = (values, valid)
         return out
 
-    def _chunk_part(
+    def _read_part(
         self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
-    ) -> tuple[np.ndarray, bool | np.ndarray]:
-        values, ok = self._chunk_values(steps, column, start, stop, index)
-        missing = _missing_outputs(steps.shard, column, start, stop)
-        if missing is None:
-            return values, ok
-        if column == "correct":
-            return np.where(missing, np.int8(-1), values), ok
-        return values, ~missing
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows `start:stop` of one visits column of one shard: (values, valid or None).
 
-    def _chunk_values(
-        self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
-    ) -> tuple[np.ndarray, bool]:
+        The one place that knows how a column is stored: per-step columns (epoch, lr_scale)
+        repeated over the step's rows, `correct` from pred and target, an optional column
+        the shard lacks as all-invalid, and format v2's missing outputs (target < 0)."""
         shard = steps.shard
-        if column == "lr_scale":
-            return steps.visit_lr_scale(index, start, stop), True
-        if column == "duplicate":
-            return self.duplicates(steps, start, stop), True
-        if column == "correct":
-            if not (shard.has("visits", "pred") and shard.has("visits", "target")):
-                return np.full(stop - start, -1, dtype=np.int8), True
-            return (
-                shard.read("visits", "pred", start, stop)
-                == shard.read("visits", "target", start, stop)
-            ).astype(np.int8), True
-        if not shard.has("visits", column):
-            shape = (
-                (stop - start, self.n_layers)
-                if column in ("grad_sq", "alignment")
-                else (stop - start,)
-            )
-            return np.zeros(shape, dtype=np.float32), False
-        return shard.read("visits", column, start, stop), True
-
-    def _visit_part(
-        self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
-    ) -> np.ndarray:
-        values = self._visit_values(steps, column, start, stop, index)
-        missing = _missing_outputs(steps.shard, column, start, stop)
-        return values if missing is None else np.ma.MaskedArray(values, mask=missing)
-
-    def _visit_values(
-        self, steps: _ShardSteps, column: str, start: int, stop: int, index: np.ndarray
-    ) -> np.ndarray:
-        if column == "lr_scale":
-            return steps.visit_lr_scale(index, start, stop)
-        if column == "duplicate":
-            return self.duplicates(steps, start, stop)
+        n = stop - start
+        dtype = _NUMPY_TYPES[column]
+        valid: np.ndarray | None = None
         if column == "epoch":
-            return np.repeat(steps.epoch[index], steps.batch_size[index])
-        if column == "rank":
-            return np.full(stop - start, steps.shard.rank, dtype=np.int64)
-        if column == "correct":
-            if not (steps.shard.has("visits", "pred") and steps.shard.has("visits", "target")):
-                return np.full(stop - start, None, dtype=object)
-            return steps.shard.read("visits", "pred", start, stop) == steps.shard.read(
-                "visits", "target", start, stop
-            )
-        if not steps.shard.has("visits", column):
-            return np.full(stop - start, None, dtype=object)
-        return steps.shard.read("visits", column, start, stop)
+            values = np.repeat(steps.epoch[index], steps.batch_size[index])
+        elif column == "lr_scale":  # per visit under gradient accumulation (`/visits/scale`)
+            values = steps.visit_lr_scale(index, start, stop)
+        elif column == "duplicate":  # computed: DistributedSampler padding repeats
+            values = self.duplicates(steps, start, stop)
+        elif column == "rank":
+            values = np.full(n, shard.rank, dtype=np.int64)
+        elif column == "correct":
+            if shard.has("visits", "pred") and shard.has("visits", "target"):
+                values = shard.read("visits", "pred", start, stop) == shard.read(
+                    "visits", "target", start, stop
+                )
+            else:
+                values, valid = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        elif shard.has("visits", column):
+            values = shard.read("visits", column, start, stop)
+        else:
+            shape = (n, self.n_layers) if column in ("grad_sq", "alignment") else (n,)
+            values, valid = np.zeros(shape, dtype=dtype), np.zeros(n, dtype=bool)
+        values = np.asarray(values, dtype=dtype)
+        missing = _missing_outputs(shard, column, start, stop)
+        if missing is not None:
+            valid = ~missing if valid is None else valid & ~missing
+        return values, valid
 
-    def _concat(self, column: str, parts: list[np.ndarray]) -> pa.Array:
-        arrow_type = _VISIT_TYPES[column](self.n_layers)
-        arrays = [self._to_arrow(column, part, arrow_type) for part in parts]
-        if not arrays:
-            return pa.array([], type=arrow_type)
-        return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
 
-    def _to_arrow(self, column: str, part: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-        if isinstance(part, np.ma.MaskedArray):
-            return pa.array(np.ma.getdata(part), mask=np.ma.getmaskarray(part), type=arrow_type)
-        if part.dtype == object and column not in ("correct",):
-            # An optional column this shard did not record: NULLs of the right type.
-            return pa.nulls(len(part), type=arrow_type)
-        if column in ("grad_sq", "alignment"):
-            flat = pa.array(np.ascontiguousarray(part, dtype=np.float32).reshape(-1))
-            return pa.FixedSizeListArray.from_arrays(flat, self.n_layers)
-        if part.dtype == object:
-            return pa.nulls(len(part), type=arrow_type)
-        return pa.array(part, type=arrow_type)
+def _to_arrow(
+    values: np.ndarray, valid: np.ndarray | None, arrow_type: pa.DataType, n_layers: int
+) -> pa.Array:
+    mask = None if valid is None else ~valid
+    if values.ndim == 2:
+        flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+        array = pa.FixedSizeListArray.from_arrays(flat, n_layers)
+        if mask is None:
+            return array
+        # A list column missing in this shard: NULL rows (`from_arrays` takes no mask).
+        return pa.FixedSizeListArray.from_arrays(flat, n_layers, mask=pa.array(mask))
+    return pa.array(values, mask=mask, type=arrow_type)
 
 
 def _missing_outputs(shard: Shard, column: str, start: int, stop: int) -> np.ndarray | None:
@@ -833,4 +825,25 @@ _VISIT_TYPES = {
     "alignment": lambda n: pa.list_(pa.float32(), n),
 }
 VISIT_COLUMNS = list(_VISIT_TYPES)
+
+
+def visit_type(column: str, n_layers: int) -> pa.DataType:
+    """The Arrow type of one visits column (per-layer columns are fixed-size lists)."""
+    return _VISIT_TYPES[column](n_layers)
+
+
+# What `_read_part` returns each column as (the Arrow types' numpy equivalents).
+_NUMPY_TYPES = {
+    **dict.fromkeys(("step", "sample_id", "epoch", "rank", "target", "pred"), np.int64),
+    **dict.fromkeys(
+        ("loss", "p_target", "margin", "el2n", "input_sq", "input_grad_sq"), np.float32
+    ),
+    "correct": np.bool_,
+    "lr_scale": np.float64,
+    "duplicate": np.bool_,
+    "micro": np.int64,
+    "scale": np.float64,
+    "grad_sq": np.float32,
+    "alignment": np.float32,
+}
 _CHECKPOINT_REQUIRED = ("checkpoint", "step", "epoch", "sample_id", "loss", "grad_sq")

@@ -27,19 +27,15 @@ def difficulty_labels(loss_auc: np.ndarray) -> list[str]:
     return labels
 
 
-def _profiles(per_epoch: pl.DataFrame, ids: pl.Series) -> np.ndarray:
-    """Matrix samples × (epoch, layer) of importance, 0 where a sample was not visited."""
-    wide = (
-        per_epoch.filter(pl.col("sample_id").is_in(ids.implode()))
-        .with_columns(
-            (pl.col("epoch").cast(pl.String) + "_" + pl.col("layer_index").cast(pl.String)).alias(
-                "cell"
-            )
-        )
-        .pivot("cell", index="sample_id", values="importance", aggregate_function="sum")
-    )
-    wide = pl.DataFrame({"sample_id": ids}).join(wide, on="sample_id", how="left")
-    matrix = np.nan_to_num(wide.drop("sample_id").to_numpy().astype(np.float64), nan=0.0)
+def _profiles(rollup: pl.DataFrame, ids: pl.Series, n_layers: int) -> np.ndarray:
+    """Matrix samples × (epoch, layer) of importance, 0 where a sample was not visited;
+    cells are the epochs some sample of `ids` was visited in, epoch-major."""
+    part = rollup.filter(pl.col("sample_id").is_in(ids.implode()))
+    epochs, column = np.unique(part["epoch"].to_numpy(), return_inverse=True)
+    row = np.searchsorted(ids.to_numpy(), part["sample_id"].to_numpy())
+    matrix = np.zeros((len(ids), len(epochs) * n_layers))
+    for layer in range(n_layers):
+        matrix[row, column * n_layers + layer] = part[f"importance_{layer}"].to_numpy()
     # Standardise each cell: importance shrinks over training and would let early epochs
     # dominate the distances otherwise.
     std = matrix.std(axis=0)
@@ -47,26 +43,27 @@ def _profiles(per_epoch: pl.DataFrame, ids: pl.Series) -> np.ndarray:
 
 
 def cluster_samples(
-    per_epoch: pl.DataFrame, visits: pl.DataFrame, samples: pl.DataFrame, *, k: int, seed: int
+    rollup: pl.DataFrame, samples: pl.DataFrame, *, k: int, seed: int
 ) -> pl.DataFrame:
     """One row per sample: target (class), cluster (per class, 0-based), label, cluster_size,
     cluster_loss_auc (mean over epochs of the cluster's mean training loss).
 
     Args:
-        per_epoch: the `sample_epochs` table.
-        visits: prepared visits (sample_id, epoch, loss).
+        rollup: the per-(sample, epoch) rollup of the streaming engine (sample_id, epoch,
+            loss = the mean training loss of the visits, importance_<l>).
         samples: the `samples` table (sample_id, target).
         k: clusters per class, capped by the number of distinct profiles in the class.
         seed: k-means random state.
     """
     from sklearn.cluster import KMeans
 
-    loss = visits.group_by("sample_id", "epoch").agg(pl.col("loss").cast(pl.Float64).mean())
+    loss = rollup.select("sample_id", "epoch", "loss")
+    n_layers = sum(1 for c in rollup.columns if c.startswith("importance_"))
     parts = []
     classes = samples.select("sample_id", "target").sort("sample_id")
     for (target,), members in classes.group_by("target", maintain_order=True):
         ids = members["sample_id"]
-        profiles = _profiles(per_epoch, ids)
+        profiles = _profiles(rollup, ids, n_layers)
         n_distinct = len(np.unique(profiles.round(12), axis=0))
         n_clusters = max(1, min(k, n_distinct))
         if n_clusters == 1:

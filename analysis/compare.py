@@ -19,8 +19,10 @@ def _importance(source: PathLike | Sequence[PathLike]) -> pl.DataFrame:
     from samplescope.analysis.trace import open_trace
 
     with open_trace(source) as trace:
-        per_epoch = (
-            trace.sample_epochs().group_by("sample_id", "epoch").agg(pl.col("importance").sum())
+        rollup = trace._rollup()
+        layers = [c for c in rollup.columns if c.startswith("importance_")]
+        per_epoch = rollup.select(
+            "sample_id", "epoch", pl.sum_horizontal(layers).alias("importance")
         )
         total = (
             trace.samples()

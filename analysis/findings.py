@@ -32,7 +32,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -48,6 +48,14 @@ from samplescope.analysis._findings_data import (
     gather,
     guard,
 )
+
+if TYPE_CHECKING:
+    import os
+
+    from samplescope.analysis.trace import Trace
+
+    # Where easy and hard come from: another open trace, or what `open_trace` takes.
+    DifficultySource = Trace | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
 
 __all__ = [
     "CLAIMS",
@@ -296,7 +304,7 @@ def _numbers(claim: str, s: fx.Sums, data: RunData) -> dict[str, float]:
 
 
 def _one_run(
-    trace: Any,
+    trace: Trace,
     difficulty: pl.DataFrame | None,
     source: str,
     run: str,
@@ -342,7 +350,7 @@ def _one_run(
     return _RunResult(results, replicates)
 
 
-def _difficulty(difficulty_from: Any) -> tuple[pl.DataFrame | None, str]:
+def _difficulty(difficulty_from: DifficultySource) -> tuple[pl.DataFrame | None, str]:
     if difficulty_from is None:
         return None, ""
     if hasattr(difficulty_from, "samples"):
@@ -354,9 +362,9 @@ def _difficulty(difficulty_from: Any) -> tuple[pl.DataFrame | None, str]:
 
 
 def findings(
-    trace: Any,
+    trace: Trace,
     *,
-    difficulty_from: Any = None,
+    difficulty_from: DifficultySource = None,
     n_boot: int = N_BOOT,
     seed: int = 0,
 ) -> list[Finding]:
@@ -382,9 +390,9 @@ def findings(
 
 
 def findings_runs(
-    traces: Sequence[Any],
+    traces: Sequence[Trace],
     *,
-    difficulty_from: Any = None,
+    difficulty_from: DifficultySource = None,
     n_boot: int = N_BOOT,
     seed: int = 0,
 ) -> list[Finding]:
@@ -460,7 +468,7 @@ def _agreement_text(per_run: list[Finding], pooled: Finding) -> str:
     return f"{same} of {len(per_run)} runs agree ({verdicts})."
 
 
-def _check_same_data(traces: Sequence[Any]) -> None:
+def _check_same_data(traces: Sequence[Trace]) -> None:
     first = set(
         np.asarray(
             traces[0].table("visits").select("sample_id").unique().collect()["sample_id"]
@@ -547,7 +555,7 @@ def _pct(share: float) -> str:
     return f"{share:.1%}" if share >= 0.00095 else f"{share:.2%}"
 
 
-def headlines(trace: Any, results: list[Finding] | None = None) -> list[str]:
+def headlines(trace: Trace, results: list[Finding] | None = None) -> list[str]:
     """Three to five plain-language sentences summarising `findings(trace)`.
 
     Args:

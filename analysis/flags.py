@@ -12,11 +12,14 @@ ranked order (rank 0 is flagged first) with a boolean ``flagged`` mask at the bu
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from samplescope.errors import SamplescopeError
+
+if TYPE_CHECKING:
+    from samplescope.analysis.trace import Trace
 
 __all__ = ["DEFAULT_SCORE", "KINDS", "FlagError", "flag", "score_names", "score_table"]
 
@@ -56,7 +59,7 @@ class FlagError(SamplescopeError):
     """A bad kind, score or budget for `flag`."""
 
 
-def score_table(trace: Any) -> pl.DataFrame:
+def score_table(trace: Trace) -> pl.DataFrame:
     """Every per-sample score, oriented so that higher = harder (more suspect, more useful).
 
     Columns: sample_id, target, then one Float64 column per score: the baselines of
@@ -95,7 +98,7 @@ def _offered(name: str, samples: pl.DataFrame) -> bool:
     return True
 
 
-def _info_columns(trace: Any, samples: pl.DataFrame) -> list[pl.Expr]:
+def _info_columns(trace: Trace, samples: pl.DataFrame) -> list[pl.Expr]:
     """/sample_info columns, each as ``info_<name>`` (samples() prefixes only clashing ones)."""
     if "sample_info" not in trace.table_names:
         return []
@@ -108,26 +111,37 @@ def _info_columns(trace: Any, samples: pl.DataFrame) -> list[pl.Expr]:
     return found
 
 
-def _epoch_scores(trace: Any) -> pl.DataFrame:
-    per_epoch = trace.sample_epochs()
-    epochs = sorted(per_epoch["epoch"].unique().to_list())
+def _epoch_scores(trace: Trace) -> pl.DataFrame:
+    rollup = trace._rollup()
+    n_layers = trace.layers().height
+    epochs = sorted(rollup["epoch"].unique().to_list())
     late = epochs[-max(1, math.ceil(LATE_FRACTION * len(epochs))) :] if epochs else []
-    n = per_epoch.group_by("epoch", "layer_index").agg(pl.len().alias("_n"))
-    ranked = per_epoch.join(n, on=["epoch", "layer_index"]).with_columns(
-        # importance_rank counts from 0 = most important; turn it into a percentile.
-        (1.0 - pl.col("importance_rank") / pl.max_horizontal(pl.col("_n") - 1, 1)).alias("_pct")
+    # importance_rank of sample_epochs (0 = most important within (epoch, layer), ties by
+    # sample_id) as a percentile, averaged over the sample's (epoch, layer) cells.
+    n = pl.max_horizontal(pl.len().over("epoch") - 1, 1)
+    pct = [
+        (
+            1.0
+            - (pl.col(f"importance_{layer}").rank("ordinal", descending=True).over("epoch") - 1) / n
+        ).alias(f"_pct_{layer}")
+        for layer in range(n_layers)
+    ]
+    late_importance = pl.sum_horizontal(f"importance_{layer}" for layer in range(n_layers))
+    ranked = rollup.select(
+        "sample_id",
+        pl.when(pl.col("epoch").is_in(late)).then(late_importance).otherwise(0.0).alias("_late"),
+        *pct,
     )
     return ranked.group_by("sample_id").agg(
-        pl.col("importance")
-        .filter(pl.col("epoch").is_in(late))
-        .sum()
-        .cast(pl.Float64)
-        .alias("importance_late"),
-        pl.col("_pct").mean().alias("importance_rank"),
+        pl.col("_late").sum().cast(pl.Float64).alias("importance_late"),
+        (
+            pl.sum_horizontal(pl.col(f"_pct_{layer}").sum() for layer in range(n_layers))
+            / (n_layers * pl.len())
+        ).alias("importance_rank"),
     )
 
 
-def score_names(trace: Any) -> list[str]:
+def score_names(trace: Trace) -> list[str]:
     """The scores `score_table(trace)` offers, in its column order."""
     table = score_table(trace)
     return [
@@ -153,7 +167,7 @@ def _budget_count(budget: float, n: int) -> int:
 
 
 def flag(
-    trace: Any, kind: str = "mislabeled", budget: float = 0.1, score: str | None = None
+    trace: Trace, kind: str = "mislabeled", budget: float = 0.1, score: str | None = None
 ) -> pl.DataFrame:
     """Rank samples by how likely they are mislabeled (or redundant) and flag the worst.
 

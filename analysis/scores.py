@@ -1,6 +1,8 @@
-"""Per-sample statistics, computed with Polars from the visits of a trace.
+"""Per-sample statistics: the tables built from the streaming engine's aggregates.
 
-Every function takes eager frames (collected once by the trace) and returns a new frame.
+`analysis/_streaming.py` folds the visits into per-sample aggregates and a per-(sample,
+epoch) rollup; the functions here finish them (shares, ranks, z-scores, correlations,
+groups). Every function takes small eager frames and returns a new frame.
 The definitions are the ones written in docs/analysis.md; tests/analysis checks each against
 hand-computed values.
 """
@@ -14,9 +16,7 @@ __all__ = [
     "correlations",
     "finish_sample_scores",
     "groups",
-    "prepare_visits",
     "sample_epochs",
-    "sample_scores",
 ]
 
 GROUP_NAMES = ("top10", "next10", "rest")
@@ -26,117 +26,12 @@ def _imp(layer: int) -> str:
     return f"importance_{layer}"
 
 
-def prepare_visits(
-    visits: pl.DataFrame, n_layers: int, early_epochs: int, *, layer_grad_sq: bool = False
-) -> pl.DataFrame:
-    """Add per-visit importance per layer and totals; order visits by step (shards interleave).
-
-    Args:
-        visits: the visits table (step, epoch, sample_id, loss, ..., grad_sq, lr_scale).
-        n_layers: the number of layers (the width of grad_sq).
-        early_epochs: how many of the first recorded epochs form the "early" window.
-        layer_grad_sq: also add grad_sq_<layer> columns (sample_epochs needs them).
-    """
-    if not visits["step"].is_sorted():
-        visits = visits.sort("step", maintain_order=True)
-    epochs = visits["epoch"].unique().sort()
-    early = epochs.head(max(early_epochs, 1)).to_list()
-    grad = pl.col("grad_sq").cast(pl.Array(pl.Float64, n_layers))
-    scale_sq = pl.col("lr_scale") * pl.col("lr_scale")
-    per_layer = (
-        [grad.arr.get(layer).alias(f"grad_sq_{layer}") for layer in range(n_layers)]
-        if layer_grad_sq
-        else []
-    )
-    # One select, dropping the array column: this frame is the peak of t.samples()' memory.
-    return visits.select(
-        pl.exclude("grad_sq"),
-        *[(scale_sq * grad.arr.get(layer)).alias(_imp(layer)) for layer in range(n_layers)],
-        *per_layer,
-        grad.arr.sum().alias("grad_sq_total"),
-        pl.col("epoch").is_in(early).alias("early"),
-        (pl.col("epoch") == (early[0] if early else 0)).alias("first_epoch"),
-    ).with_columns(
-        pl.sum_horizontal(_imp(layer) for layer in range(n_layers)).alias("importance"),
-    )
-
-
 def _share(layer: int) -> pl.Expr:
     return (
         pl.when(pl.col("importance") > 0)
         .then(pl.col(_imp(layer)) / pl.col("importance"))
         .alias(f"share_{layer}")
     )
-
-
-def _when_outputs(expr: pl.Expr) -> pl.Expr:
-    """NULL for a sample none of whose visits recorded outputs (visits-free traces)."""
-    return pl.when(pl.col("correct").is_not_null().any()).then(expr)
-
-
-def _visit_aggregates(n_layers: int) -> list[pl.Expr]:
-    early = pl.col("early")
-    return [
-        pl.len().cast(pl.Int64).alias("n_visits"),
-        pl.col("target").last().alias("target"),
-        pl.col("importance").sum().alias("importance"),
-        *[pl.col(_imp(layer)).sum().alias(_imp(layer)) for layer in range(n_layers)],
-        (pl.col("epoch") * pl.col("importance")).sum().alias("_when_num"),
-        pl.col("loss").last().cast(pl.Float64).alias("final_loss"),
-        pl.col("correct").last().alias("final_correct"),
-        # Toneva et al.: a sample never classified correctly gets the maximum count (their
-        # code adds the number of presentations), so it ranks above every forgettable one.
-        _when_outputs(
-            pl.when(pl.col("correct").any())
-            .then((pl.col("correct").shift(1) & ~pl.col("correct")).sum())
-            .otherwise(pl.len())
-        )
-        .cast(pl.Int64)
-        .alias("forgetting_events"),
-        pl.col("margin").cast(pl.Float64).mean().alias("aum"),
-        pl.col("margin")
-        .cast(pl.Float64)
-        .filter(~pl.col("first_epoch"))
-        .mean()
-        .alias("aum_after_first"),
-        pl.col("el2n").cast(pl.Float64).filter(early).mean().alias("el2n"),
-        (1.0 - pl.col("p_target").cast(pl.Float64)).filter(early).mean().alias("el2n_proxy"),
-        pl.col("grad_sq_total").sqrt().filter(early).mean().alias("grand"),
-        (pl.col("lr_scale") * pl.col("grad_sq_total")).sum().alias("tracin_self"),
-        pl.col("input_sq").cast(pl.Float64).mean().alias("input_sq"),
-        pl.col("input_grad_sq").cast(pl.Float64).mean().alias("input_grad_sq"),
-    ]
-
-
-def _cartography(visits: pl.DataFrame) -> pl.DataFrame:
-    """Confidence, variability and correctness over epochs (Swayamdipta et al., 2020)."""
-    per_epoch = visits.group_by("sample_id", "epoch").agg(
-        pl.col("p_target").cast(pl.Float64).mean().alias("p"),
-        pl.col("correct").cast(pl.Float64).mean().alias("c"),
-    )
-    return per_epoch.group_by("sample_id").agg(
-        pl.col("p").mean().alias("confidence"),
-        pl.col("p").std(ddof=0).alias("variability"),
-        pl.col("c").mean().alias("correctness"),
-    )
-
-
-def sample_scores(
-    visits: pl.DataFrame, n_layers: int, sample_info: pl.DataFrame | None = None
-) -> pl.DataFrame:
-    """One row per sample with every score (see docs/analysis.md, table `samples`).
-
-    Args:
-        visits: output of `prepare_visits`.
-        n_layers: number of layers.
-        sample_info: the /sample_info table, left-joined on sample_id, if recorded.
-    """
-    per_sample = (
-        visits.group_by("sample_id")
-        .agg(_visit_aggregates(n_layers))
-        .join(_cartography(visits), on="sample_id", how="left")
-    )
-    return finish_sample_scores(per_sample, n_layers, sample_info)
 
 
 def finish_sample_scores(
@@ -226,25 +121,18 @@ def checkpoint_scores(checkpoints: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def sample_epochs(visits: pl.DataFrame, layers: pl.DataFrame) -> pl.DataFrame:
+def sample_epochs(rollup: pl.DataFrame, layers: pl.DataFrame) -> pl.DataFrame:
     """Long table: one row per (sample, epoch, layer) with within-(epoch, layer) rank and z.
 
     Args:
-        visits: output of `prepare_visits`.
+        rollup: the per-(sample, epoch) rollup of the streaming engine (sample_id, epoch,
+            importance_<l>, grad_sq_<l>), sorted by epoch then sample_id.
         layers: the layers table (layer_index, layer, ...).
     """
     n_layers = layers.height
-    per_epoch = (
-        visits.group_by("sample_id", "epoch")
-        .agg(
-            *[pl.col(_imp(layer)).sum() for layer in range(n_layers)],
-            *[pl.col(f"grad_sq_{layer}").sum() for layer in range(n_layers)],
-        )
-        .sort("epoch", "sample_id")
-    )
     long = pl.concat(
         [
-            per_epoch.select(
+            rollup.select(
                 "sample_id",
                 "epoch",
                 pl.lit(layer, dtype=pl.Int64).alias("layer_index"),
@@ -257,6 +145,7 @@ def sample_epochs(visits: pl.DataFrame, layers: pl.DataFrame) -> pl.DataFrame:
     window = ("epoch", "layer_index")
     std = pl.col("importance").std(ddof=0).over(window)
     long = long.with_columns(
+        # Rows come in sample_id order within a window: ties rank by sample_id.
         (pl.col("importance").rank("ordinal", descending=True).over(window) - 1)
         .cast(pl.Int64)
         .alias("importance_rank"),
@@ -288,27 +177,50 @@ def _spearman(frame: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     )
 
 
-def correlations(per_epoch: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
+def correlations(rollup: pl.DataFrame, samples: pl.DataFrame, layers: pl.DataFrame) -> pl.DataFrame:
     """Spearman(importance, final loss) per epoch and layer; NULL epoch/layer = all of them.
 
     Args:
-        per_epoch: the `sample_epochs` table.
-        samples: the `samples` table (for final_loss and total importance per layer).
+        rollup: the per-(sample, epoch) rollup of the streaming engine.
+        samples: the `samples` table (for final_loss and total importance).
+        layers: the layers table.
     """
-    loss = samples.select("sample_id", "final_loss")
-    frame = per_epoch.join(loss, on="sample_id")
-    by_layer = _spearman(frame, ["epoch", "layer_index"])
+    n_layers = layers.height
+    frame = rollup.select("sample_id", "epoch", *[_imp(layer) for layer in range(n_layers)]).join(
+        samples.select("sample_id", "final_loss"), on="sample_id"
+    )
+    by_layer = pl.concat(
+        [
+            _spearman(
+                frame.select("epoch", pl.col(_imp(layer)).alias("importance"), "final_loss"),
+                ["epoch"],
+            ).with_columns(pl.lit(layer, dtype=pl.Int64).alias("layer_index"))
+            for layer in range(n_layers)
+        ]
+    )
     all_layers = _spearman(
-        frame.group_by("sample_id", "epoch").agg(
-            pl.col("importance").sum(), pl.col("final_loss").first()
+        frame.select(
+            "epoch",
+            pl.sum_horizontal(_imp(layer) for layer in range(n_layers)).alias("importance"),
+            "final_loss",
         ),
         ["epoch"],
     ).with_columns(pl.lit(None, dtype=pl.Int64).alias("layer_index"))
-    overall_layer = _spearman(
-        frame.group_by("sample_id", "layer_index").agg(
-            pl.col("importance").sum(), pl.col("final_loss").first()
-        ),
-        ["layer_index"],
+    per_layer = frame.group_by("sample_id").agg(
+        *[pl.col(_imp(layer)).sum() for layer in range(n_layers)], pl.col("final_loss").first()
+    )
+    overall_layer = pl.concat(
+        [
+            _spearman(
+                per_layer.select(
+                    pl.col(_imp(layer)).alias("importance"),
+                    "final_loss",
+                    pl.lit(layer, dtype=pl.Int64).alias("layer_index"),
+                ),
+                ["layer_index"],
+            )
+            for layer in range(n_layers)
+        ]
     ).with_columns(pl.lit(None, dtype=pl.Int64).alias("epoch"))
     overall = (
         _spearman(
@@ -321,7 +233,7 @@ def correlations(per_epoch: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame
         )
     )
     cols = ["epoch", "layer_index", "n_samples", "spearman"]
-    names = per_epoch.select("layer_index", "layer").unique()
+    names = layers.select("layer_index", "layer")
     return (
         pl.concat([t.select(cols) for t in (by_layer, all_layers, overall_layer, overall)])
         .join(names, on="layer_index", how="left")

@@ -12,6 +12,8 @@ and prints one table with the ratios and the peak resident memory of each proces
 
     python bench/analysis_speed.py            # full size (a few minutes)
     python bench/analysis_speed.py --small    # 6,000 samples × 10 epochs
+    python bench/analysis_speed.py --downstream            # + report, findings, flag, ...
+    python bench/analysis_speed.py --size 40m --downstream # 2M × 20 × 20 layers, 40M visits
 """
 
 from __future__ import annotations
@@ -73,47 +75,26 @@ def _dataset(group: h5py.Group, name: str, data: np.ndarray) -> None:
     )
 
 
-def write_synthetic(path: Path, n_samples: int, n_epochs: int, seed: int = 0) -> int:
-    """Write the synthetic trace; return the uncompressed size of its datasets in bytes."""
+def _append(group: h5py.Group, name: str, data: np.ndarray) -> None:
+    if name not in group:
+        _dataset(group, name, data)
+        return
+    dataset = group[name]
+    start = dataset.shape[0]
+    dataset.resize(start + len(data), axis=0)
+    dataset[start:] = data
+
+
+def write_synthetic(
+    path: Path, n_samples: int, n_epochs: int, n_layers: int = N_LAYERS, seed: int = 0
+) -> int:
+    """Write the synthetic trace one epoch at a time (so 40M visits fit in memory); return
+    the uncompressed size of its datasets in bytes."""
     rng = np.random.default_rng(seed)
     steps_per_epoch = n_samples // BATCH
-    n_steps = steps_per_epoch * n_epochs
-    n_visits = n_steps * BATCH
     difficulty = rng.gamma(2.0, 0.5, n_samples)  # per-sample hardness
     target_of = rng.integers(0, 10, n_samples)
-    sample_id = np.concatenate([rng.permutation(n_samples) for _ in range(n_epochs)])
-    epoch_of_visit = np.repeat(np.arange(n_epochs), n_samples)
-    decay = np.exp(-epoch_of_visit / (0.3 * n_epochs))
-    loss = (difficulty[sample_id] * decay * rng.lognormal(0, 0.3, n_visits)).astype(np.float32)
-    layer_scale = np.array([0.5, 1.0, 2.0, 4.0], dtype=np.float32)
-    grad_sq = (loss[:, None] * layer_scale * rng.lognormal(0, 0.5, (n_visits, N_LAYERS))).astype(
-        np.float32
-    )
-    p_target = np.exp(-loss).astype(np.float32)
-    target = target_of[sample_id]
-    pred = np.where(p_target > 0.4, target, (target + 1) % 10)
-    visits = {
-        "step": np.repeat(np.arange(n_steps), BATCH),
-        "sample_id": sample_id,
-        "loss": loss,
-        "grad_sq": grad_sq,
-        "target": target,
-        "pred": pred,
-        "p_target": p_target,
-        "margin": (np.log(p_target + 1e-6) + 2).astype(np.float32),
-        "input_sq": rng.uniform(50, 150, n_visits).astype(np.float32),
-    }
-    steps = {
-        "step": np.arange(n_steps),
-        "epoch": np.repeat(np.arange(n_epochs), steps_per_epoch),
-        "lr": np.full(n_steps, 0.1),
-        "batch_size": np.full(n_steps, BATCH),
-        "loss_mean": loss.reshape(n_steps, BATCH).mean(axis=1).astype(np.float64),
-        "time": 1.7e9 + np.arange(n_steps, dtype=np.float64),
-        "visit_start": np.arange(n_steps) * BATCH,
-        "n_nonfinite": np.zeros(n_steps, np.int64),
-        "grad_sq": grad_sq.reshape(n_steps, BATCH, N_LAYERS).sum(axis=1) / BATCH**2,
-    }
+    layer_scale = (2.0 ** np.linspace(-1, 2, n_layers)).astype(np.float32)
     size = 0
     with h5py.File(path, "w", libver="latest") as f:
         attrs = {
@@ -136,19 +117,56 @@ def write_synthetic(path: Path, n_samples: int, n_epochs: int, seed: int = 0) ->
         f["status/closed"] = np.array([1], np.int8)
         f["status/n_errors"] = np.array([0], np.int64)
         layers = f.create_group("layers")
-        layers["name"] = np.array([f"layer{i}" for i in range(N_LAYERS)], dtype=object).astype(
-            h5py.string_dtype()
+        strings = h5py.string_dtype()
+        layers["name"] = np.array([f"layer{i}" for i in range(n_layers)], dtype=object).astype(
+            strings
         )
-        layers["kind"] = np.array(["Linear"] * N_LAYERS, dtype=object).astype(h5py.string_dtype())
-        layers["n_params"] = np.array([784 * 256, 256 * 128, 128 * 64, 64 * 10], np.int64)
-        layers["method"] = np.array(["identity"] * N_LAYERS, dtype=object).astype(
-            h5py.string_dtype()
+        layers["kind"] = np.array(["Linear"] * n_layers, dtype=object).astype(strings)
+        widths = [784, *np.linspace(256, 10, n_layers).astype(int).tolist()]
+        layers["n_params"] = np.array(
+            [widths[i] * widths[i + 1] for i in range(n_layers)], np.int64
         )
-        for name, columns in (("steps", steps), ("visits", visits)):
-            group = f.create_group(name)
-            for column, data in columns.items():
-                _dataset(group, column, np.ascontiguousarray(data))
-                size += data.nbytes
+        layers["method"] = np.array(["identity"] * n_layers, dtype=object).astype(strings)
+        steps_group, visits_group = f.create_group("steps"), f.create_group("visits")
+        for epoch in range(n_epochs):
+            n = steps_per_epoch * BATCH
+            first_step = epoch * steps_per_epoch
+            sample_id = rng.permutation(n_samples)[:n]
+            decay = np.exp(-epoch / (0.3 * n_epochs))
+            loss = (difficulty[sample_id] * decay * rng.lognormal(0, 0.3, n)).astype(np.float32)
+            grad_sq = (loss[:, None] * layer_scale * rng.lognormal(0, 0.5, (n, n_layers))).astype(
+                np.float32
+            )
+            p_target = np.exp(-loss).astype(np.float32)
+            target = target_of[sample_id]
+            pred = np.where(p_target > 0.4, target, (target + 1) % 10)
+            step = np.arange(first_step, first_step + steps_per_epoch)
+            visits = {
+                "step": np.repeat(step, BATCH),
+                "sample_id": sample_id,
+                "loss": loss,
+                "grad_sq": grad_sq,
+                "target": target,
+                "pred": pred,
+                "p_target": p_target,
+                "margin": (np.log(p_target + 1e-6) + 2).astype(np.float32),
+                "input_sq": rng.uniform(50, 150, n).astype(np.float32),
+            }
+            steps = {
+                "step": step,
+                "epoch": np.full(steps_per_epoch, epoch),
+                "lr": np.full(steps_per_epoch, 0.1),
+                "batch_size": np.full(steps_per_epoch, BATCH),
+                "loss_mean": loss.reshape(steps_per_epoch, BATCH).mean(axis=1).astype(np.float64),
+                "time": 1.7e9 + step.astype(np.float64),
+                "visit_start": step * BATCH,
+                "n_nonfinite": np.zeros(steps_per_epoch, np.int64),
+                "grad_sq": grad_sq.reshape(steps_per_epoch, BATCH, n_layers).sum(axis=1) / BATCH**2,
+            }
+            for group, columns in ((steps_group, steps), (visits_group, visits)):
+                for column, data in columns.items():
+                    _append(group, column, np.ascontiguousarray(data))
+                    size += data.nbytes
     return size
 
 
@@ -243,7 +261,52 @@ def write_parquet(trace: Path, folder: Path) -> None:
             ).fetchall()
 
 
+# The commands built on the per-sample tables, each timed in a fresh process (its peak
+# memory is its own): what `samplescope report`, `findings`, `flag`, `compare` run.
+def _downstream(trace: Path, step: str) -> None:
+    from samplescope.analysis import compare_traces, open_trace
+    from samplescope.analysis.findings import findings
+    from samplescope.analysis.flags import flag
+    from samplescope.reports import render_report
+
+    if step == "compare":
+        compare_traces([trace, trace])
+        return
+    if step == "report":
+        render_report(trace, trace.with_suffix(".pdf"), progress=False)
+        return
+    with open_trace(trace) as t:
+        {
+            "samples": t.samples,
+            "sample_epochs": t.sample_epochs,
+            "correlations": t.correlations,
+            "groups": t.groups,
+            "clusters": t.clusters,
+            "flag": lambda: flag(t),
+            "findings": lambda: findings(t, n_boot=200),
+        }[step]()
+
+
+DOWNSTREAM = (
+    "samples",
+    "sample_epochs",
+    "correlations",
+    "clusters",
+    "flag",
+    "findings",
+    "compare",
+    "report",
+)
+
+
 def _child(args: argparse.Namespace) -> None:
+    if args.child == "downstream":
+        base = _import_all()
+        start = time.perf_counter()
+        _downstream(Path(args.trace), args.step)
+        seconds = time.perf_counter() - start
+        print(json.dumps({"seconds": seconds, "peak_mb": _peak_mb(), "base_mb": base}))
+        return
     runner = run_samplescope if args.child == "samplescope" else run_parquet
     target = Path(args.trace) if args.child == "samplescope" else Path(args.folder)
     base = _import_all()
@@ -254,13 +317,43 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps(results))
 
 
+def _run_child(*argv: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *argv], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+SIZES = {
+    "small": (6_000, 10, N_LAYERS),
+    "paper": (60_000, 50, N_LAYERS),  # 3M visits
+    "40m": (2_000_000, 20, 20),  # 40M visits, ~3.3 GB: run it on a machine with room
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="6,000 samples × 10 epochs")
+    parser.add_argument("--size", choices=list(SIZES), default=None, help="a preset size")
     parser.add_argument("--samples", type=int, default=None, help="number of samples")
     parser.add_argument("--epochs", type=int, default=None, help="number of epochs")
+    parser.add_argument("--layers", type=int, default=None, help="number of layers")
     parser.add_argument("--keep", type=Path, default=None, help="folder to keep the files in")
-    parser.add_argument("--child", choices=["samplescope", "parquet"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--downstream",
+        action="store_true",
+        help="also time each command built on the per-sample tables (report, findings, "
+        "flag, compare, clusters, ...) in its own process, with its peak memory",
+    )
+    parser.add_argument(
+        "--no-parquet",
+        action="store_true",
+        help="skip the side-by-side DuckDB-on-Parquet run (implied for more than 4 layers)",
+    )
+    parser.add_argument(
+        "--child", choices=["samplescope", "parquet", "downstream"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--trace", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--late", type=int, default=45, help=argparse.SUPPRESS)
@@ -268,30 +361,31 @@ def main() -> None:
     if args.child:
         _child(args)
         return
-    n_samples, n_epochs = (6_000, 10) if args.small else (60_000, 50)
+    size = args.size or ("small" if args.small else "paper")
+    n_samples, n_epochs, n_layers = SIZES[size]
     n_samples, n_epochs = args.samples or n_samples, args.epochs or n_epochs
+    n_layers = args.layers or n_layers
     late = n_epochs - n_epochs // 10
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         trace = folder / "synthetic.h5"
         start = time.perf_counter()
-        raw = write_synthetic(trace, n_samples, n_epochs)
+        raw = write_synthetic(trace, n_samples, n_epochs, n_layers)
         print(
-            f"wrote {trace.name}: {n_samples:,} samples × {n_epochs} epochs × {N_LAYERS} "
+            f"wrote {trace.name}: {n_samples:,} samples × {n_epochs} epochs × {n_layers} "
             f"layers, {n_samples * n_epochs:,} visits, {trace.stat().st_size / 1e6:.0f} MB "
             f"on disk, {raw / 1e6:.0f} MB uncompressed "
-            f"({time.perf_counter() - start:.1f} s)"
+            f"({time.perf_counter() - start:.1f} s)",
+            flush=True,
         )
-        write_parquet(trace, folder)
-        parquet_mb = sum(p.stat().st_size for p in folder.glob("*.parquet")) / 1e6
-        print(f"wrote the Parquet copy: {parquet_mb:.0f} MB")
-        runs = {}
-        for child in ("samplescope", "parquet"):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
+        if not args.no_parquet and n_layers == N_LAYERS:
+            write_parquet(trace, folder)
+            parquet_mb = sum(p.stat().st_size for p in folder.glob("*.parquet")) / 1e6
+            print(f"wrote the Parquet copy: {parquet_mb:.0f} MB", flush=True)
+            runs = {}
+            for child in ("samplescope", "parquet"):
+                runs[child] = _run_child(
                     "--child",
                     child,
                     "--trace",
@@ -300,13 +394,18 @@ def main() -> None:
                     str(folder),
                     "--late",
                     str(late),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            runs[child] = json.loads(out.strip().splitlines()[-1])
-    _print_table(runs, raw)
+                )
+            _print_table(runs, raw)
+        if args.downstream:
+            print(f"{'command (fresh process)':<30} {'seconds':>9} {'peak MB':>9}")
+            for step in DOWNSTREAM:
+                row = _run_child("--child", "downstream", "--step", step, "--trace", str(trace))
+                print(
+                    f"{step:<30} {row['seconds']:>9.2f} {row['peak_mb']:>9.0f}  "
+                    f"(imports {row['base_mb']:.0f} MB)",
+                    flush=True,
+                )
+            print("peak MB = the process's peak resident memory (VmHWM), imports included")
 
 
 def _print_table(runs: dict[str, dict[str, dict[str, float]]], raw: int) -> None:

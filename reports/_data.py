@@ -15,6 +15,7 @@ epoch is 1), as a person reads them and as the findings' sentences state them.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,10 +25,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from samplescope.analysis import Trace
+
 __all__ = [
     "EPOCH_BASE",
     "ReportData",
     "ReportPlan",
+    "TraceOrPath",
     "average_precision",
     "pct_rank",
     "precision_recall",
@@ -38,6 +42,8 @@ __all__ = [
 MAX_HEATMAP_ROWS = 200
 # Added to the trace's 0-based epoch numbers in everything a person reads.
 EPOCH_BASE = 1
+# An open trace, or what `open_trace` takes.
+TraceOrPath = Trace | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 
 @dataclass(frozen=True)
@@ -65,14 +71,14 @@ class ReportData:
     """
 
     def __init__(
-        self, trace: Any, path: str | Path | None = None, plan: ReportPlan | None = None
+        self, trace: Trace, path: str | Path | None = None, plan: ReportPlan | None = None
     ) -> None:
         self._trace = trace
         self._path = None if path is None else Path(path)
         self._plan = plan or ReportPlan()
 
     @property
-    def trace(self) -> Any:
+    def trace(self) -> Trace:
         """The open trace (sections that call the analysis layer directly, e.g. findings)."""
         return self._trace
 

@@ -10,16 +10,15 @@ fig.savefig("heatmaps.png")
 
 from __future__ import annotations
 
-from typing import Any
-
 from matplotlib.figure import Figure
 
+from samplescope.reports._data import TraceOrPath
 from samplescope.reports.render import open_report_data, plan_report, select_sections
 
 __all__ = ["section_figure", "section_figures"]
 
 
-def section_figures(trace_or_path: Any, section: str) -> list[Figure]:
+def section_figures(trace_or_path: TraceOrPath, section: str) -> list[Figure]:
     """Every page of one report section (an id of `SECTIONS`, e.g. ``"candidates"``).
 
     Args:
@@ -44,7 +43,7 @@ def section_figures(trace_or_path: Any, section: str) -> list[Figure]:
             data.trace.close()
 
 
-def section_figure(trace_or_path: Any, section: str, page: int = 0) -> Figure:
+def section_figure(trace_or_path: TraceOrPath, section: str, page: int = 0) -> Figure:
     """One page (the first by default) of a report section as a matplotlib figure.
 
     Raises:

@@ -10,6 +10,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from samplescope.analysis import Trace
 from samplescope.errors import SamplescopeError
 from samplescope.reports._data import ReportData
 from samplescope.reports._page import add_caption, new_page, note
@@ -25,7 +26,7 @@ _CONTROLS = (
 )
 
 
-def run_findings(trace: Any) -> tuple[list[Any], list[str]]:
+def run_findings(trace: Trace) -> tuple[list[Any], list[str]]:
     """(findings, headline sentences) of an open trace (`ReportData.findings`)."""
     return ReportData(trace).findings
 

@@ -6,7 +6,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.backends.backend_pdf import PdfPages
@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from samplescope._paths import atomic_output, ensure_writable_dir, same_file
-from samplescope.analysis import open_trace
+from samplescope.analysis import Trace, open_trace
 from samplescope.reports import (
     alignment,
     candidates,
@@ -29,7 +29,7 @@ from samplescope.reports import (
     summary,
     valeffect,
 )
-from samplescope.reports._data import ReportData, ReportPlan
+from samplescope.reports._data import ReportData, ReportPlan, TraceOrPath
 from samplescope.reports._section import Section
 from samplescope.reports._text import escape_math
 from samplescope.reports.errors import ReportError, ReportOutputError, UnknownSectionError
@@ -79,7 +79,7 @@ def select_sections(pages: str | Sequence[str] | None) -> list[Section]:
 
 
 def render_report(
-    trace_or_path: Any,
+    trace_or_path: TraceOrPath,
     out: str | os.PathLike[str],
     *,
     pages: str | Sequence[str] | None = None,
@@ -187,16 +187,16 @@ def plan_report(
     return chosen, plan
 
 
-def open_report_data(trace_or_path: Any) -> tuple[ReportData, bool]:
+def open_report_data(trace_or_path: TraceOrPath) -> tuple[ReportData, bool]:
     """`ReportData` of a trace or a path, and whether the caller must close its trace."""
     return _open(trace_or_path), not _is_trace(trace_or_path)
 
 
-def _is_trace(value: Any) -> bool:
+def _is_trace(value: object) -> TypeGuard[Trace]:
     return hasattr(value, "samples") and hasattr(value, "sql")
 
 
-def _open(trace_or_path: Any) -> ReportData:
+def _open(trace_or_path: TraceOrPath) -> ReportData:
     if _is_trace(trace_or_path):
         paths = trace_or_path.meta.get("paths") or [None]
         return ReportData(trace_or_path, paths[0])

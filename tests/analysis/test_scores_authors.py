@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from polars_oracle import sample_scores
 from tracefiles import write_trace
 
 from samplescope.analysis import open_trace
-from samplescope.analysis import scores as score_defs
 
 # 3 samples x 3 epochs, one step of 3 per epoch. Correct at each visit:
 #   s0: no, no, no     (never learned -> max count, its 3 visits)
@@ -56,9 +56,7 @@ def _write(path: Path, *, el2n: bool) -> Path:
 def _both_paths(path: Path, early_epochs: int = 1) -> list[pl.DataFrame]:
     with open_trace(path) as trace:
         streamed = trace.samples(early_epochs=early_epochs).sort("sample_id")
-        in_memory = score_defs.sample_scores(
-            trace._prepared_visits(early_epochs), trace.layers().height
-        ).sort("sample_id")
+        in_memory = sample_scores(trace, early_epochs).sort("sample_id")
     return [streamed, in_memory]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import signal
 import sys
@@ -52,7 +51,6 @@ from samplescope.recorder.writer import TraceWriteError, TraceWriter
 
 __all__ = ["ROOT_LAYER", "OnError", "Recorder", "RecorderError"]
 
-logger = logging.getLogger(__name__)
 
 # The layer name of parameters the model itself owns (a ViT's cls_token, pos_embed):
 # `named_modules()` calls the root "", which reads as nothing in a table or an error.

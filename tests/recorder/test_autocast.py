@@ -76,8 +76,13 @@ def test_norms_under_autocast(
         assert result.error is None, (name, result.error)
         assert result.grad_sq.dtype == torch.float32, name
         got = result.grad_sq / s2
-        assert _relative(got, sq_norms(autocast_oracle[name])) < tol_autocast, name
-        assert _relative(got, sq_norms(float32_oracle[name])) < tol_float32, name
+        low, exact = sq_norms(autocast_oracle[name]), sq_norms(float32_oracle[name])
+        # The batch-of-one autocast oracle is itself low precision: its rounding depends on
+        # the thread count (1 thread: 4.7 % off the float32 truth at norm2, bfloat16), while
+        # the recorder's batch result does not. So it may be as far from that oracle as the
+        # oracle is from the truth, plus the tolerance; against the truth the bound is strict.
+        assert _relative(got, low) < tol_autocast + _relative(low, exact), name
+        assert _relative(got, exact) < tol_float32, name
 
 
 def test_recorded_training_under_bf16_autocast(tmp_path: Path) -> None:

@@ -29,7 +29,6 @@ from test_layers_support import (
 )
 from torch import Tensor, nn
 
-from samplescope.recorder.layers import conv as conv_rule
 from samplescope.recorder.layers.conv import CONV_METHODS, ConvNorms, conv_weight_sq
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -178,19 +177,6 @@ def test_conv_cached_choice_computes_with_that_method(method: str) -> None:
     ((key, _),) = norms.choice.items()
     norms.choice[key] = method
     assert_close(norms(conv, x, d)["weight"], per_sample_weight_sq(conv, x, d))
-
-
-def test_conv_too_large_for_every_method_takes_the_smallest(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    conv, x = CONV_EXAMPLES[2].build()
-    d = torch.randn_like(conv(x))
-    monkeypatch.setattr(conv_rule, "_MAX_ELEMENTS", 0)
-    norms = ConvNorms()
-    got = norms(conv, x, d)["weight"]
-    sizes = conv_rule._footprint(conv, conv_rule.pad_input(conv, x), d)
-    assert list(norms.choice.values()) == [min(sizes, key=sizes.__getitem__)]
-    assert_close(got, per_sample_weight_sq(conv, x, d))
 
 
 def test_conv_choice_is_logged(caplog: pytest.LogCaptureFixture) -> None:

@@ -23,7 +23,7 @@ from samplescope.analysis._importance import sql_expr
 from samplescope.analysis._sql import check_statements, query_names, sandboxed_connection
 from samplescope.analysis.errors import QueryError
 
-__all__ = ["Session", "one_line", "to_polars"]
+__all__ = ["Session", "collect", "one_line", "run_query", "to_polars"]
 
 # importance column -> the per-visit source columns it is computed from. The source is an
 # internal Arrow table (`_IMPORTANCE_SOURCE`) with one float32 column per layer (grad_sq_<l>,
@@ -142,14 +142,7 @@ class Session:
         """
         check_statements(query, self.con)
         self.prepare(query)
-        try:
-            relation = self.con.sql(query, params=params)
-        except duckdb.Error as exc:
-            raise QueryError(f"SQL error: {one_line(exc)}") from None
-        if relation is None:
-            msg = "the statement returned no result; give a query such as SELECT ..."
-            raise QueryError(msg)
-        return relation
+        return run_query(self.con, query, params)
 
     def query(
         self,
@@ -161,11 +154,7 @@ class Session:
         Raises:
             QueryError: as `sql`, and errors raised while the query executes.
         """
-        relation = self.sql(query, params)
-        try:
-            return to_polars(relation)
-        except (duckdb.Error, pl.exceptions.PolarsError) as exc:
-            raise QueryError(f"SQL error: {one_line(exc)}") from None
+        return collect(self.sql(query, params))
 
     def prepare(self, query: str) -> None:
         names = query_names(query, set(self._table_names()), self.con)
@@ -407,3 +396,28 @@ def _int_type(parts: list[np.ndarray]) -> str:
         if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
             return name
     return "BIGINT"
+
+
+def run_query(
+    con: duckdb.DuckDBPyConnection,
+    query: str,
+    params: Sequence[Any] | dict[str, Any] | None = None,
+) -> duckdb.DuckDBPyRelation:
+    """``con.sql(query)`` with DuckDB's errors as one-line `QueryError`s; a statement
+    without a result (the sandbox lets none through, but say so) is refused."""
+    try:
+        relation = con.sql(query, params=params)
+    except duckdb.Error as exc:
+        raise QueryError(f"SQL error: {one_line(exc)}") from None
+    if relation is None:
+        msg = "the statement returned no result; give a query such as SELECT ..."
+        raise QueryError(msg)
+    return relation
+
+
+def collect(relation: duckdb.DuckDBPyRelation) -> pl.DataFrame:
+    """The whole result as a Polars frame, errors raised while it executes as `QueryError`."""
+    try:
+        return to_polars(relation)
+    except (duckdb.Error, pl.exceptions.PolarsError) as exc:
+        raise QueryError(f"SQL error: {one_line(exc)}") from None

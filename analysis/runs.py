@@ -20,9 +20,9 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from samplescope.analysis._duckdb import one_line, to_polars
+from samplescope.analysis._duckdb import collect, run_query
 from samplescope.analysis._sql import check_statements, query_names, sandboxed_connection
-from samplescope.analysis.errors import QueryError, TraceError
+from samplescope.analysis.errors import TraceError
 from samplescope.analysis.trace import Trace, TraceSource
 
 __all__ = ["Runs", "open_runs"]
@@ -128,14 +128,7 @@ class Runs:
             self._con.execute(
                 f"CREATE OR REPLACE VIEW {table} AS {' UNION ALL BY NAME '.join(parts)}"
             ).fetchall()
-        try:
-            relation = self._con.sql(query, params=params)
-        except duckdb.Error as exc:
-            raise QueryError(f"SQL error: {one_line(exc)}") from None
-        if relation is None:
-            msg = "the statement returned no result; give a query such as SELECT ..."
-            raise QueryError(msg)
-        return relation
+        return run_query(self._con, query, params)
 
     def query(
         self,
@@ -147,8 +140,4 @@ class Runs:
         Raises:
             QueryError: as `Trace.query`.
         """
-        relation = self.sql(query, params)
-        try:
-            return to_polars(relation)
-        except (duckdb.Error, pl.exceptions.PolarsError) as exc:
-            raise QueryError(f"SQL error: {one_line(exc)}") from None
+        return collect(self.sql(query, params))

@@ -10,7 +10,7 @@ import polars as pl
 
 from samplescope.experiments.config import ExperimentError, RunConfig
 from samplescope.experiments.data import Dataset
-from samplescope.experiments.train import train_run
+from samplescope.experiments.train import early_checkpoint, train_run
 
 __all__ = ["ExperimentError", "mean_std", "reference_run", "reference_scores"]
 
@@ -35,6 +35,7 @@ def reference_run(
         overwrite=True,
         progress=False,
         recorder_options=recorder_options,
+        checkpoint_epochs=early_checkpoint(config.epochs),
     )
     return data, ids, reference_scores(reference, ids)
 

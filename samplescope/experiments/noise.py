@@ -18,7 +18,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from samplescope.experiments.config import ExperimentError, RunConfig
-from samplescope.experiments.train import train_run
+from samplescope.experiments.train import early_checkpoint, train_run
 
 __all__ = ["flip_labels", "run_noise"]
 
@@ -83,6 +83,7 @@ def run_noise(
                 overwrite=True,
                 progress=False,
                 recorder_options=recorder_options,
+                checkpoint_epochs=early_checkpoint(config.epochs),
             )
             with open_trace(path) as trace:
                 table = score_table(trace)

@@ -43,6 +43,8 @@ DEFAULT_PRUNE_SCORES = (
     "confidence",
     "el2n",
     "grand",
+    "el2n_ckpt",
+    "grand_ckpt",
     "tracin_self",
 )
 _KNOWN = (
@@ -59,6 +61,8 @@ _KNOWN = (
     "tracin_self",
     "val_effect",
     "val_helpful",
+    "el2n_ckpt",
+    "grand_ckpt",
 )
 
 

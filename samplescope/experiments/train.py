@@ -21,7 +21,16 @@ from samplescope.experiments.data import Dataset, load_dataset
 from samplescope.experiments.models import make_model
 from samplescope.recorder import Recorder
 
-__all__ = ["PRESETS", "BatchPlan", "RunConfig", "RunResult", "TrainHook", "evaluate", "train_run"]
+__all__ = [
+    "PRESETS",
+    "BatchPlan",
+    "RunConfig",
+    "RunResult",
+    "TrainHook",
+    "early_checkpoint",
+    "evaluate",
+    "train_run",
+]
 
 # Batches for one epoch: index arrays into the training set, drawn as the loop asks for
 # them (an online sampler picks each batch after the previous step's feedback).
@@ -54,6 +63,12 @@ class RunResult:
     train_accuracy: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    def log(self, train_accuracy: float, test_loss: float, test_accuracy: float) -> None:
+        """One epoch's accuracies and test loss."""
+        self.train_accuracy.append(train_accuracy)
+        self.test_loss.append(test_loss)
+        self.test_accuracy.append(test_accuracy)
+
 
 def train_run(
     config: RunConfig,
@@ -72,6 +87,7 @@ def train_run(
     recorder_options: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     hooks: Sequence[TrainHook] = (),
+    checkpoint_epochs: Sequence[int] = (),
 ) -> RunResult:
     """Train ``config`` with plain SGD, recording every sample at every step to ``out``.
 
@@ -92,6 +108,9 @@ def train_run(
         progress: show a progress bar over the run's batches (epoch, test accuracy).
         device: where the model and data live, e.g. ``"cuda"``; the trace is the same.
         hooks: `TrainHook`s called around the loop and after every step.
+        checkpoint_epochs: after these epochs (0-based) score every training sample at the
+            current parameters (`Recorder.score_checkpoint`: Data Diet's EL2N and GraNd);
+            needs ``out``.
     """
     if data is None:
         where = config.data_dir if data_dir is None else data_dir
@@ -117,6 +136,7 @@ def train_run(
         raise SamplescopeError(msg)
     plan = batch_plan or _shuffled(ids, config.batch_size)
     result = RunResult(None if out is None else Path(out), config)
+    options = _recorder_options(recorder_options, out, checkpoint_epochs)
     recorder = None
     if out is not None:
         recorder = Recorder(
@@ -128,7 +148,7 @@ def train_run(
             thumbnails=thumbnails,
             sample_info=sample_info,
             overwrite=overwrite,
-            **(recorder_options or {}),
+            **options,
         )
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -145,16 +165,15 @@ def train_run(
             correct = seen = 0
             for batch in plan(epoch, rng):
                 index = torch.as_tensor(batch, dtype=torch.int64)
-                right = _step(model, optimizer, recorder, config.reduction, index, x, y, hooks)
-                correct += right
+                correct += _step(model, optimizer, recorder, config.reduction, index, x, y, hooks)
                 seen += len(index)
                 bar.update(1)
             test_loss, test_acc = evaluate(model, x_test, y_test)
-            result.train_accuracy.append(correct / max(seen, 1))
-            result.test_loss.append(test_loss)
-            result.test_accuracy.append(test_acc)
+            result.log(correct / max(seen, 1), test_loss, test_acc)
             if recorder is not None:
                 recorder.log_eval("test", loss=test_loss, accuracy=test_acc)
+                if epoch in checkpoint_epochs:
+                    recorder.score_checkpoint(_in_order(ids, x, y, 1000), _checkpoint_loss)
             bar.set_postfix(
                 epoch=f"{epoch + 1}/{config.epochs}",
                 test_acc=f"{test_acc:.3f}",
@@ -229,6 +248,35 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
         correct += int((logits.argmax(1) == target).sum())
     model.train(was_training)
     return total_loss / max(len(x), 1), correct / max(len(x), 1)
+
+
+def _recorder_options(
+    options: dict[str, Any] | None, out: str | Path | None, checkpoint_epochs: Sequence[int]
+) -> dict[str, Any]:
+    if not checkpoint_epochs:
+        return dict(options or {})
+    if out is None:
+        msg = "checkpoint_epochs needs a trace to write the checkpoint scores to"
+        raise SamplescopeError(msg)
+    return {**(options or {}), "checkpoints": True}
+
+
+def _in_order(ids: np.ndarray, x: Tensor, y: Tensor, batch_size: int) -> Iterable[Any]:
+    """The training samples in id order, unshuffled, as Data Diet scores them."""
+    for start in range(0, len(ids), batch_size):
+        index = torch.as_tensor(ids[start : start + batch_size], dtype=torch.int64)
+        yield x[index.to(x.device)], y[index.to(y.device)], index
+
+
+def _checkpoint_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    logits = model(x)
+    return F.cross_entropy(logits, y, reduction="none"), logits
+
+
+def early_checkpoint(epochs: int) -> tuple[int, ...]:
+    """The epoch after which experiments score Data Diet's checkpoint: a tenth of the way
+    through training (Paul et al. score EL2N at epoch 20 of 200), at least one epoch in."""
+    return (max(1, round(epochs / 10)) - 1,)
 
 
 def _shuffled(ids: np.ndarray, batch_size: int) -> BatchPlan:

@@ -29,8 +29,8 @@ from samplescope.experiments.config import RunConfig
 from samplescope.experiments.noise import run_noise
 from samplescope.experiments.prune import run_prune
 
-NOISE_SCORES = ("val_effect", "aum", "confidence", "final_loss", "importance", "el2n")
-PRUNE_SCORES = ("random", "el2n", "importance", "val_helpful", "val_effect")
+NOISE_SCORES = ("val_effect", "aum", "confidence", "final_loss", "importance", "el2n", "el2n_ckpt")
+PRUNE_SCORES = ("random", "el2n", "el2n_ckpt", "importance", "val_helpful", "val_effect")
 
 
 def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:

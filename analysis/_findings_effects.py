@@ -30,7 +30,7 @@ class Features:
     ranks: np.ndarray  # [S, L]: rank of total importance per layer
     loss_rank: np.ndarray  # [S]
     input_rank: np.ndarray | None  # [S]
-    epoch_ranks: np.ndarray  # [S, L, E]
+    epoch_ranks: np.ndarray  # [S, L, E], float32 below 2**23 samples (exact)
     known: np.ndarray  # [S] bool: difficulty known
 
 
@@ -59,10 +59,14 @@ def features(data: RunData) -> Features:
         timed = np.concatenate([timed, (normed.sum(axis=1) * mean_epoch)[:, None]], axis=1)
     known = ~np.isnan(data.final_loss)
     loss = np.where(known, data.final_loss, 0.0)
-    epoch_ranks = np.stack(
-        [np.stack([_rank(data.imp[:, i, e]) for e in range(n_epochs)], 1) for i in range(n_layers)],
-        1,
-    )
+    # Filled in place (not stacked from a list, which holds the ranks twice). float32 holds
+    # every rank exactly (integers and halves below 2**23) at half the memory; the
+    # correlations widen them back to float64 a few epochs at a time (`_epoch_corr`).
+    exact = np.float32 if s < 2**23 else np.float64
+    epoch_ranks = np.empty((s, n_layers, n_epochs), dtype=exact)
+    for i in range(n_layers):
+        for e in range(n_epochs):
+            epoch_ranks[:, i, e] = _rank(data.imp[:, i, e])
     return Features(
         data=data,
         imp=data.imp.reshape(s, n_layers * n_epochs),
@@ -77,8 +81,8 @@ def features(data: RunData) -> Features:
 
 
 # Epochs whose rank columns share one pass over the replicate weights (see `_corr_sums`):
-# 8 epochs of a 4-layer, 60k-sample run make a 46 MB product matrix.
-_EPOCHS_PER_PASS = 8
+# 4 epochs of a 4-layer, 60k-sample run make a 23 MB product matrix.
+_EPOCHS_PER_PASS = 4
 
 
 def _corr_sums(w: np.ndarray, x: np.ndarray, y: np.ndarray, width: int = 0) -> np.ndarray:
@@ -91,11 +95,15 @@ def _corr_sums(w: np.ndarray, x: np.ndarray, y: np.ndarray, width: int = 0) -> n
     """
     width = width or x.shape[1]
     # Centred first: moments from sums lose every digit to cancellation otherwise.
-    x = x - x.mean(axis=0)
-    y = y - y.mean()
     k = x.shape[1]
+    y = y - y.mean()
+    # [x, x², x·y] side by side, written in place: one product with w gives all three.
+    columns = np.empty((len(x), 3 * k))
+    x = np.subtract(x, x.mean(axis=0), out=columns[:, :k])
+    x_sq = np.multiply(x, x, out=columns[:, k : 2 * k])
+    np.multiply(x, y[:, None], out=columns[:, 2 * k :])
     sw = w.sum(axis=1, keepdims=True)
-    moments = w @ np.concatenate([x, x * x, x * y[:, None]], axis=1)
+    moments = w @ columns
     mx = moments[:, :k] / sw
     my = (w @ y)[:, None] / sw
     vx = moments[:, k : 2 * k] / sw - mx * mx
@@ -103,8 +111,8 @@ def _corr_sums(w: np.ndarray, x: np.ndarray, y: np.ndarray, width: int = 0) -> n
     cov = moments[:, 2 * k :] / sw - mx * my
     # A column constant within a replicate has no correlation (NaN), not a rounding error's.
     yy = float((y * y).mean())
-    x_sq = (x * x).reshape(len(x), k // width, width)
-    tiny = 1e-9 * np.maximum(x_sq.mean(axis=(0, 2)), max(yy, 1e-300))
+    x_sq_mean = x_sq.reshape(len(x), k // width, width).mean(axis=(0, 2))
+    tiny = 1e-9 * np.maximum(x_sq_mean, max(yy, 1e-300))
     tiny = np.repeat(tiny, width)[None, :]
     with np.errstate(all="ignore"):
         r = np.where((vx > tiny) & (vy > tiny), cov / np.sqrt(vx * vy), np.nan)
@@ -117,7 +125,8 @@ def _epoch_corr(w: np.ndarray, f: Features) -> np.ndarray:
     parts = []
     for start in range(0, n_epochs, _EPOCHS_PER_PASS):
         part = f.epoch_ranks[:, :, start : start + _EPOCHS_PER_PASS]
-        columns = part.transpose(0, 2, 1).reshape(s, -1)  # epoch-major: one group per epoch
+        # Epoch-major, one group per epoch; float64 as the ranks were computed.
+        columns = part.transpose(0, 2, 1).reshape(s, -1).astype(np.float64)
         r = _corr_sums(w, columns, f.loss_rank, n_layers)
         parts.append(r.reshape(len(w), part.shape[2], n_layers).transpose(0, 2, 1))
     return np.concatenate(parts, axis=2)
@@ -132,6 +141,7 @@ def sums(f: Features) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     imp = {g: f.imp[m] for g, m in rows.items()}
     timed = {g: f.timed[m] for g, m in rows.items()}
     normed = None if f.normed is None else {g: f.normed[m] for g, m in rows.items()}
+    all_known = bool(f.known.all())
 
     def weighted(w: np.ndarray) -> dict[str, np.ndarray]:
         r = w.shape[0]
@@ -150,7 +160,7 @@ def sums(f: Features) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
                 "hard_n0": part["hard"] @ normed["hard"],
                 "all_n0": w @ f.normed,
             }
-        wk = w * f.known
+        wk = w if all_known else w * f.known  # no copy of the weights in the usual case
         out["rho"] = _corr_sums(wk, f.ranks, f.loss_rank)
         out["rho_epoch"] = _epoch_corr(wk, f)
         if f.input_rank is not None:

@@ -45,6 +45,7 @@ MIN_LOSS_DROP = 0.8
 CHANCE_MULTIPLE = 1.5
 # An epoch with fewer visits than this fraction of the typical epoch is partial.
 FULL_EPOCH = 0.9
+_SLICE_ROWS = 1 << 18
 
 
 class FindingsError(SamplescopeError):
@@ -133,14 +134,17 @@ def gather(trace: Trace, difficulty: pl.DataFrame | None = None, source: str = "
     n_layers = layers.height
     rollup = trace._rollup()
     ids = streamed.per_sample["sample_id"].to_numpy()
-    epochs, e_idx = np.unique(rollup["epoch"].to_numpy(), return_inverse=True)
-    s_idx = np.searchsorted(ids, rollup["sample_id"].to_numpy())
+    epochs = rollup["epoch"].unique().sort().to_numpy()
     n, n_epochs = len(ids), len(epochs)
     imp = np.zeros((n, n_layers, n_epochs))
-    for layer in range(n_layers):
-        imp[s_idx, layer, e_idx] = rollup[f"importance_{layer}"].to_numpy()
     counts = np.zeros((n, n_epochs), dtype=np.int64)
-    counts[s_idx, e_idx] = rollup["n_visits"].to_numpy()
+    # Slice by slice (views of the rollup): no whole-rollup index or column copies.
+    for part in rollup.iter_slices(_SLICE_ROWS):
+        s_idx = np.searchsorted(ids, part["sample_id"].to_numpy())
+        e_idx = np.searchsorted(epochs, part["epoch"].to_numpy())
+        for layer in range(n_layers):
+            imp[s_idx, layer, e_idx] = part[f"importance_{layer}"].to_numpy()
+        counts[s_idx, e_idx] = part["n_visits"].to_numpy()
     period = streamed.period
     assert period is not None
     input_sq = None

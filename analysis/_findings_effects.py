@@ -30,7 +30,7 @@ class Features:
     ranks: np.ndarray  # [S, L]: rank of total importance per layer
     loss_rank: np.ndarray  # [S]
     input_rank: np.ndarray | None  # [S]
-    epoch_ranks: np.ndarray  # [S, L, E]
+    epoch_ranks: np.ndarray  # [S, L, E], float32 below 2**23 samples (exact)
     known: np.ndarray  # [S] bool: difficulty known
 
 
@@ -59,10 +59,14 @@ def features(data: RunData) -> Features:
         timed = np.concatenate([timed, (normed.sum(axis=1) * mean_epoch)[:, None]], axis=1)
     known = ~np.isnan(data.final_loss)
     loss = np.where(known, data.final_loss, 0.0)
-    epoch_ranks = np.stack(
-        [np.stack([_rank(data.imp[:, i, e]) for e in range(n_epochs)], 1) for i in range(n_layers)],
-        1,
-    )
+    # Filled in place (not stacked from a list, which holds the ranks twice). float32 holds
+    # every rank exactly (integers and halves below 2**23) at half the memory; the
+    # correlations widen them back to float64 a few epochs at a time (`_epoch_corr`).
+    exact = np.float32 if s < 2**23 else np.float64
+    epoch_ranks = np.empty((s, n_layers, n_epochs), dtype=exact)
+    for i in range(n_layers):
+        for e in range(n_epochs):
+            epoch_ranks[:, i, e] = _rank(data.imp[:, i, e])
     return Features(
         data=data,
         imp=data.imp.reshape(s, n_layers * n_epochs),
@@ -76,49 +80,89 @@ def features(data: RunData) -> Features:
     )
 
 
-def _corr_sums(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Weighted Pearson correlation of the columns of ``x`` [S, K] with ``y`` [S], per row of w."""
+# Epochs whose rank columns share one pass over the replicate weights (see `_corr_sums`):
+# 4 epochs of a 4-layer, 60k-sample run make a 23 MB product matrix.
+_EPOCHS_PER_PASS = 4
+
+
+def _corr_sums(w: np.ndarray, x: np.ndarray, y: np.ndarray, width: int = 0) -> np.ndarray:
+    """Weighted Pearson correlation of the columns of ``x`` [S, K] with ``y`` [S], per row of w.
+
+    ``width`` groups the columns in runs of that many (0: one group) for the constant-column
+    threshold, so several calls' columns can share one product with ``w``: the weights are
+    the large operand (replicates × samples), and reading them once for all columns instead
+    of three times per column group is what makes the bootstrap fast.
+    """
+    width = width or x.shape[1]
     # Centred first: moments from sums lose every digit to cancellation otherwise.
-    x = x - x.mean(axis=0)
+    k = x.shape[1]
     y = y - y.mean()
+    # [x, x², x·y] side by side, written in place: one product with w gives all three.
+    columns = np.empty((len(x), 3 * k))
+    x = np.subtract(x, x.mean(axis=0), out=columns[:, :k])
+    x_sq = np.multiply(x, x, out=columns[:, k : 2 * k])
+    np.multiply(x, y[:, None], out=columns[:, 2 * k :])
     sw = w.sum(axis=1, keepdims=True)
-    mx, my = (w @ x) / sw, (w @ y)[:, None] / sw
-    vx = (w @ (x * x)) / sw - mx * mx
+    moments = w @ columns
+    mx = moments[:, :k] / sw
+    my = (w @ y)[:, None] / sw
+    vx = moments[:, k : 2 * k] / sw - mx * mx
     vy = (w @ (y * y))[:, None] / sw - my * my
-    cov = (w @ (x * y[:, None])) / sw - mx * my
+    cov = moments[:, 2 * k :] / sw - mx * my
     # A column constant within a replicate has no correlation (NaN), not a rounding error's.
-    tiny = 1e-9 * max(float((x * x).mean()), float((y * y).mean()), 1e-300)
+    yy = float((y * y).mean())
+    x_sq_mean = x_sq.reshape(len(x), k // width, width).mean(axis=(0, 2))
+    tiny = 1e-9 * np.maximum(x_sq_mean, max(yy, 1e-300))
+    tiny = np.repeat(tiny, width)[None, :]
     with np.errstate(all="ignore"):
         r = np.where((vx > tiny) & (vy > tiny), cov / np.sqrt(vx * vy), np.nan)
     return np.clip(r, -1.0, 1.0)
+
+
+def _epoch_corr(w: np.ndarray, f: Features) -> np.ndarray:
+    """[R, L, E]: per epoch and layer, the correlation of importance rank with loss rank."""
+    s, n_layers, n_epochs = f.epoch_ranks.shape
+    parts = []
+    for start in range(0, n_epochs, _EPOCHS_PER_PASS):
+        part = f.epoch_ranks[:, :, start : start + _EPOCHS_PER_PASS]
+        # Epoch-major, one group per epoch; float64 as the ranks were computed.
+        columns = part.transpose(0, 2, 1).reshape(s, -1).astype(np.float64)
+        r = _corr_sums(w, columns, f.loss_rank, n_layers)
+        parts.append(r.reshape(len(w), part.shape[2], n_layers).transpose(0, 2, 1))
+    return np.concatenate(parts, axis=2)
 
 
 def sums(f: Features) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     data = f.data
     easy, hard = data.easy, data.hard
     n_layers, n_epochs = data.imp.shape[1], data.imp.shape[2]
+    # The groups' rows, taken once rather than in every block of replicates.
+    rows = {"easy": easy, "hard": hard}
+    imp = {g: f.imp[m] for g, m in rows.items()}
+    timed = {g: f.timed[m] for g, m in rows.items()}
+    normed = None if f.normed is None else {g: f.normed[m] for g, m in rows.items()}
+    all_known = bool(f.known.all())
 
     def weighted(w: np.ndarray) -> dict[str, np.ndarray]:
         r = w.shape[0]
         shape = (r, n_layers, n_epochs)
+        part = {g: w[:, m] for g, m in rows.items()}
         out = {
-            "easy": (w[:, easy] @ f.imp[easy]).reshape(shape),
-            "hard": (w[:, hard] @ f.imp[hard]).reshape(shape),
+            "easy": (part["easy"] @ imp["easy"]).reshape(shape),
+            "hard": (part["hard"] @ imp["hard"]).reshape(shape),
             "all": (w @ f.imp).reshape(shape),
-            "easy_timed": w[:, easy] @ f.timed[easy],
-            "hard_timed": w[:, hard] @ f.timed[hard],
+            "easy_timed": part["easy"] @ timed["easy"],
+            "hard_timed": part["hard"] @ timed["hard"],
         }
-        if f.normed is not None:
+        if normed is not None and f.normed is not None:
             out |= {
-                "easy_n0": w[:, easy] @ f.normed[easy],
-                "hard_n0": w[:, hard] @ f.normed[hard],
+                "easy_n0": part["easy"] @ normed["easy"],
+                "hard_n0": part["hard"] @ normed["hard"],
                 "all_n0": w @ f.normed,
             }
-        wk = w * f.known
+        wk = w if all_known else w * f.known  # no copy of the weights in the usual case
         out["rho"] = _corr_sums(wk, f.ranks, f.loss_rank)
-        out["rho_epoch"] = np.stack(
-            [_corr_sums(wk, f.epoch_ranks[:, :, e], f.loss_rank) for e in range(n_epochs)], 2
-        )
+        out["rho_epoch"] = _epoch_corr(wk, f)
         if f.input_rank is not None:
             out["r_xz"] = _corr_sums(wk, f.ranks, f.input_rank)
             out["r_yz"] = _corr_sums(wk, f.input_rank[:, None], f.loss_rank)[:, 0]

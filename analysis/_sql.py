@@ -9,9 +9,13 @@ PRAGMA, ...) loads every column of every table whose name appears in its text.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -36,9 +40,31 @@ _SANDBOX = {
 _READING = ("SELECT", "EXPLAIN", "PRAGMA", "CALL")
 
 
+# DuckDB's memory limit (its default is 80% of the machine's memory, which on a shared
+# machine leaves nothing for the trace's Python side), and where it spills past it: a folder
+# of its own under the system's temporary folder, which DuckDB creates when it first spills
+# and removes when the connection closes. Without a temp_directory an in-memory connection
+# cannot spill at all: at 40M visits the importance source (~3.7 GB) then ran out of memory.
+MEMORY_ENV = "SAMPLESCOPE_DUCKDB_MEMORY"
+DEFAULT_MEMORY_LIMIT = "2GB"
+_SPILL_NUMBER = itertools.count()
+
+
 def sandboxed_connection() -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with external access, extensions and settings locked."""
-    return duckdb.connect(config=dict(_SANDBOX))
+    """An in-memory DuckDB connection with external access, extensions and settings locked,
+    its memory limited (`MEMORY_ENV`, default `DEFAULT_MEMORY_LIMIT`) and spilling to disk.
+
+    Raises:
+        QueryError: `MEMORY_ENV` is not a DuckDB memory size (e.g. 2GB, 512MB).
+    """
+    limit = os.environ.get(MEMORY_ENV, "").strip() or DEFAULT_MEMORY_LIMIT
+    spill = Path(tempfile.gettempdir()) / f"samplescope-duckdb-{os.getpid()}-{next(_SPILL_NUMBER)}"
+    config = {**_SANDBOX, "memory_limit": limit, "temp_directory": str(spill)}
+    try:
+        return duckdb.connect(config=config)
+    except duckdb.Error as exc:
+        msg = f"{MEMORY_ENV}={limit!r} is not a DuckDB memory limit (e.g. 2GB): {exc}"
+        raise QueryError(msg.splitlines()[0]) from None
 
 
 def check_statements(query: str, con: duckdb.DuckDBPyConnection) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import polars as pl
 
 from samplescope.errors import SamplescopeError
@@ -112,32 +113,52 @@ def _info_columns(trace: Trace, samples: pl.DataFrame) -> list[pl.Expr]:
 
 
 def _epoch_scores(trace: Trace) -> pl.DataFrame:
+    """importance_late and importance_rank per sample, from the rollup one epoch at a time.
+
+    The rollup holds one row per (sample, epoch), sorted by epoch: each epoch's rows are a
+    slice of it (no copy), ranked on their own and folded into per-sample sums in epoch
+    order, so the ranks of every (sample, epoch, layer) cell are never held at once (a
+    window over the whole rollup took 4x the memory).
+    """
     rollup = trace._rollup()
     n_layers = trace.layers().height
-    epochs = sorted(rollup["epoch"].unique().to_list())
-    late = epochs[-max(1, math.ceil(LATE_FRACTION * len(epochs))) :] if epochs else []
+    sizes = rollup.group_by("epoch", maintain_order=True).len()
+    epochs = sizes["epoch"].to_list()
+    late = set(epochs[-max(1, math.ceil(LATE_FRACTION * len(epochs))) :] if epochs else [])
+    ids = np.unique(rollup["sample_id"].to_numpy())
+    late_sum, count = np.zeros(len(ids)), np.zeros(len(ids), dtype=np.int64)
+    pct_sum = [np.zeros(len(ids)) for _ in range(n_layers)]
     # importance_rank of sample_epochs (0 = most important within (epoch, layer), ties by
     # sample_id) as a percentile, averaged over the sample's (epoch, layer) cells.
-    n = pl.max_horizontal(pl.len().over("epoch") - 1, 1)
+    n = pl.max_horizontal(pl.len() - 1, 1)
     pct = [
-        (
-            1.0
-            - (pl.col(f"importance_{layer}").rank("ordinal", descending=True).over("epoch") - 1) / n
-        ).alias(f"_pct_{layer}")
+        (1.0 - (pl.col(f"importance_{layer}").rank("ordinal", descending=True) - 1) / n).alias(
+            f"_pct_{layer}"
+        )
         for layer in range(n_layers)
     ]
     late_importance = pl.sum_horizontal(f"importance_{layer}" for layer in range(n_layers))
-    ranked = rollup.select(
-        "sample_id",
-        pl.when(pl.col("epoch").is_in(late)).then(late_importance).otherwise(0.0).alias("_late"),
-        *pct,
-    )
-    return ranked.group_by("sample_id").agg(
-        pl.col("_late").sum().cast(pl.Float64).alias("importance_late"),
-        (
-            pl.sum_horizontal(pl.col(f"_pct_{layer}").sum() for layer in range(n_layers))
-            / (n_layers * pl.len())
-        ).alias("importance_rank"),
+    offset = 0
+    for epoch, size in zip(epochs, sizes["len"].to_list(), strict=True):
+        ranked = rollup.slice(offset, size).select(
+            "sample_id", late_importance.alias("_late"), *pct
+        )
+        offset += size
+        where = np.searchsorted(ids, ranked["sample_id"].to_numpy())
+        count[where] += 1
+        if epoch in late:
+            late_sum[where] += ranked["_late"].to_numpy()
+        for layer in range(n_layers):
+            pct_sum[layer][where] += ranked[f"_pct_{layer}"].to_numpy()
+    total = pct_sum[0] if n_layers else np.zeros(len(ids))
+    for layer in range(1, n_layers):  # left to right, as sum_horizontal adds
+        total = total + pct_sum[layer]
+    return pl.DataFrame(
+        {
+            "sample_id": ids.astype(np.int64),
+            "importance_late": late_sum,
+            "importance_rank": total / np.maximum(n_layers * count, 1),
+        }
     )
 
 

@@ -250,15 +250,18 @@ def run_parquet(folder: Path, late: int) -> dict[str, dict[str, float]]:
 
 
 def write_parquet(trace: Path, folder: Path) -> None:
+    import pyarrow.parquet as pq
+
     from samplescope.analysis import open_trace
 
     with open_trace(trace) as t:
         t.samples().write_parquet(folder / "samples.parquet")
         for table in ("importance", "visits"):
-            t.sql(
-                f"COPY (SELECT * FROM {table}) TO '{folder / (table + '.parquet')}' "
-                "(FORMAT parquet)"
-            ).fetchall()
+            # The trace's SQL cannot write files (COPY is refused): stream its rows out.
+            reader = t.sql(f"SELECT * FROM {table}").to_arrow_reader(1 << 18)
+            with pq.ParquetWriter(folder / f"{table}.parquet", reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
 
 
 # The commands built on the per-sample tables, each timed in a fresh process (its peak

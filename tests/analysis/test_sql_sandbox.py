@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 
 from samplescope.analysis import QueryError, Trace
@@ -76,3 +77,71 @@ def test_interval_results_are_text(tiny: Trace) -> None:
         "SELECT to_timestamp(max(time)) - to_timestamp(min(time)) AS duration FROM steps"
     )
     assert frame["duration"].to_list() == ["00:00:03"]
+
+
+def _wide_trace(path: Path) -> Path:
+    """1M visits × 8 layers: an importance source of ~45 MB, past a 16 MB limit."""
+    import numpy as np
+    from tracefiles import write_trace
+
+    rng = np.random.default_rng(0)
+    n_steps, batch, n_layers = 5000, 200, 8
+    step = np.arange(n_steps)
+    return write_trace(
+        path,
+        layers=[f"l{i}" for i in range(n_layers)],
+        steps={
+            "step": step,
+            "epoch": step // 500,
+            "lr": np.full(n_steps, 0.1),
+            "batch_size": np.full(n_steps, batch),
+        },
+        visits={
+            "step": np.repeat(step, batch),
+            "sample_id": np.tile(np.arange(batch * 500), 10),
+            "loss": rng.random(n_steps * batch).astype(np.float32),
+            "grad_sq": rng.random((n_steps * batch, n_layers)).astype(np.float32),
+        },
+    )
+
+
+def test_duckdb_spills_past_its_memory_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from samplescope.analysis import open_trace
+
+    path = _wide_trace(tmp_path / "wide.h5")
+    query = (
+        "SELECT layer, epoch, sum(importance) AS s, count(*) AS n FROM importance "
+        "GROUP BY ALL ORDER BY ALL"
+    )
+    with open_trace(path) as trace:
+        expected = trace.query(query)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spill))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    monkeypatch.setenv("SAMPLESCOPE_DUCKDB_MEMORY", "16MB")
+    with open_trace(path) as trace:
+        limit = trace.query("SELECT current_setting('memory_limit') AS m")["m"][0]
+        assert limit.endswith("MiB")
+        assert float(limit.split()[0]) < 17
+        got = trace.query(query)
+        # The same rows; sums to DuckDB's summation order (parallel, as without the limit).
+        assert got.drop("s").equals(expected.drop("s"))
+        assert np.allclose(got["s"].to_numpy(), expected["s"].to_numpy(), rtol=1e-12, atol=0)
+        spilled = list(spill.glob("samplescope-duckdb-*/*"))
+        assert spilled, "DuckDB kept the importance source in memory past its limit"
+    assert not list(spill.iterdir()), "the spill folder outlived the connection"
+
+
+def test_bad_memory_limit_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tracefiles import write_tiny_trace
+
+    from samplescope.analysis import open_trace
+
+    path = write_tiny_trace(tmp_path / "t.h5")
+    monkeypatch.setenv("SAMPLESCOPE_DUCKDB_MEMORY", "plenty")
+    with pytest.raises(QueryError, match="SAMPLESCOPE_DUCKDB_MEMORY='plenty'") as caught:
+        open_trace(path).query("SELECT 1")
+    assert "\n" not in str(caught.value)

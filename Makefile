@@ -37,6 +37,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PIP) -e '.[test,bench]'
+	# BackPACK requires torchvision (only its examples import it); the registry's build does
+	# not import beside the CPU torch and would break transformers' imports in the tests.
+	$(BIN)/pip uninstall -y -q torchvision
 	$(BIN)/python bench/recorder_overhead.py
 	$(BIN)/python bench/analysis_speed.py
 	command -v h5repack >/dev/null || (apt-get update -qq && apt-get install -y -qq hdf5-tools)

@@ -482,7 +482,7 @@ class HookObserver(Observer):
             grad = grad.movedim(self.batch_dim, 0)
         names, batch_only = self._book_names()
         if self._calls == 1:
-            self._store_norms(self.norm_fn(self.module, activation, grad))
+            self._own_norms(activation, grad)
         if names:
             from samplescope.recorder.layers.uses import module_uses
 
@@ -491,6 +491,10 @@ class HookObserver(Observer):
                 self.book.add(self._parameter(pname), use)
         if self.session.alignment:
             self._saved = (activation, grad.detach())
+
+    def _own_norms(self, activation: Tensor, grad: Tensor) -> None:
+        """This step's norms of the parameters that are not booked, from the NormFn."""
+        self._store_norms(self.norm_fn(self.module, activation, grad))
 
     def alignment(self, batch_grad: dict[str, Tensor]) -> Tensor:
         if self._saved is None:

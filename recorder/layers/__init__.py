@@ -23,7 +23,7 @@ from samplescope.recorder.layers.embedding import (
     embedding_declines,
 )
 from samplescope.recorder.layers.fallback import FallbackObserver
-from samplescope.recorder.layers.linear import linear_norms
+from samplescope.recorder.layers.linear import LinearObserver
 from samplescope.recorder.layers.norm import (
     batch_norm_norms,
     group_norm_norms,
@@ -45,6 +45,7 @@ __all__ = [
     "FallbackObserver",
     "HookObserver",
     "LayerRegistry",
+    "LinearObserver",
     "NormFn",
     "Observer",
     "OnUnsupported",
@@ -64,10 +65,10 @@ def default_registry() -> LayerRegistry:
     Lookups go through the class's MRO, so subclasses of these classes resolve too.
     """
     registry = LayerRegistry(fallback=FallbackObserver)
-    registry.register(nn.Linear, linear_norms)
+    registry.register(nn.Linear, Rule(LinearObserver))
     # Hugging Face's GPT-2 Linear with the weight stored [in, out]: the same squared norms.
     # Registered by name, so transformers is never imported (see LayerRegistry).
-    registry.register("transformers.pytorch_utils.Conv1D", linear_norms)
+    registry.register("transformers.pytorch_utils.Conv1D", Rule(LinearObserver))
     registry.register(nn.Bilinear, Rule(BilinearObserver))
     registry.register(nn.PReLU, prelu_norms)
     for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

@@ -345,12 +345,6 @@ class Observer:
         except Exception as error:  # noqa: BLE001 - handed to the recorder
             self._store_error(error)
 
-    def _note_precision(self, *tensors: Tensor) -> None:
-        for t in tensors:  # a loop, not any(<genexpr>): this runs per layer per step
-            if t.dtype in _LOW_PRECISION:
-                self._low_precision = True
-                return
-
     def _check_uses(self) -> None:
         from samplescope.recorder.layers.shared import hidden_use_message
 
@@ -450,32 +444,57 @@ class HookObserver(Observer):
         # The hook lives as long as the graph; holding the activation in a list it empties
         # lets autograd free the tensor as soon as this layer's backward is done.
         held = [activation]
-        output.register_hook(lambda grad: self._on_grad(held.pop(), grad) if held else None)
+        node = output.grad_fn
+        if node is None:  # an output that is a leaf: only a tensor hook sees its gradient
+            output.register_hook(lambda grad: self._on_grad(held.pop(), grad) if held else None)
+            return output if replaced else None
+        # A pre-hook on the node that made the output sees the same gradient as a tensor
+        # hook (tensor hooks are pre-hooks of that node), at half the dispatch cost.
+        index = output.output_nr
+
+        def on_grads(grads: tuple[Tensor | None, ...]) -> None:
+            grad = grads[index]
+            if held and grad is not None:
+                self._on_grad(held.pop(), grad)
+
+        node.register_prehook(on_grads)
         return output if replaced else None
 
     def _on_grad(self, activation: Tensor, grad: Tensor) -> None:
         try:
-            with norm_region(grad.device.type):
-                self._note_precision(activation, grad)
-                check_batch_dim(self.name, grad, self.batch_dim, self.session)
-                if self.batch_dim:
-                    activation = activation.movedim(self.batch_dim, 0)
-                    grad = grad.movedim(self.batch_dim, 0)
-                names, batch_only = self._book_names()
-                if self._calls == 1:
-                    self._store_norms(self.norm_fn(self.module, activation, grad))
-                if names:
-                    from samplescope.recorder.layers.uses import module_uses
-
-                    uses = module_uses(
-                        self.module, activation, grad.detach(), names, batch_only=batch_only
-                    )
-                    for pname, use in uses.items():
-                        self.book.add(self._parameter(pname), use)
-            if self.session.alignment:
-                self._saved = (activation, grad.detach())
+            # Backward usually runs with grad mode and autocast off: then no context (whose
+            # entering costs more than a small layer's norms) is needed.
+            device = grad.device.type
+            if torch.is_grad_enabled() or _autocast_enabled(device):
+                with norm_region(device):
+                    self._grad_norms(activation, grad)
+            else:
+                self._grad_norms(activation, grad)
         except Exception as error:  # noqa: BLE001 - handed to the recorder after backward
             self._store_error(error)
+
+    def _grad_norms(self, activation: Tensor, grad: Tensor) -> None:
+        if activation.dtype in _LOW_PRECISION or grad.dtype in _LOW_PRECISION:
+            self._low_precision = True
+        check_batch_dim(self.name, grad, self.batch_dim, self.session)
+        if self.batch_dim:
+            activation = activation.movedim(self.batch_dim, 0)
+            grad = grad.movedim(self.batch_dim, 0)
+        names, batch_only = self._book_names()
+        if self._calls == 1:
+            self._own_norms(activation, grad)
+        if names:
+            from samplescope.recorder.layers.uses import module_uses
+
+            uses = module_uses(self.module, activation, grad.detach(), names, batch_only=batch_only)
+            for pname, use in uses.items():
+                self.book.add(self._parameter(pname), use)
+        if self.session.alignment:
+            self._saved = (activation, grad.detach())
+
+    def _own_norms(self, activation: Tensor, grad: Tensor) -> None:
+        """This step's norms of the parameters that are not booked, from the NormFn."""
+        self._store_norms(self.norm_fn(self.module, activation, grad))
 
     def alignment(self, batch_grad: dict[str, Tensor]) -> Tensor:
         if self._saved is None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
+import h5py
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from oracle_support import oracle_grad_sq
 from test_layers_support import (
     QuadraticLoss,
     assert_close,
@@ -29,6 +32,7 @@ from test_layers_support import (
 )
 from torch import Tensor, nn
 
+from samplescope.recorder import Recorder
 from samplescope.recorder.layers.conv import CONV_METHODS, ConvNorms, conv_weight_sq
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -59,6 +63,43 @@ def test_linear(
     torch.manual_seed(0)
     model = nn.Linear(fan_in, fan_out, bias=bias)
     check_layers(model, (torch.randn(n, *extra, fan_in),), reduction)
+
+
+def test_linear_steps_after_the_first_match_the_oracle(tmp_path: Path) -> None:
+    # A 2-D Linear with weight and bias trained takes LinearObserver's inlined path (the
+    # others, linear_norms), on the first step beside its use check and on later steps
+    # alone. Each step is compared with the per-sample loop at the parameters it ran with.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Linear(3, 2, bias=False))
+    frozen = nn.Linear(2, 2)
+    frozen.bias.requires_grad_(False)
+    model.append(frozen)
+    twin = copy.deepcopy(model)  # trained alongside, outside the block, for the oracle
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    layers = ["0", "2", "3", "4"]
+    expected = []
+    with Recorder(tmp_path / "t.h5", model, opt) as rec:
+        for step in range(3):
+            x, y = torch.randn(6, 5), torch.randn(6, 2)
+
+            def losses(m: nn.Module, x: Tensor = x, y: Tensor = y) -> Tensor:
+                return ((m(x) - y) ** 2).sum(1)
+
+            # On the twin: a forward of the recorded model inside the block is recorded.
+            expected.append(oracle_grad_sq(twin, losses, layers))
+            twin.zero_grad()
+            losses(twin).mean().backward()
+            twin_opt.step()
+            rec.backward(losses(model), torch.arange(6) + 6 * step)
+            opt.step()
+            opt.zero_grad()
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        got = f["visits/grad_sq"][:].astype("float64").reshape(3, 6, -1)
+    for step in range(3):
+        torch.testing.assert_close(
+            torch.from_numpy(got[step]), torch.from_numpy(expected[step]), rtol=1e-5, atol=1e-12
+        )
 
 
 # -- Conv --------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ class RecorderCallback(pl.Callback):
         options.update(self.recorder_options)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         path = rank_path(self.path, trainer.global_rank, trainer.world_size)
-        recorder = Recorder(path, pl_module, optimizer, **options)
+        recorder = Recorder(path, _trained_model(trainer, pl_module), optimizer, **options)
         check_accumulation(recorder, trainer.accumulate_grad_batches, "the Lightning Trainer")
         self.recorder = recorder.__enter__()
 
@@ -114,6 +114,18 @@ class RecorderCallback(pl.Callback):
             recorder.__exit__(None, None, None)
         else:
             recorder.__exit__(type(exception), exception, exception.__traceback__)
+
+
+def _trained_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """The module to record: under DDP the strategy's DistributedDataParallel wrapper.
+
+    The recorder reads the batch gradient from DDP's reduction and refuses the bare module
+    in a process group; any other strategy (one device) trains ``pl_module`` itself.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = getattr(trainer.strategy, "model", None)
+    return wrapped if isinstance(wrapped, DistributedDataParallel) else pl_module
 
 
 def _active_recorder(module: Any) -> Recorder | None:

@@ -95,7 +95,9 @@ class RecordingTrainer(transformers.Trainer):
             per rank under DDP, with a shared ``run_id`` in ``recorder_options``); the
             recorder is opened at the first training step (the
             optimizer exists then) and closed when `train` returns or raises.
-        recorder: instead of ``trace``, an entered `Recorder` of ``trainer.model`` you own.
+        recorder: instead of ``trace``, an entered `Recorder` of ``trainer.model`` you own
+            (one process; under DDP the model to watch is the wrapper the Trainer builds in
+            `train`, so use ``trace``).
         task: how per-sample losses are computed (above); None only with `sample_losses`
             overridden.
         sample_id_column: the dataset column of integer sample ids, unique per batch; kept
@@ -217,8 +219,8 @@ class RecordingTrainer(transformers.Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor:
         """One micro-batch: per-sample losses, backward through the recorder."""
-        recorder = self._recorder()
-        self._check_step(recorder)
+        recorder = self._recorder(model)
+        self._check_step(recorder, model)
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -227,7 +229,9 @@ class RecordingTrainer(transformers.Trainer):
         with self.compute_loss_context_manager():
             result = self.sample_losses(model, inputs)
         del inputs
-        loss = accelerate_backward(
+        # What Trainer logs: the loss divided by the accumulation steps, as its own
+        # training_step returns it; the recorder's back-propagated loss already is.
+        return accelerate_backward(
             self.accelerator,
             recorder,
             result.losses,
@@ -235,11 +239,8 @@ class RecordingTrainer(transformers.Trainer):
             logits=result.logits,
             targets=result.targets,
         )
-        k = self.args.gradient_accumulation_steps
-        # What Trainer logs: the loss divided by the accumulation steps, as it does itself.
-        return loss / self.current_gradient_accumulation_steps if k > 1 else loss
 
-    def _recorder(self) -> Recorder:
+    def _recorder(self, model: nn.Module) -> Recorder:
         if self.recorder is not None:
             return self.recorder
         if self._recording is None or self.trace is None:
@@ -254,12 +255,14 @@ class RecordingTrainer(transformers.Trainer):
         options.setdefault("rank", args.process_index)
         options.setdefault("world_size", args.world_size)
         path = rank_path(self.trace, args.process_index, args.world_size)
+        # Under DDP ``model`` is the Trainer's DistributedDataParallel wrapper: the recorder
+        # reads the batch gradient from its reduction (it refuses the bare model there).
         self.recorder = self._recording.enter_context(
-            Recorder(path, self.model, self.optimizer, **options)
+            Recorder(path, model, self.optimizer, **options)
         )
         return self.recorder
 
-    def _check_step(self, recorder: Recorder) -> None:
+    def _check_step(self, recorder: Recorder, model: nn.Module) -> None:
         args = self.args
         if args.n_gpu > 1:
             msg = "Trainer runs several GPUs in one process (DataParallel); samplescope records "
@@ -276,8 +279,9 @@ class RecordingTrainer(transformers.Trainer):
             msg = "compute_loss_func returns one batch loss; override "
             msg += "RecordingTrainer.sample_losses to return per-sample losses instead"
             raise IntegrationError(msg)
-        if recorder.model is not self.model:
-            msg = "the Recorder must watch trainer.model (the unwrapped model)"
+        if recorder.model is not model:
+            msg = "the Recorder must watch the model the Trainer trains: trainer.model in one "
+            msg += "process; under DDP use trace= (the recorder then watches the DDP wrapper)"
             raise IntegrationError(msg)
         check_accumulation(recorder, args.gradient_accumulation_steps, "TrainingArguments")
         k = args.gradient_accumulation_steps

@@ -212,7 +212,7 @@ def train(
             "epochs": [setting.epochs],
             "test_accuracy": [result.test_accuracy[-1]],
             "test_loss": [result.test_loss[-1]],
-            "seconds": [round(result.seconds, 2)],
+            "seconds": [round(result.seconds, 3)],
         }
     )
 

@@ -195,12 +195,13 @@ def correlations(rollup: pl.DataFrame, samples: pl.DataFrame, layers: pl.DataFra
         layers: the layers table.
     """
     n_layers = layers.height
-    loss = samples.select("sample_id", "final_loss")
+    loss = samples.select("sample_id", "final_loss").sort("sample_id")
     by_layer_parts, all_parts = [], []
     # One epoch at a time (the rollup is sorted by epoch): the join with the samples never
     # holds every (sample, epoch) row at once.
     narrow = rollup.select("sample_id", "epoch", *[_imp(layer) for layer in range(n_layers)])
-    for start, length in _epoch_slices(narrow["epoch"]):
+    slices = _epoch_slices(narrow["epoch"])
+    for start, length in slices:
         part = narrow.slice(start, length)  # a view, not a copy
         frame = part.join(loss, on="sample_id", maintain_order="left")
         by_layer_parts += [
@@ -222,11 +223,20 @@ def correlations(rollup: pl.DataFrame, samples: pl.DataFrame, layers: pl.DataFra
         )
     by_layer = pl.concat(by_layer_parts) if by_layer_parts else None
     all_layers = pl.concat(all_parts) if all_parts else None
-    per_layer = (
-        rollup.group_by("sample_id")
-        .agg(*[pl.col(_imp(layer)).sum() for layer in range(n_layers)])
-        .join(loss, on="sample_id")
-    )
+    # Whole-run sums per sample, folded epoch by epoch in epoch order (a group_by over the
+    # whole rollup holds several copies of it).
+    ids = loss["sample_id"].to_numpy()
+    totals = np.zeros((n_layers, len(ids)))
+    seen = np.zeros(len(ids), dtype=bool)  # samples without a rollup row have no sum
+    for start, length in slices:
+        part = narrow.slice(start, length)
+        at = np.searchsorted(ids, part["sample_id"].to_numpy())
+        seen[at] = True
+        for layer in range(n_layers):
+            np.add.at(totals[layer], at, part[_imp(layer)].to_numpy())
+    per_layer = pl.DataFrame(
+        {"sample_id": ids[seen], **{_imp(layer): totals[layer][seen] for layer in range(n_layers)}}
+    ).join(loss, on="sample_id")
     overall_layer = pl.concat(
         [
             _spearman(

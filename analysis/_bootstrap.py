@@ -47,13 +47,16 @@ class Interval:
 
 
 def _counts(rng: np.random.Generator, n: int, reps: int) -> np.ndarray:
-    """``[reps, n]`` multinomial counts (int64; the caller's float array takes them without an
-    extra copy): n draws with replacement from n items, per replicate."""
+    """``[reps, n]`` multinomial counts: n draws with replacement from n items, per
+    replicate. Counted one replicate at a time: a ``[reps, n]`` count array less than one
+    bincount over every replicate, and the same draws."""
     if n == 0:
         return np.zeros((reps, 0))
     draws = rng.integers(0, n, size=(reps, n))
-    draws += (np.arange(reps) * n)[:, None]  # in place: one [reps, n] array less
-    return np.bincount(draws.ravel(), minlength=reps * n).reshape(reps, n)
+    counts = np.empty((reps, n))
+    for row in range(reps):
+        counts[row] = np.bincount(draws[row], minlength=n)
+    return counts
 
 
 def replicate_sums(

@@ -244,5 +244,11 @@ def guard(trace: Trace, data: RunData | None = None) -> str | None:
 def _chance_accuracy(trace: Trace) -> float | None:
     if not trace.meta.get("has_outputs"):
         return None
-    targets = trace.table("visits").select("target").unique().collect()["target"].drop_nulls()
-    return 1.0 / targets.len() if targets.len() > 1 else None
+    # The distinct targets of every visit, read a chunk of steps at a time: loading the
+    # visits' target column would keep it cached for the rest of the session.
+    data = trace._data
+    seen: set[int] = set()
+    for masks in data.chunks(_SLICE_ROWS):
+        values, valid = data.read_chunk(masks, ("target",))["target"]
+        seen.update(np.unique(values if valid is None else values[valid]).tolist())
+    return 1.0 / len(seen) if len(seen) > 1 else None

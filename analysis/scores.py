@@ -9,6 +9,7 @@ hand-computed values.
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 __all__ = [
@@ -177,6 +178,14 @@ def _spearman(frame: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     )
 
 
+def _epoch_slices(epoch: pl.Series) -> list[tuple[int, int]]:
+    """(offset, length) of each epoch's rows in a column sorted by epoch."""
+    values = epoch.to_numpy()
+    starts = np.r_[0, np.flatnonzero(values[1:] != values[:-1]) + 1] if len(values) else []
+    stops = [*starts[1:], len(values)]
+    return [(int(a), int(b - a)) for a, b in zip(starts, stops, strict=True)]
+
+
 def correlations(rollup: pl.DataFrame, samples: pl.DataFrame, layers: pl.DataFrame) -> pl.DataFrame:
     """Spearman(importance, final loss) per epoch and layer; NULL epoch/layer = all of them.
 
@@ -186,29 +195,48 @@ def correlations(rollup: pl.DataFrame, samples: pl.DataFrame, layers: pl.DataFra
         layers: the layers table.
     """
     n_layers = layers.height
-    frame = rollup.select("sample_id", "epoch", *[_imp(layer) for layer in range(n_layers)]).join(
-        samples.select("sample_id", "final_loss"), on="sample_id"
-    )
-    by_layer = pl.concat(
-        [
+    loss = samples.select("sample_id", "final_loss").sort("sample_id")
+    by_layer_parts, all_parts = [], []
+    # One epoch at a time (the rollup is sorted by epoch): the join with the samples never
+    # holds every (sample, epoch) row at once.
+    narrow = rollup.select("sample_id", "epoch", *[_imp(layer) for layer in range(n_layers)])
+    slices = _epoch_slices(narrow["epoch"])
+    for start, length in slices:
+        part = narrow.slice(start, length)  # a view, not a copy
+        frame = part.join(loss, on="sample_id", maintain_order="left")
+        by_layer_parts += [
             _spearman(
                 frame.select("epoch", pl.col(_imp(layer)).alias("importance"), "final_loss"),
                 ["epoch"],
             ).with_columns(pl.lit(layer, dtype=pl.Int64).alias("layer_index"))
             for layer in range(n_layers)
         ]
-    )
-    all_layers = _spearman(
-        frame.select(
-            "epoch",
-            pl.sum_horizontal(_imp(layer) for layer in range(n_layers)).alias("importance"),
-            "final_loss",
-        ),
-        ["epoch"],
-    ).with_columns(pl.lit(None, dtype=pl.Int64).alias("layer_index"))
-    per_layer = frame.group_by("sample_id").agg(
-        *[pl.col(_imp(layer)).sum() for layer in range(n_layers)], pl.col("final_loss").first()
-    )
+        all_parts.append(
+            _spearman(
+                frame.select(
+                    "epoch",
+                    pl.sum_horizontal(_imp(layer) for layer in range(n_layers)).alias("importance"),
+                    "final_loss",
+                ),
+                ["epoch"],
+            ).with_columns(pl.lit(None, dtype=pl.Int64).alias("layer_index"))
+        )
+    by_layer = pl.concat(by_layer_parts) if by_layer_parts else None
+    all_layers = pl.concat(all_parts) if all_parts else None
+    # Whole-run sums per sample, folded epoch by epoch in epoch order (a group_by over the
+    # whole rollup holds several copies of it).
+    ids = loss["sample_id"].to_numpy()
+    totals = np.zeros((n_layers, len(ids)))
+    seen = np.zeros(len(ids), dtype=bool)  # samples without a rollup row have no sum
+    for start, length in slices:
+        part = narrow.slice(start, length)
+        at = np.searchsorted(ids, part["sample_id"].to_numpy())
+        seen[at] = True
+        for layer in range(n_layers):
+            np.add.at(totals[layer], at, part[_imp(layer)].to_numpy())
+    per_layer = pl.DataFrame(
+        {"sample_id": ids[seen], **{_imp(layer): totals[layer][seen] for layer in range(n_layers)}}
+    ).join(loss, on="sample_id")
     overall_layer = pl.concat(
         [
             _spearman(
@@ -235,7 +263,13 @@ def correlations(rollup: pl.DataFrame, samples: pl.DataFrame, layers: pl.DataFra
     cols = ["epoch", "layer_index", "n_samples", "spearman"]
     names = layers.select("layer_index", "layer")
     return (
-        pl.concat([t.select(cols) for t in (by_layer, all_layers, overall_layer, overall)])
+        pl.concat(
+            [
+                t.select(cols)
+                for t in (by_layer, all_layers, overall_layer, overall)
+                if t is not None
+            ]
+        )
         .join(names, on="layer_index", how="left")
         .select("epoch", "layer", "layer_index", "n_samples", "spearman")
         .sort("epoch", "layer_index", nulls_last=True)

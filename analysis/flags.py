@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from samplescope.analysis.scores import epoch_slices
 from samplescope.errors import SamplescopeError
 
 if TYPE_CHECKING:
@@ -122,8 +123,8 @@ def _epoch_scores(trace: Trace) -> pl.DataFrame:
     """
     rollup = trace._rollup()
     n_layers = trace.layers().height
-    sizes = rollup.group_by("epoch", maintain_order=True).len()
-    epochs = sizes["epoch"].to_list()
+    slices = epoch_slices(rollup["epoch"])
+    epochs = [epoch for epoch, _, _ in slices]
     late = set(epochs[-max(1, math.ceil(LATE_FRACTION * len(epochs))) :] if epochs else [])
     ids = np.unique(rollup["sample_id"].to_numpy())
     late_sum, count = np.zeros(len(ids)), np.zeros(len(ids), dtype=np.int64)
@@ -138,12 +139,10 @@ def _epoch_scores(trace: Trace) -> pl.DataFrame:
         for layer in range(n_layers)
     ]
     late_importance = pl.sum_horizontal(f"importance_{layer}" for layer in range(n_layers))
-    offset = 0
-    for epoch, size in zip(epochs, sizes["len"].to_list(), strict=True):
+    for epoch, offset, size in slices:
         ranked = rollup.slice(offset, size).select(
             "sample_id", late_importance.alias("_late"), *pct
         )
-        offset += size
         where = np.searchsorted(ids, ranked["sample_id"].to_numpy())
         count[where] += 1
         if epoch in late:

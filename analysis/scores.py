@@ -15,6 +15,7 @@ import polars as pl
 __all__ = [
     "GROUP_NAMES",
     "correlations",
+    "epoch_slices",
     "finish_sample_scores",
     "groups",
     "sample_epochs",
@@ -178,12 +179,13 @@ def _spearman(frame: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     )
 
 
-def _epoch_slices(epoch: pl.Series) -> list[tuple[int, int]]:
-    """(offset, length) of each epoch's rows in a column sorted by epoch."""
+def epoch_slices(epoch: pl.Series) -> list[tuple[int, int, int]]:
+    """(epoch, offset, length) of each epoch's rows in a column sorted by epoch (the
+    rollup's order), so a caller can work on one epoch's rows at a time without a copy."""
     values = epoch.to_numpy()
     starts = np.r_[0, np.flatnonzero(values[1:] != values[:-1]) + 1] if len(values) else []
     stops = [*starts[1:], len(values)]
-    return [(int(a), int(b - a)) for a, b in zip(starts, stops, strict=True)]
+    return [(int(values[a]), int(a), int(b - a)) for a, b in zip(starts, stops, strict=True)]
 
 
 def correlations(rollup: pl.DataFrame, samples: pl.DataFrame, layers: pl.DataFrame) -> pl.DataFrame:
@@ -200,8 +202,8 @@ def correlations(rollup: pl.DataFrame, samples: pl.DataFrame, layers: pl.DataFra
     # One epoch at a time (the rollup is sorted by epoch): the join with the samples never
     # holds every (sample, epoch) row at once.
     narrow = rollup.select("sample_id", "epoch", *[_imp(layer) for layer in range(n_layers)])
-    slices = _epoch_slices(narrow["epoch"])
-    for start, length in slices:
+    slices = epoch_slices(narrow["epoch"])
+    for _, start, length in slices:
         part = narrow.slice(start, length)  # a view, not a copy
         frame = part.join(loss, on="sample_id", maintain_order="left")
         by_layer_parts += [
@@ -228,7 +230,7 @@ def correlations(rollup: pl.DataFrame, samples: pl.DataFrame, layers: pl.DataFra
     ids = loss["sample_id"].to_numpy()
     totals = np.zeros((n_layers, len(ids)))
     seen = np.zeros(len(ids), dtype=bool)  # samples without a rollup row have no sum
-    for start, length in slices:
+    for _, start, length in slices:
         part = narrow.slice(start, length)
         at = np.searchsorted(ids, part["sample_id"].to_numpy())
         seen[at] = True
